@@ -1,0 +1,395 @@
+//! The client stack for calling a peer service.
+//!
+//! One [`Peer`] per peer, built once and shared: it holds a single lazily
+//! connected, multiplexed channel (HTTP/2 carries concurrent calls on one
+//! connection, so a pool would only add sockets). Around each call it adds:
+//!
+//! - a deadline: the per-call timeout, cut to what is left of the incoming
+//!   request's deadline ([`crate::context`]), sent as `grpc-timeout` and
+//!   enforced locally too, so a peer that hangs costs at most the deadline;
+//! - the request id, so the peer's logs name the same request;
+//! - retries of idempotent calls only, on UNAVAILABLE, with full-jitter
+//!   exponential backoff, limited by a retry budget (tower's `TpsBudget`) so
+//!   a struggling peer is not hit with a retry storm;
+//! - a circuit breaker: after consecutive failures, calls fail fast for a
+//!   cool-down, then one probe call decides whether to close it again;
+//! - a concurrency limit: past it, calls fail fast rather than queue.
+//!
+//! The retry and breaker sit here, around typed calls, rather than as tower
+//! layers on the channel: retrying needs the request again, and a typed
+//! request is cheap to clone where a streamed HTTP body is not.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rand::Rng as _;
+use tonic::{transport::Channel, Code, Status};
+use tower::retry::budget::{Budget as _, TpsBudget};
+
+use crate::context::{self, REQUEST_ID_HEADER};
+
+/// Whether a call may be sent twice with the same effect as once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idempotency {
+    Idempotent,
+    NotIdempotent,
+}
+
+/// Settings of one peer.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Name in logs and errors, e.g. `user-service`.
+    pub name: &'static str,
+    /// `http://host:port`.
+    pub url: String,
+    pub connect_timeout: Duration,
+    /// Deadline of one call (all its attempts), unless the incoming request's
+    /// deadline is sooner.
+    pub call_timeout: Duration,
+    /// Retries after the first attempt, for idempotent calls.
+    pub max_retries: u32,
+    /// First backoff; each retry doubles it, with full jitter.
+    pub backoff_base: Duration,
+    pub max_concurrency: usize,
+    pub breaker: BreakerConfig,
+}
+
+impl PeerConfig {
+    /// Defaults suited to calls between services on one network.
+    #[must_use]
+    pub fn new(name: &'static str, url: impl Into<String>) -> Self {
+        Self {
+            name,
+            url: url.into(),
+            connect_timeout: Duration::from_millis(500),
+            call_timeout: Duration::from_millis(300),
+            max_retries: 2,
+            backoff_base: Duration::from_millis(10),
+            max_concurrency: 256,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// A peer service and the state of calls to it.
+pub struct Peer {
+    config: PeerConfig,
+    channel: Channel,
+    breaker: Mutex<Breaker>,
+    budget: TpsBudget,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Peer {
+    /// Builds the peer without connecting: the first call connects, so a
+    /// service starts even while its peers are down.
+    ///
+    /// # Errors
+    /// When the URL is not a valid endpoint.
+    pub fn connect_lazy(config: PeerConfig) -> Result<Self, tonic::transport::Error> {
+        let channel = tonic::transport::Endpoint::from_shared(config.url.clone())?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self {
+            breaker: Mutex::new(Breaker::new(config.breaker.clone())),
+            // Retries may add at most 20% to the calls of the last 10 s, with
+            // a floor of 5 retries a second so a quiet peer still gets some.
+            budget: TpsBudget::new(Duration::from_secs(10), 5, 0.2),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)),
+            config,
+            channel,
+        })
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        self.config.name
+    }
+
+    /// The breaker's state, for status reports.
+    #[must_use]
+    pub fn breaker_state(&self) -> BreakerState {
+        self.lock_breaker().state(Instant::now())
+    }
+
+    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes one call through the stack. `call` sends the request on the
+    /// channel it is given, e.g.
+    /// `|ch, req| async move { FooClient::new(ch).get_foo(req).await }`.
+    ///
+    /// # Errors
+    /// The peer's status, or UNAVAILABLE / DEADLINE_EXCEEDED from the stack
+    /// itself (breaker open, too many calls in flight, deadline spent).
+    pub async fn call<Req, Resp, F, Fut>(&self, idempotency: Idempotency, request: Req, mut call: F) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let start = Instant::now();
+        let incoming = context::current();
+        let Some(timeout) =
+            context::outgoing_timeout(self.config.call_timeout, incoming.as_ref().and_then(|c| c.deadline), start)
+        else {
+            return Err(Status::deadline_exceeded(format!(
+                "no time left to call {}",
+                self.config.name
+            )));
+        };
+        let deadline = start + timeout;
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(Status::unavailable(format!("too many calls in flight to {}", self.config.name)));
+        };
+        self.budget.deposit();
+
+        let mut attempt = 0u32;
+        loop {
+            if !self.lock_breaker().try_acquire(Instant::now()) {
+                return Err(Status::unavailable(format!("{} is failing; circuit open", self.config.name)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut outgoing = tonic::Request::new(request.clone());
+            outgoing.set_timeout(left);
+            if let Some(id) = incoming.as_ref().and_then(|c| c.request_id.parse().ok()) {
+                outgoing.metadata_mut().insert(REQUEST_ID_HEADER, id);
+            }
+            let result = match tokio::time::timeout(left, call(self.channel.clone(), outgoing)).await {
+                Ok(result) => result.map(tonic::Response::into_inner),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "{} did not answer within {left:?}",
+                    self.config.name
+                ))),
+            };
+            let failed = matches!(&result, Err(s) if counts_as_failure(s.code()));
+            self.lock_breaker().record(!failed, Instant::now());
+            let status = match result {
+                Ok(response) => return Ok(response),
+                Err(status) => status,
+            };
+
+            let retriable = idempotency == Idempotency::Idempotent && status.code() == Code::Unavailable;
+            if !retriable || attempt >= self.config.max_retries {
+                return Err(status);
+            }
+            let backoff = jittered_backoff(self.config.backoff_base, attempt);
+            if Instant::now() + backoff >= deadline || !self.budget.withdraw() {
+                return Err(status);
+            }
+            tracing::debug!(peer = self.config.name, attempt, ?backoff, "retrying after UNAVAILABLE");
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Codes that say the peer, not the request, is at fault.
+fn counts_as_failure(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted)
+}
+
+/// Full jitter: uniformly random in `[0, base * 2^attempt]`, so clients that
+/// failed together do not retry together.
+fn jittered_backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.min(10));
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
+}
+
+/// When a breaker opens and how long it stays open.
+#[derive(Clone, Debug)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// How long an open breaker fails calls before letting a probe through.
+    pub open_for: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// A consecutive-failure circuit breaker. Time is passed in, so tests drive it
+/// without sleeping.
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    consecutive_failures: u32,
+    /// Set while open: when a probe may go through.
+    open_until: Option<Instant>,
+    /// Set while a half-open probe is out: when it was sent.
+    probe_sent: Option<Instant>,
+}
+
+impl Breaker {
+    #[must_use]
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            consecutive_failures: 0,
+            open_until: None,
+            probe_sent: None,
+        }
+    }
+
+    #[must_use]
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.open_until {
+            None => BreakerState::Closed,
+            Some(until) if now < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Whether a call may go out now. In half-open, one probe at a time; a
+    /// probe that never reports back (its caller gave up) is replaced after
+    /// another `open_for`.
+    pub fn try_acquire(&mut self, now: Instant) -> bool {
+        match self.state(now) {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen => {
+                let stale = self
+                    .probe_sent
+                    .is_none_or(|sent| now.saturating_duration_since(sent) >= self.config.open_for);
+                if stale {
+                    self.probe_sent = Some(now);
+                }
+                stale
+            }
+        }
+    }
+
+    /// Records a call's outcome.
+    pub fn record(&mut self, success: bool, now: Instant) {
+        if success {
+            self.consecutive_failures = 0;
+            self.open_until = None;
+            self.probe_sent = None;
+            return;
+        }
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let half_open_probe_failed = self.open_until.is_some();
+        if half_open_probe_failed || self.consecutive_failures >= self.config.failure_threshold {
+            self.open_until = Some(now + self.config.open_for);
+            self.probe_sent = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_only() {
+        let now = Instant::now();
+        let mut b = breaker();
+        b.record(false, now);
+        b.record(false, now);
+        b.record(true, now);
+        b.record(false, now);
+        b.record(false, now);
+        assert_eq!(b.state(now), BreakerState::Closed, "a success resets the count");
+        b.record(false, now);
+        assert_eq!(b.state(now), BreakerState::Open);
+        assert!(!b.try_acquire(now + Duration::from_millis(999)));
+    }
+
+    #[test]
+    fn a_half_open_breaker_lets_one_probe_through_and_closes_on_its_success() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.record(false, now);
+        }
+        let later = now + Duration::from_secs(1);
+        assert_eq!(b.state(later), BreakerState::HalfOpen);
+        assert!(b.try_acquire(later), "the probe");
+        assert!(!b.try_acquire(later), "only one probe at a time");
+        b.record(true, later);
+        assert_eq!(b.state(later), BreakerState::Closed);
+        assert!(b.try_acquire(later));
+    }
+
+    #[test]
+    fn a_failed_probe_opens_the_breaker_again() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.record(false, now);
+        }
+        let later = now + Duration::from_secs(1);
+        assert!(b.try_acquire(later));
+        b.record(false, later);
+        assert_eq!(b.state(later), BreakerState::Open);
+        assert_eq!(b.state(later + Duration::from_secs(1)), BreakerState::HalfOpen);
+    }
+
+    #[test]
+    fn a_lost_probe_is_replaced_after_the_cool_down() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.record(false, now);
+        }
+        let later = now + Duration::from_secs(1);
+        assert!(b.try_acquire(later));
+        assert!(!b.try_acquire(later + Duration::from_millis(500)));
+        assert!(b.try_acquire(later + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn backoff_stays_within_its_jittered_ceiling() {
+        let base = Duration::from_millis(10);
+        for attempt in 0..5 {
+            let ceiling = base * (1 << attempt);
+            for _ in 0..50 {
+                assert!(jittered_backoff(base, attempt) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn the_retry_budget_runs_out_without_fresh_requests() {
+        // The same budget Peer uses: min 5 retries/s, 20% of requests.
+        let budget = TpsBudget::new(Duration::from_secs(10), 5, 0.2);
+        let mut granted = 0;
+        while budget.withdraw() {
+            granted += 1;
+            assert!(granted < 1000, "the budget never ran out");
+        }
+        assert!(granted >= 5, "the floor grants some retries: {granted}");
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw(), "requests refill it");
+    }
+}

@@ -1,0 +1,23 @@
+//! The runtime every Chirp service stands on.
+//!
+//! - [`config`]: settings shared by every binary (flags mirror environment
+//!   variables, so `--help` documents the whole surface).
+//! - [`telemetry`]: pretty or JSON logs.
+//! - [`context`]: the request id and incoming deadline of the RPC being served,
+//!   so outgoing calls can carry them on.
+//! - [`server`]: health, reflection, metrics, tower layers and graceful
+//!   shutdown around a service's routes.
+//! - [`store`]: watches a service's store and drives its health status.
+//! - [`client`]: the stack for calling peers (deadline, retries with a
+//!   budget, circuit breaker, concurrency limit).
+//! - [`auth`]: Ed25519 JWT claims and verification.
+//! - [`validate`]: field violations and the text rules every service shares.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod context;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,113 @@
+//! Watches a service's store and makes its health follow it (DESIGN.md
+//! invariant 4): while the store does not answer, the service's API reports
+//! NOT_SERVING and its handlers fail fast with UNAVAILABLE instead of waiting
+//! on a connection that will not come; when the store answers again, both
+//! recover with no restart.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use prometheus::{IntGauge, Registry};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::server::Health;
+
+/// Whether the store answered the last probe. Cheap to clone and to read on
+/// every request.
+#[derive(Clone, Debug, Default)]
+pub struct StoreStatus(Arc<AtomicBool>);
+
+impl StoreStatus {
+    /// Starts down: nothing is known until the first probe.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(false)))
+    }
+
+    #[must_use]
+    pub fn is_up(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A running store monitor; aborted when dropped.
+pub struct StoreMonitor {
+    task: JoinHandle<()>,
+}
+
+impl Drop for StoreMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StoreMonitor {
+    /// Probes the store every `interval`, records the result in `status` (each probe bounded by the same
+    /// interval, at least a second) and sets the health of `api_services`.
+    ///
+    /// `probe` should do whatever makes the store usable, not only ping it:
+    /// migrations that could not run at start-up run on the first success.
+    ///
+    /// # Errors
+    /// When the `store_up` gauge cannot be registered.
+    pub fn spawn<P, F>(
+        store: &'static str,
+        health: Health,
+        registry: &Registry,
+        api_services: Vec<&'static str>,
+        interval: Duration,
+        status: StoreStatus,
+        mut probe: P,
+    ) -> anyhow::Result<Self>
+    where
+        P: FnMut() -> F + Send + 'static,
+        F: Future<Output = anyhow::Result<()>> + Send,
+    {
+        let gauge = IntGauge::new("store_up", "1 while the service's own store answers its probe")?;
+        registry.register(Box::new(gauge.clone()))?;
+        let up = status.0;
+        let probe_timeout = interval.max(Duration::from_secs(1));
+        let task = tokio::spawn(async move {
+            let mut was_up = None;
+            loop {
+                let now_up = match tokio::time::timeout(probe_timeout, probe()).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(err)) => {
+                        if was_up != Some(false) {
+                            warn!(store, error = format!("{err:#}"), "store probe failed");
+                        }
+                        false
+                    }
+                    Err(_) => {
+                        if was_up != Some(false) {
+                            warn!(store, ?probe_timeout, "store probe timed out");
+                        }
+                        false
+                    }
+                };
+                up.store(now_up, Ordering::Release);
+                gauge.set(i64::from(now_up));
+                if was_up != Some(now_up) {
+                    if now_up {
+                        info!(store, "store is up: serving");
+                    } else {
+                        warn!(store, "store is down: NOT_SERVING");
+                    }
+                    for service in &api_services {
+                        health.set(service, now_up).await;
+                    }
+                    was_up = Some(now_up);
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Ok(Self { task })
+    }
+}

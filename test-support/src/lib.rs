@@ -1,0 +1,53 @@
+//! What Chirp's tests need from stores, and nothing they could leave behind.
+//!
+//! - A namespace per test on each kind of store: a fresh PostgreSQL database
+//!   ([`postgres`]), a fresh MongoDB database ([`mongo`]), a Redis key prefix
+//!   ([`redis`]), a SQLite file in a temporary directory ([`sqlite`]).
+//! - Private store processes ([`process`]) that a test stops and starts again
+//!   to play an outage, on the same port and data directory.
+//!
+//! Everything is removed on drop. Processes are also tied to this test
+//! process with `PR_SET_PDEATHSIG`, so a test that panics or is killed does
+//! not leave servers running.
+//!
+//! Shared servers come from the environment, as on the team's machines and
+//! in CI: `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), `MONGODB_URI` (when
+//! unset, each test gets a private `secantusd-rs`).
+
+use std::net::TcpListener;
+
+pub mod process;
+pub mod sqlite;
+
+#[cfg(feature = "mongodb")]
+pub mod mongo;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// A TCP port that was free a moment ago, for servers that cannot be told to
+/// pick their own and report it.
+///
+/// # Panics
+/// When no port can be bound at all.
+#[must_use]
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a port on 127.0.0.1");
+    listener.local_addr().expect("a bound listener has an address").port()
+}
+
+/// Runs `future` to completion on a runtime of its own, on a thread of its own:
+/// for clean-up in `Drop`, which may run inside or outside a runtime.
+pub(crate) fn block_on_fresh_runtime<F>(future: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handle = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            runtime.block_on(future);
+        }
+    });
+    let _ = handle.join();
+}

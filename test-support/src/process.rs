@@ -1,0 +1,329 @@
+//! Store servers run by a test, stopped and started again on the same port
+//! and data directory to play an outage.
+//!
+//! Children are spawned from one long-lived thread with
+//! `PR_SET_PDEATHSIG(SIGKILL)`: the kernel ties the signal to the spawning
+//! thread, and test threads come and go, so a thread that lives as long as
+//! the process is what makes "the test process died" kill the child too.
+
+use std::{
+    io,
+    net::TcpStream,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Mutex, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnJob>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        thread::Builder::new()
+            .name("test-support-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    })
+}
+
+/// The user a command runs as: postgres refuses to run as root.
+#[derive(Clone, Copy)]
+struct RunAs {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
+fn lookup_user(name: &str) -> Option<RunAs> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns a pointer into static storage or null; it is
+    // read at once, before any other call could overwrite it.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, points to a valid passwd record.
+    let entry = unsafe { &*entry };
+    Some(RunAs {
+        uid: entry.pw_uid,
+        gid: entry.pw_gid,
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Spawns `command` so that it dies with this process.
+fn spawn_tied(mut command: Command, run_as: Option<RunAs>) -> io::Result<Child> {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(user) = run_as {
+                if libc::setgid(user.gid) != 0 || libc::setuid(user.uid) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // After setuid, which clears the death signal.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (reply_tx, reply_rx) = mpsc::channel();
+    spawner()
+        .lock()
+        .map_err(|_| io::Error::other("spawner lock poisoned"))?
+        .send((command, reply_tx))
+        .map_err(|_| io::Error::other("spawner thread is gone"))?;
+    reply_rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
+}
+
+fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the server exited before listening: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: the pid is our own child's, not yet reaped.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Stops a child with `first`, then SIGKILL if it lingers past `grace`.
+fn stop_child(mut child: Child, first: libc::c_int, grace: Duration) {
+    signal(&child, first);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Which server, and how to start it.
+enum Kind {
+    Postgres { run_as: Option<RunAs> },
+    Redis { append_only: bool },
+    Secantus,
+}
+
+/// A store server of the test's own, on a fixed port and data directory.
+pub struct StoreProcess {
+    kind: Kind,
+    port: u16,
+    data: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl StoreProcess {
+    /// A private PostgreSQL cluster (initdb into a temporary directory, then
+    /// `postgres` in the foreground), trust auth, user `postgres`.
+    ///
+    /// # Errors
+    /// When initdb or postgres cannot run.
+    pub fn postgres() -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let run_as = if is_root() {
+            let user = lookup_user("postgres").context("postgres refuses root, and no `postgres` user exists")?;
+            std::os::unix::fs::chown(data.path(), Some(user.uid), Some(user.gid))?;
+            Some(user)
+        } else {
+            None
+        };
+        let mut initdb = Command::new(pg_binary("initdb")?);
+        initdb
+            .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-sync", "-D"])
+            .arg(cluster_dir(data.path()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let output = spawn_tied(initdb, run_as)?.wait_with_output()?;
+        if !output.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Self::start_new(Kind::Postgres { run_as }, data)
+    }
+
+    /// A private redis-server; with `append_only`, writes survive a restart.
+    ///
+    /// # Errors
+    /// When redis-server cannot run.
+    pub fn redis(append_only: bool) -> anyhow::Result<Self> {
+        Self::start_new(Kind::Redis { append_only }, tempfile::tempdir()?)
+    }
+
+    /// A private `secantusd-rs` (MongoDB wire protocol, single-node replica set).
+    ///
+    /// # Errors
+    /// When secantusd-rs is not installed or cannot run.
+    pub fn secantus() -> anyhow::Result<Self> {
+        Self::start_new(Kind::Secantus, tempfile::tempdir()?)
+    }
+
+    fn start_new(kind: Kind, data: tempfile::TempDir) -> anyhow::Result<Self> {
+        let mut process = Self {
+            kind,
+            port: crate::free_port(),
+            data,
+            child: None,
+        };
+        process.start()?;
+        Ok(process)
+    }
+
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    #[must_use]
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The URL a client connects with.
+    #[must_use]
+    pub fn url(&self) -> String {
+        match self.kind {
+            Kind::Postgres { .. } => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+            Kind::Redis { .. } => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Secantus => format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port),
+        }
+    }
+
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the server again (same port, same data) and waits until it
+    /// accepts connections.
+    ///
+    /// # Errors
+    /// When it does not come up within 30 seconds.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let port = self.port.to_string();
+        let dir = self.data.path();
+        let (mut command, run_as) = match &self.kind {
+            Kind::Postgres { run_as } => {
+                let mut c = Command::new(pg_binary("postgres")?);
+                c.arg("-D")
+                    .arg(cluster_dir(dir))
+                    .args(["-p", &port, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                    .arg("-c")
+                    .arg(format!("unix_socket_directories={}", dir.display()));
+                (c, *run_as)
+            }
+            Kind::Redis { append_only } => {
+                let mut c = Command::new("redis-server");
+                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+                    .args(["--appendonly", if *append_only { "yes" } else { "no" }])
+                    .arg("--dir")
+                    .arg(dir);
+                (c, None)
+            }
+            Kind::Secantus => {
+                let mut c = Command::new("secantusd-rs");
+                c.args(["--port", &port, "--cache-size", "64M", "--log-level", "WARNING"])
+                    .arg("--storage-path")
+                    .arg(dir.join("db"));
+                (c, None)
+            }
+        };
+        command.stdout(Stdio::null()).stderr(Stdio::null()).stdin(Stdio::null());
+        let mut child = spawn_tied(command, run_as).with_context(|| format!("starting {}", self.name()))?;
+        if let Err(err) = wait_for_port(self.port, &mut child, Duration::from_secs(30)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err.context(format!("starting {}", self.name())));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the server the way an operator would (fast shutdown), keeping
+    /// its data.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let first = match self.kind {
+                // SIGINT is PostgreSQL's "fast" shutdown: clients are cut off at once.
+                Kind::Postgres { .. } => libc::SIGINT,
+                Kind::Redis { .. } | Kind::Secantus => libc::SIGTERM,
+            };
+            stop_child(child, first, Duration::from_secs(10));
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Postgres { .. } => "postgres",
+            Kind::Redis { .. } => "redis-server",
+            Kind::Secantus => "secantusd-rs",
+        }
+    }
+}
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child, libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+}
+
+fn cluster_dir(data: &Path) -> PathBuf {
+    data.join("cluster")
+}
+
+/// PostgreSQL's server binaries are not on PATH on Debian; find the newest.
+fn pg_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin").join(name)).collect())
+        .unwrap_or_default();
+    versions.retain(|p| p.exists());
+    versions.sort();
+    versions
+        .pop()
+        .or_else(|| which(name))
+        .with_context(|| format!("`{name}` not found: install the postgresql package"))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}

@@ -1,0 +1,71 @@
+//! user-service's settings: flags, each mirrored by an environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use service_kit::config::{parse_duration, CommonArgs};
+
+/// Chirp's user-service: accounts, credentials, roles, follows and bans, kept
+/// in PostgreSQL, which no other service touches.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "user-service", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// PostgreSQL URL of the service's own database
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Largest number of PostgreSQL connections
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+
+    /// How often the database is probed to drive health
+    #[arg(long, env = "STORE_PROBE_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub store_probe_interval: Duration,
+
+    /// PKCS#8 PEM Ed25519 private key that signs tokens; every replica needs
+    /// the same one. Without it a random key is made and tokens do not survive
+    /// a restart (fine for development)
+    #[arg(long, env = "JWT_SIGNING_KEY_FILE")]
+    pub jwt_signing_key_file: Option<PathBuf>,
+
+    /// How long a token from Login stays valid
+    #[arg(long, env = "TOKEN_TTL", value_parser = parse_duration, default_value = "60m")]
+    pub token_ttl: Duration,
+
+    /// Username of the first administrator, created (or promoted) at start-up
+    /// with ADMIN_PASSWORD; nobody else can register it
+    #[arg(long, env = "ADMIN_USERNAME", requires = "admin_password")]
+    pub admin_username: Option<String>,
+
+    /// Password of the first administrator, used only when creating it
+    #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true, requires = "admin_username")]
+    pub admin_password: Option<String>,
+
+    /// Memory of one argon2id password hash, in KiB (OWASP's minimum is 19456)
+    #[arg(long, env = "PASSWORD_HASH_MEMORY_KIB", default_value_t = 19_456)]
+    pub password_hash_memory_kib: u32,
+}
+
+/// gRPC port of user-service in DESIGN.md.
+pub const DEFAULT_PORT: u16 = 50051;
+/// Port of `/metrics` unless METRICS_ADDR says otherwise.
+pub const DEFAULT_METRICS_PORT: u16 = 9451;
+
+impl Config {
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.common
+            .listen_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))
+    }
+
+    #[must_use]
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.common
+            .metrics_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_METRICS_PORT)))
+    }
+}

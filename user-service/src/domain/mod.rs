@@ -1,0 +1,9 @@
+//! user-service's domain: types that can only hold valid values, and the
+//! rules of who may do what. Nothing here knows prost or sqlx.
+
+mod user;
+
+pub use user::{
+    BanReason, DisplayName, NewUser, Page, PageRequest, Password, Registration, User, UserId, UserIds, Username,
+};
+pub use service_kit::auth::{Caller, Role};

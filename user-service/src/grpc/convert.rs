@@ -1,0 +1,118 @@
+//! Conversions between the wire types and the domain types.
+
+use chirp_proto::user::v1 as pb;
+use service_kit::validate::{violation, Violations};
+
+use crate::{
+    domain::{DisplayName, PageRequest, Password, Registration, Role, User, UserId, Username},
+    error::Error,
+};
+
+impl TryFrom<pb::RegisterRequest> for Registration {
+    type Error = Error;
+
+    fn try_from(r: pb::RegisterRequest) -> Result<Self, Error> {
+        let mut v = Violations::new();
+        let username = v.check(Username::parse(&r.username));
+        let password = v.check(Password::parse(&r.password));
+        let display_name = if r.display_name.trim().is_empty() {
+            None
+        } else {
+            v.check(DisplayName::parse(&r.display_name))
+        };
+        v.finish()?;
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Registration::new(username, password, display_name)),
+            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
+        }
+    }
+}
+
+pub struct Login {
+    pub username: Username,
+    pub password: Password,
+}
+
+impl TryFrom<pb::LoginRequest> for Login {
+    type Error = Error;
+
+    fn try_from(r: pb::LoginRequest) -> Result<Self, Error> {
+        let mut v = Violations::new();
+        let username = v.check(Username::parse(&r.username));
+        let password = v.check(Password::parse_for_login(&r.password));
+        v.finish()?;
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Self { username, password }),
+            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
+        }
+    }
+}
+
+pub struct RoleChange {
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+impl TryFrom<pb::SetRoleRequest> for RoleChange {
+    type Error = Error;
+
+    fn try_from(r: pb::SetRoleRequest) -> Result<Self, Error> {
+        let mut v = Violations::new();
+        let user_id = v.check(UserId::parse("user_id", &r.user_id));
+        let role = v.check(match pb::Role::try_from(r.role) {
+            Ok(pb::Role::User) => Ok(Role::User),
+            Ok(pb::Role::Moderator) => Ok(Role::Moderator),
+            Ok(pb::Role::Admin) => Ok(Role::Admin),
+            Ok(pb::Role::Unspecified) | Err(_) => Err(violation("role", "must be ROLE_USER, ROLE_MODERATOR or ROLE_ADMIN")),
+        });
+        v.finish()?;
+        match (user_id, role) {
+            (Some(user_id), Some(role)) => Ok(Self { user_id, role }),
+            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
+        }
+    }
+}
+
+/// The user and page of a List* request.
+pub fn listing(user_id: &str, page_size: i32, page_token: &str) -> Result<(UserId, PageRequest), Error> {
+    let mut v = Violations::new();
+    let user = v.check(UserId::parse("user_id", user_id));
+    let page = match PageRequest::parse(page_size, page_token) {
+        Ok(page) => Some(page),
+        Err(violations) => {
+            for violation in violations {
+                v.add(violation.field, violation.description);
+            }
+            None
+        }
+    };
+    v.finish()?;
+    match (user, page) {
+        (Some(user), Some(page)) => Ok((user, page)),
+        _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
+    }
+}
+
+fn role_to_pb(role: Role) -> pb::Role {
+    match role {
+        Role::User => pb::Role::User,
+        Role::Moderator => pb::Role::Moderator,
+        Role::Admin => pb::Role::Admin,
+    }
+}
+
+impl From<User> for pb::User {
+    fn from(user: User) -> Self {
+        Self {
+            id: user.id.to_string(),
+            username: user.username,
+            display_name: user.display_name,
+            role: role_to_pb(user.role).into(),
+            banned: user.banned,
+            create_time: Some(prost_types::Timestamp {
+                seconds: user.created_at.timestamp(),
+                nanos: i32::try_from(user.created_at.timestamp_subsec_nanos()).unwrap_or(0),
+            }),
+        }
+    }
+}

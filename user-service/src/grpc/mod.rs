@@ -1,0 +1,194 @@
+//! The gRPC edge of user-service: requests become domain values here (or
+//! INVALID_ARGUMENT), replies are built here, and [`Error`] becomes a
+//! [`Status`] in exactly one place.
+
+mod convert;
+
+use std::sync::Arc;
+
+use chirp_proto::user::v1::{self as pb, user_service_server::UserService};
+use service_kit::{auth::TokenVerifier, validate::invalid_argument};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    domain::{BanReason, Caller, UserId, UserIds},
+    error::Error,
+    service::Users,
+};
+
+pub use pb::user_service_server::UserServiceServer;
+
+pub struct UserApi {
+    users: Arc<Users>,
+    verifier: TokenVerifier,
+}
+
+impl UserApi {
+    #[must_use]
+    pub fn new(users: Arc<Users>) -> Self {
+        let verifier = TokenVerifier::with_keys(&users.public_keys());
+        Self { users, verifier }
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        Ok(self.verifier.authenticate(request.metadata()).await?)
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl UserService for UserApi {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Reply<pb::RegisterResponse> {
+        let registration = request.into_inner().try_into()?;
+        let user = self.users.register(registration).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Reply<pb::LoginResponse> {
+        let convert::Login { username, password } = request.into_inner().try_into()?;
+        let session = self.users.login(&username, password).await?;
+        Ok(Response::new(pb::LoginResponse {
+            access_token: session.token,
+            expire_time: Some(prost_types::Timestamp {
+                seconds: session.expires_at,
+                nanos: 0,
+            }),
+            user: Some(session.user.into()),
+        }))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Reply<pb::GetUserResponse> {
+        let id = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let user = self.users.user(id).await?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn batch_get_users(&self, request: Request<pb::BatchGetUsersRequest>) -> Reply<pb::BatchGetUsersResponse> {
+        let ids = UserIds::parse(&request.get_ref().user_ids).map_err(Error::from)?;
+        let (users, missing) = self.users.users(&ids).await?;
+        Ok(Response::new(pb::BatchGetUsersResponse {
+            users: users.into_iter().map(Into::into).collect(),
+            missing_user_ids: missing.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn follow(&self, request: Request<pb::FollowRequest>) -> Reply<pb::FollowResponse> {
+        let caller = self.caller(&request).await?;
+        let target = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        self.users.follow(caller, target).await?;
+        Ok(Response::new(pb::FollowResponse {}))
+    }
+
+    async fn unfollow(&self, request: Request<pb::UnfollowRequest>) -> Reply<pb::UnfollowResponse> {
+        let caller = self.caller(&request).await?;
+        let target = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        self.users.unfollow(caller, target).await?;
+        Ok(Response::new(pb::UnfollowResponse {}))
+    }
+
+    async fn list_following(&self, request: Request<pb::ListFollowingRequest>) -> Reply<pb::ListFollowingResponse> {
+        let r = request.into_inner();
+        let (user, page) = convert::listing(&r.user_id, r.page_size, &r.page_token)?;
+        let page = self.users.following(user, page).await?;
+        Ok(Response::new(pb::ListFollowingResponse {
+            next_page_token: page.next_page_token(),
+            users: page.users.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn list_followers(&self, request: Request<pb::ListFollowersRequest>) -> Reply<pb::ListFollowersResponse> {
+        let r = request.into_inner();
+        let (user, page) = convert::listing(&r.user_id, r.page_size, &r.page_token)?;
+        let page = self.users.followers(user, page).await?;
+        Ok(Response::new(pb::ListFollowersResponse {
+            next_page_token: page.next_page_token(),
+            users: page.users.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn set_role(&self, request: Request<pb::SetRoleRequest>) -> Reply<pb::SetRoleResponse> {
+        let caller = self.caller(&request).await?;
+        let convert::RoleChange { user_id, role } = request.into_inner().try_into()?;
+        let user = self.users.set_role(caller, user_id, role).await?;
+        Ok(Response::new(pb::SetRoleResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn ban_user(&self, request: Request<pb::BanUserRequest>) -> Reply<pb::BanUserResponse> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let mut violations = service_kit::validate::Violations::new();
+        let target = violations.check(UserId::parse("user_id", &r.user_id));
+        let reason = violations.check(BanReason::parse(&r.reason));
+        violations.finish().map_err(Error::from)?;
+        let (Some(target), Some(reason)) = (target, reason) else {
+            return Err(Error::Internal(anyhow::anyhow!("validated fields missing")).into());
+        };
+        let user = self.users.ban(caller, target, &reason).await?;
+        Ok(Response::new(pb::BanUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn unban_user(&self, request: Request<pb::UnbanUserRequest>) -> Reply<pb::UnbanUserResponse> {
+        let caller = self.caller(&request).await?;
+        let target = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let user = self.users.unban(caller, target).await?;
+        Ok(Response::new(pb::UnbanUserResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Reply<pb::DeleteUserResponse> {
+        let caller = self.caller(&request).await?;
+        let target = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        self.users.delete(caller, target).await?;
+        Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    async fn get_public_keys(&self, _request: Request<pb::GetPublicKeysRequest>) -> Reply<pb::GetPublicKeysResponse> {
+        Ok(Response::new(pb::GetPublicKeysResponse {
+            keys: self
+                .users
+                .public_keys()
+                .into_iter()
+                .map(|key| pb::PublicKey {
+                    key_id: key.key_id,
+                    algorithm: "EdDSA".to_owned(),
+                    public_key: key.bytes.to_vec(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The one place an [`Error`] becomes a [`Status`]. Causes are logged here
+/// and never sent: a client learns what to do, not how the service is built.
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(violations) => invalid_argument(&violations),
+            Error::Unauthenticated(auth) => auth.into(),
+            Error::BadCredentials => Status::unauthenticated(err.to_string()),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::NotFound(what) => Status::not_found(what),
+            Error::AlreadyExists(what) => Status::already_exists(what),
+            Error::StoreUnavailable(cause) => {
+                if let Some(cause) = cause {
+                    tracing::warn!(error = format!("{cause:#}"), "user store unavailable");
+                }
+                Status::unavailable("the user store is unavailable; retry later")
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

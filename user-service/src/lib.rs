@@ -1,0 +1,106 @@
+//! Chirp's user-service: accounts, credentials, roles, the follow graph and
+//! bans, in a PostgreSQL database that no other service touches.
+//!
+//! Layout: [`domain`] (types that parse, no prost, no sqlx), [`store`] (the
+//! only sqlx code), [`service`] (the rules), [`grpc`] (the edge).
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+mod password;
+pub mod service;
+pub mod store;
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use chirp_proto::user::v1::user_service_server::SERVICE_NAME;
+use service_kit::{
+    auth::TokenSigner,
+    server::{Health, ServeOptions},
+    store::{StoreMonitor, StoreStatus},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    config::Config,
+    domain::{Password, Username},
+    grpc::{UserApi, UserServiceServer},
+    service::{AdminAccount, Users},
+    store::Store,
+};
+
+/// Runs user-service on `listener` until `shutdown` resolves.
+///
+/// Starts even when PostgreSQL is down: the API reports NOT_SERVING and
+/// answers UNAVAILABLE until the database answers, then migrations run and it
+/// turns SERVING.
+///
+/// # Errors
+/// When the configuration is unusable or the server fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let signer = match &config.jwt_signing_key_file {
+        Some(path) => TokenSigner::from_pem_file(path, config.token_ttl)?,
+        None => {
+            tracing::warn!("JWT_SIGNING_KEY_FILE is not set: signing with a random key; tokens die with this process");
+            TokenSigner::generate(config.token_ttl)?
+        }
+    };
+    let admin = match (&config.admin_username, &config.admin_password) {
+        (Some(username), Some(password)) => Some(AdminAccount {
+            username: Username::parse(username).map_err(|v| anyhow::anyhow!("ADMIN_USERNAME {}", v.description))?,
+            password: Password::parse(password).map_err(|v| anyhow::anyhow!("ADMIN_PASSWORD {}", v.description))?,
+        }),
+        _ => None,
+    };
+
+    let status = StoreStatus::new();
+    let store = Store::connect_lazy(&config.database_url, config.database_max_connections, status.clone())
+        .context("DATABASE_URL")?;
+    let hasher = password::Hasher::new(config.password_hash_memory_kib)?;
+    let users = Arc::new(Users::new(store, hasher, signer, admin).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+
+    let health = Health::new();
+    let registry = prometheus::Registry::new();
+    let _monitor = {
+        let users = users.clone();
+        let prepared = Arc::new(tokio::sync::OnceCell::new());
+        StoreMonitor::spawn(
+            "postgresql",
+            health.clone(),
+            &registry,
+            vec![SERVICE_NAME],
+            config.store_probe_interval,
+            status,
+            move || {
+                let users = users.clone();
+                let prepared = prepared.clone();
+                async move {
+                    prepared
+                        .get_or_try_init(|| users.prepare_store())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("preparing the database: {e:#?}"))?;
+                    users.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
+                }
+            },
+        )?
+    };
+
+    let routes = tonic::service::Routes::new(UserServiceServer::new(UserApi::new(users)));
+    service_kit::server::serve(
+        ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common),
+        health,
+        registry,
+        listener,
+        metrics_listener,
+        routes,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,319 @@
+//! The only module that talks to PostgreSQL.
+//!
+//! Every query here is served by an index: `users` by its primary key or the
+//! unique username index, `follows` by its primary key (follower, followee)
+//! or `follows_by_followee`. Paging is keyset paging on the other user's id,
+//! so a page costs the same wherever it starts.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use service_kit::store::StoreStatus;
+use sqlx::{
+    postgres::{PgPool, PgPoolOptions},
+    Row,
+};
+use uuid::Uuid;
+
+use crate::{
+    domain::{BanReason, NewUser, Page, PageRequest, Role, User, UserId},
+    error::{Error, Result},
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The columns every user query returns, in [`user_from_row`]'s order.
+const USER_COLUMNS: &str = "id, username, display_name, role, banned_at IS NOT NULL AS banned, created_at";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    status: StoreStatus,
+}
+
+impl Store {
+    /// A pool that connects on demand, so the service starts (and reports
+    /// NOT_SERVING) while PostgreSQL is down.
+    ///
+    /// # Errors
+    /// When the URL cannot be parsed.
+    pub fn connect_lazy(url: &str, max_connections: u32, status: StoreStatus) -> anyhow::Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(0)
+            // Bounds how long a request waits for a connection while the
+            // database is unreachable but not yet known to be.
+            .acquire_timeout(Duration::from_secs(2))
+            // Connections that died with a restarted server are found and
+            // replaced here rather than failing a request.
+            .test_before_acquire(true)
+            .connect_lazy(url)?;
+        Ok(Self { pool, status })
+    }
+
+    /// Fails fast while the store monitor says the database is down.
+    fn ready(&self) -> Result<&PgPool> {
+        if self.status.is_up() {
+            Ok(&self.pool)
+        } else {
+            Err(Error::StoreUnavailable(None))
+        }
+    }
+
+    /// Brings the schema up to date. Safe to run from several replicas at
+    /// once: sqlx takes an advisory lock.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => classify(e),
+            other => Error::Internal(anyhow::Error::new(other).context("running migrations")),
+        })
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        Ok(())
+    }
+
+    pub async fn insert_user(&self, user: &NewUser) -> Result<User> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO users (id, username, display_name, password_hash, role)
+             VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLUMNS}"
+        ))
+        .bind(user.id.as_uuid())
+        .bind(user.username.as_str())
+        .bind(user.display_name.as_str())
+        .bind(&user.password_hash)
+        .bind(user.role.as_str())
+        .fetch_one(self.ready()?)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Error::AlreadyExists("the username is taken"),
+            _ => classify(e),
+        })?;
+        user_from_row(&row)
+    }
+
+    /// Creates the configured administrator, or makes the existing account
+    /// with that name an administrator.
+    pub async fn ensure_admin(&self, admin: &NewUser) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, username, display_name, password_hash, role)
+             VALUES ($1, $2, $3, $4, 'admin')
+             ON CONFLICT (username) DO UPDATE SET role = 'admin' WHERE users.role <> 'admin'",
+        )
+        .bind(admin.id.as_uuid())
+        .bind(admin.username.as_str())
+        .bind(admin.display_name.as_str())
+        .bind(&admin.password_hash)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    /// The user with `username` and their password hash.
+    pub async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE username = $1"))
+            .bind(username)
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+        row.map(|row| Ok((user_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
+            .transpose()
+    }
+
+    pub async fn user(&self, id: UserId) -> Result<Option<User>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .bind(id.as_uuid())
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    pub async fn users(&self, ids: &[UserId]) -> Result<Vec<User>> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        let rows = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ANY($1)"))
+            .bind(&ids)
+            .fetch_all(self.ready()?)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    /// Adds the edge; already following is success. Fails with NotFound when
+    /// the followee does not exist and PermissionDenied when the follower is
+    /// banned or gone.
+    pub async fn follow(&self, follower: UserId, followee: UserId) -> Result<()> {
+        let row = sqlx::query(
+            "WITH parties AS (
+                 SELECT
+                     EXISTS (SELECT 1 FROM users WHERE id = $1 AND banned_at IS NULL) AS follower_ok,
+                     EXISTS (SELECT 1 FROM users WHERE id = $2) AS followee_ok
+             ), inserted AS (
+                 INSERT INTO follows (follower_id, followee_id)
+                 SELECT $1, $2 FROM parties WHERE follower_ok AND followee_ok
+                 ON CONFLICT DO NOTHING
+             )
+             SELECT follower_ok, followee_ok FROM parties",
+        )
+        .bind(follower.as_uuid())
+        .bind(followee.as_uuid())
+        .fetch_one(self.ready()?)
+        .await
+        .map_err(classify)?;
+        let follower_ok: bool = row.try_get("follower_ok").map_err(internal)?;
+        let followee_ok: bool = row.try_get("followee_ok").map_err(internal)?;
+        if !follower_ok {
+            return Err(Error::PermissionDenied("the caller is banned or deleted"));
+        }
+        if !followee_ok {
+            return Err(Error::NotFound("no user has that id"));
+        }
+        Ok(())
+    }
+
+    /// Removes the edge; not following is success.
+    pub async fn unfollow(&self, follower: UserId, followee: UserId) -> Result<()> {
+        sqlx::query("DELETE FROM follows WHERE follower_id = $1 AND followee_id = $2")
+            .bind(follower.as_uuid())
+            .bind(followee.as_uuid())
+            .execute(self.ready()?)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Users `user` follows, in id order.
+    pub async fn following(&self, user: UserId, page: PageRequest) -> Result<Page> {
+        self.edge_page(user, page, "follower_id", "followee_id").await
+    }
+
+    /// Users following `user`, in id order.
+    pub async fn followers(&self, user: UserId, page: PageRequest) -> Result<Page> {
+        self.edge_page(user, page, "followee_id", "follower_id").await
+    }
+
+    async fn edge_page(&self, user: UserId, page: PageRequest, by: &str, other: &str) -> Result<Page> {
+        let pool = self.ready()?;
+        // One row more than asked says whether another page follows.
+        let limit = i64::from(page.size) + 1;
+        let rows = sqlx::query(&format!(
+            "SELECT u.id, u.username, u.display_name, u.role, u.banned_at IS NOT NULL AS banned, u.created_at
+             FROM follows f JOIN users u ON u.id = f.{other}
+             WHERE f.{by} = $1 AND ($2::uuid IS NULL OR f.{other} > $2)
+             ORDER BY f.{other}
+             LIMIT $3"
+        ))
+        .bind(user.as_uuid())
+        .bind(page.after.map(UserId::as_uuid))
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+        .map_err(classify)?;
+        let mut users = rows.iter().map(user_from_row).collect::<Result<Vec<_>>>()?;
+        if users.is_empty() && page.after.is_none() && self.user(user).await?.is_none() {
+            return Err(Error::NotFound("no user has that id"));
+        }
+        let more = users.len() > page.size as usize;
+        users.truncate(page.size as usize);
+        let next = if more { users.last().map(|u| u.id) } else { None };
+        Ok(Page { users, next })
+    }
+
+    pub async fn set_role(&self, id: UserId, role: Role) -> Result<Option<User>> {
+        let row = sqlx::query(&format!("UPDATE users SET role = $2 WHERE id = $1 RETURNING {USER_COLUMNS}"))
+            .bind(id.as_uuid())
+            .bind(role.as_str())
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// Bans (`Some(reason)`) or unbans (`None`) `id`, but only if its role is
+    /// below `below`: the check and the change are one statement, so a role
+    /// change in between cannot slip through. `Ok(None)` when no such user
+    /// exists or the role is not below.
+    pub async fn set_banned(&self, id: UserId, ban: Option<&BanReason>, below: Role) -> Result<Option<User>> {
+        let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
+            .into_iter()
+            .filter(|r| *r < below)
+            .map(Role::as_str)
+            .collect();
+        let sql = if ban.is_some() {
+            // A second ban keeps the first one's time and reason.
+            format!(
+                "UPDATE users SET banned_at = COALESCE(banned_at, now()), ban_reason = COALESCE(ban_reason, $3)
+                 WHERE id = $1 AND role = ANY($2) RETURNING {USER_COLUMNS}"
+            )
+        } else {
+            format!(
+                "UPDATE users SET banned_at = NULL, ban_reason = NULL
+                 WHERE id = $1 AND role = ANY($2) RETURNING {USER_COLUMNS}"
+            )
+        };
+        let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles);
+        let query = match ban {
+            Some(reason) => query.bind(reason.as_str()),
+            None => query,
+        };
+        let row = query
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// Deletes the user and, by cascade, their follow edges. `false` when no
+    /// such user existed.
+    pub async fn delete_user(&self, id: UserId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id.as_uuid())
+            .execute(self.ready()?)
+            .await
+            .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+fn user_from_row(row: &sqlx::postgres::PgRow) -> Result<User> {
+    let id: Uuid = row.try_get("id").map_err(internal)?;
+    let role: String = row.try_get("role").map_err(internal)?;
+    let created_at: DateTime<Utc> = row.try_get("created_at").map_err(internal)?;
+    Ok(User {
+        id: id.into(),
+        username: row.try_get("username").map_err(internal)?,
+        display_name: row.try_get("display_name").map_err(internal)?,
+        role: Role::parse(&role).ok_or_else(|| Error::Internal(anyhow::anyhow!("unknown role {role:?} in users")))?,
+        banned: row.try_get("banned").map_err(internal)?,
+        created_at,
+    })
+}
+
+fn internal(err: sqlx::Error) -> Error {
+    Error::Internal(anyhow::Error::new(err).context("reading a users row"))
+}
+
+/// Tells "the database is unreachable" (UNAVAILABLE, retry later) from
+/// everything else (a bug: INTERNAL).
+fn classify(err: sqlx::Error) -> Error {
+    let unavailable = match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08 is connection exceptions; 57P01-57P03 are the server
+        // shutting down or starting up.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")),
+        _ => false,
+    };
+    if unavailable {
+        Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+    } else {
+        Error::Internal(anyhow::Error::new(err).context("querying PostgreSQL"))
+    }
+}
