@@ -152,6 +152,19 @@ impl TokenSigner {
         Self::from_signing_key(&key, ttl)
     }
 
+    /// A new random private key as PKCS#8 PEM, the format
+    /// [`TokenSigner::from_pem_file`] reads: for key files made by tools and
+    /// tests.
+    ///
+    /// # Errors
+    /// When the key cannot be encoded (not expected).
+    pub fn generate_pem() -> anyhow::Result<String> {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        key.to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map(|pem| pem.to_string())
+            .map_err(|e| anyhow::anyhow!("encoding a signing key: {e}"))
+    }
+
     /// Loads a PKCS#8 PEM Ed25519 private key (`openssl genpkey -algorithm ed25519`).
     ///
     /// # Errors

@@ -1,0 +1,236 @@
+//! spawn_app for user-service: the real service on port 0, against a database
+//! of the test's own.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use chirp_proto::user::v1::{self as pb, user_service_client::UserServiceClient};
+use clap::Parser as _;
+use service_kit::auth::TokenSigner;
+use test_support::postgres::TestDatabase;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Request};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use user_service::config::Config;
+
+pub const SERVICE: &str = "chirp.user.v1.UserService";
+pub const ADMIN: &str = "chirp_admin";
+pub const ADMIN_PASSWORD: &str = "admin-password-1";
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub channel: Channel,
+    pub database_url: String,
+    /// Signs tokens with the service's own key, for tokens Login would never
+    /// issue (expired ones).
+    pub signer: TokenSigner,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _key_dir: tempfile::TempDir,
+    _database: Option<TestDatabase>,
+}
+
+impl TestApp {
+    /// On the shared PostgreSQL, in a fresh database; waits until SERVING.
+    pub async fn spawn() -> Self {
+        let database = TestDatabase::create().await.expect("creating a test database");
+        let url = database.url().to_owned();
+        let app = Self::spawn_on(&url, Some(database), &[]).await;
+        app.wait_for(ServingStatus::Serving).await;
+        app
+    }
+
+    /// On any database URL; does not wait for the store.
+    pub async fn spawn_on(database_url: &str, database: Option<TestDatabase>, extra_args: &[&str]) -> Self {
+        let key_dir = tempfile::tempdir().expect("a temporary directory");
+        let key_file: PathBuf = key_dir.path().join("signing.pem");
+        std::fs::write(&key_file, TokenSigner::generate_pem().expect("a key")).expect("writing the key");
+        let signer = TokenSigner::from_pem_file(&key_file, Duration::from_secs(3600)).expect("reading the key");
+
+        let mut args = vec![
+            "user-service".to_owned(),
+            format!("--database-url={database_url}"),
+            format!("--jwt-signing-key-file={}", key_file.display()),
+            format!("--admin-username={ADMIN}"),
+            format!("--admin-password={ADMIN_PASSWORD}"),
+            // Cheap hashes: tests hash hundreds of passwords.
+            "--password-hash-memory-kib=256".to_owned(),
+            "--store-probe-interval=100ms".to_owned(),
+        ];
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+        let config = Config::try_parse_from(args).expect("valid test configuration");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a port");
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("binding a port");
+        let addr = listener.local_addr().expect("an address");
+        let metrics_addr = metrics.local_addr().expect("an address");
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(user_service::run(config, listener, Some(metrics), async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("a valid URL")
+            .connect_lazy();
+        Self {
+            addr,
+            metrics_addr,
+            channel,
+            database_url: database_url.to_owned(),
+            signer,
+            shutdown: Some(tx),
+            server: Some(server),
+            _key_dir: key_dir,
+            _database: database,
+        }
+    }
+
+    pub fn client(&self) -> UserServiceClient<Channel> {
+        UserServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut request = Request::new(HealthCheckRequest {
+            service: service.to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(1));
+        let response = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    /// Waits (up to 30 s) until the API's health is `status`.
+    pub async fn wait_for(&self, status: ServingStatus) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.health(SERVICE).await == Some(status) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{SERVICE} did not become {status:?} within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the service gracefully and returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await.expect("the server task does not panic"),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn register(&self, username: &str) -> pb::User {
+        self.client()
+            .register(pb::RegisterRequest {
+                username: username.to_owned(),
+                password: PASSWORD.to_owned(),
+                display_name: String::new(),
+            })
+            .await
+            .expect("registration succeeds")
+            .into_inner()
+            .user
+            .expect("a user in the reply")
+    }
+
+    pub async fn login_as(&self, username: &str, password: &str) -> String {
+        self.client()
+            .login(pb::LoginRequest {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            })
+            .await
+            .expect("login succeeds")
+            .into_inner()
+            .access_token
+    }
+
+    /// Registers `username` and logs in: the user and a token.
+    pub async fn user(&self, username: &str) -> (pb::User, String) {
+        let user = self.register(username).await;
+        let token = self.login_as(username, PASSWORD).await;
+        (user, token)
+    }
+
+    pub async fn admin_token(&self) -> String {
+        self.login_as(ADMIN, ADMIN_PASSWORD).await
+    }
+
+    /// A moderator made by the admin: the user and a fresh token with the role.
+    pub async fn moderator(&self, username: &str) -> (pb::User, String) {
+        let user = self.register(username).await;
+        let admin = self.admin_token().await;
+        self.client()
+            .set_role(authed(
+                pb::SetRoleRequest {
+                    user_id: user.id.clone(),
+                    role: pb::Role::Moderator.into(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("the admin can make a moderator");
+        let token = self.login_as(username, PASSWORD).await;
+        (user, token)
+    }
+
+    pub async fn user_count(&self) -> i64 {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("connecting to the test database");
+        sqlx::query_scalar("SELECT count(*) FROM users")
+            .fetch_one(&mut conn)
+            .await
+            .expect("counting users")
+    }
+
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await.expect("metrics port");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("sending a request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.expect("reading the reply");
+        body
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("a valid header value"),
+    );
+    request
+}
+
+/// The fields named in a status's BadRequest detail.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
