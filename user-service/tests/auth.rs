@@ -1,0 +1,160 @@
+//! The auth matrix: every RPC that acts for someone refuses a missing,
+//! forged or expired token, and every privileged one refuses a weaker role.
+
+mod common;
+
+use chirp_proto::user::v1 as pb;
+use common::{authed, TestApp};
+use service_kit::auth::{Claims, Role, TokenSigner, ISSUER};
+use tonic::{Code, Request, Status};
+
+/// Calls the protected RPC `rpc` on `target`, as whoever `request` says.
+async fn call(app: &TestApp, rpc: &str, target: &str, mut request: Request<()>) -> Status {
+    let metadata = std::mem::take(request.metadata_mut());
+    let mut client = app.client();
+    macro_rules! send {
+        ($method:ident, $message:expr) => {{
+            let mut r = Request::new($message);
+            *r.metadata_mut() = metadata;
+            match client.$method(r).await {
+                Ok(_) => Status::ok(""),
+                Err(status) => status,
+            }
+        }};
+    }
+    let user_id = target.to_owned();
+    match rpc {
+        "Follow" => send!(follow, pb::FollowRequest { user_id }),
+        "Unfollow" => send!(unfollow, pb::UnfollowRequest { user_id }),
+        "SetRole" => send!(set_role, pb::SetRoleRequest { user_id, role: pb::Role::Moderator.into() }),
+        "BanUser" => send!(ban_user, pb::BanUserRequest { user_id, reason: String::new() }),
+        "UnbanUser" => send!(unban_user, pb::UnbanUserRequest { user_id }),
+        "DeleteUser" => send!(delete_user, pb::DeleteUserRequest { user_id }),
+        other => panic!("no such RPC {other}"),
+    }
+}
+
+const PROTECTED: [&str; 6] = ["Follow", "Unfollow", "SetRole", "BanUser", "UnbanUser", "DeleteUser"];
+
+fn with_token(token: &str) -> Request<()> {
+    authed((), token)
+}
+
+#[tokio::test]
+async fn protected_rpcs_refuse_missing_forged_and_expired_tokens() {
+    let app = TestApp::spawn().await;
+    let target = app.register("target").await;
+    let (someone, _) = app.user("someone").await;
+
+    let forger = TokenSigner::generate(std::time::Duration::from_secs(60)).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let admin_claims = |iat: i64, exp: i64| Claims {
+        sub: someone.id.clone(),
+        role: Role::Admin,
+        iss: ISSUER.into(),
+        iat,
+        exp,
+    };
+    let forged = forger.sign(&admin_claims(now, now + 600)).unwrap();
+    let expired = app.signer.sign(&admin_claims(now - 7200, now - 3600)).unwrap();
+    let tampered = {
+        // A real token whose payload was swapped for one claiming admin.
+        let real = app.login_as("someone", common::PASSWORD).await;
+        let fake = forger.sign(&admin_claims(now, now + 600)).unwrap();
+        let real: Vec<&str> = real.split('.').collect();
+        let fake: Vec<&str> = fake.split('.').collect();
+        format!("{}.{}.{}", real[0], fake[1], real[2])
+    };
+
+    for rpc in PROTECTED {
+        let cases = [
+            ("no token", Request::new(())),
+            ("not a bearer token", {
+                let mut r = Request::new(());
+                r.metadata_mut().insert("authorization", "Basic dXNlcjpwdw==".parse().unwrap());
+                r
+            }),
+            ("garbage", with_token("a.b.c")),
+            ("another key's token", with_token(&forged)),
+            ("tampered payload", with_token(&tampered)),
+            ("expired", with_token(&expired)),
+        ];
+        for (case, request) in cases {
+            let status = call(&app, rpc, &target.id, request).await;
+            assert_eq!(status.code(), Code::Unauthenticated, "{rpc} with {case}: {status:?}");
+        }
+    }
+    assert!(!app
+        .client()
+        .get_user(pb::GetUserRequest { user_id: target.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .banned);
+}
+
+#[tokio::test]
+async fn privileged_rpcs_refuse_callers_without_the_role() {
+    let app = TestApp::spawn().await;
+    let (_, user_token) = app.user("plain").await;
+    let (moderator, mod_token) = app.moderator("moe").await;
+    let (other_mod, _) = app.moderator("max").await;
+    let victim = app.register("victim").await;
+    let admin_token = app.admin_token().await;
+    let admin = service_kit::auth::TokenVerifier::with_keys(&[app.signer.public_key()])
+        .verify(&admin_token)
+        .await
+        .unwrap();
+
+    let denied = [
+        ("a user setting roles", "SetRole", &user_token, victim.id.clone()),
+        ("a moderator setting roles", "SetRole", &mod_token, victim.id.clone()),
+        ("a user banning", "BanUser", &user_token, victim.id.clone()),
+        ("a user unbanning", "UnbanUser", &user_token, victim.id.clone()),
+        ("a moderator banning a moderator", "BanUser", &mod_token, other_mod.id.clone()),
+        ("a moderator banning the admin", "BanUser", &mod_token, admin.user_id.to_string()),
+        ("a moderator banning themself", "BanUser", &mod_token, moderator.id.clone()),
+        ("a user deleting someone else", "DeleteUser", &user_token, victim.id.clone()),
+        ("a moderator deleting someone else", "DeleteUser", &mod_token, victim.id.clone()),
+        ("an admin changing their own role", "SetRole", &admin_token, admin.user_id.to_string()),
+    ];
+    for (case, rpc, token, target) in denied {
+        let status = call(&app, rpc, &target, with_token(token)).await;
+        assert_eq!(status.code(), Code::PermissionDenied, "{case}: {status:?}");
+    }
+    assert_eq!(app.user_count().await, 5, "nobody was deleted");
+    let victim_now = app
+        .client()
+        .get_user(pb::GetUserRequest { user_id: victim.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(!victim_now.banned);
+    assert_eq!(victim_now.role(), pb::Role::User);
+}
+
+#[tokio::test]
+async fn public_reads_need_no_token() {
+    let app = TestApp::spawn().await;
+    let user = app.register("public").await;
+    let mut client = app.client();
+    client.get_user(pb::GetUserRequest { user_id: user.id.clone() }).await.unwrap();
+    client
+        .batch_get_users(pb::BatchGetUsersRequest {
+            user_ids: vec![user.id.clone()],
+        })
+        .await
+        .unwrap();
+    client
+        .list_following(pb::ListFollowingRequest {
+            user_id: user.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client.get_public_keys(pb::GetPublicKeysRequest {}).await.unwrap();
+}
