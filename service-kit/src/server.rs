@@ -133,14 +133,10 @@ pub async fn serve(
     health.set("", true).await;
 
     let metrics = RpcMetrics::register(&registry)?;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(chirp_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection(&options.api_services)
         .build_v1()
         .context("building reflection v1")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(chirp_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection(&options.api_services)
         .build_v1alpha()
         .context("building reflection v1alpha")?;
     let routes = routes
@@ -203,6 +199,26 @@ pub async fn serve(
     }
     info!(service = options.service_name, "stopped");
     Ok(())
+}
+
+/// Reflection that lists exactly what this server serves. The descriptor set
+/// holds every Chirp API, but advertising them all would tell grpcurl users
+/// that user-service serves MessageService.
+fn reflection(api_services: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(chirp_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false);
+    for name in api_services
+        .iter()
+        .copied()
+        .chain(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"])
+    {
+        builder = builder.with_service_name(name);
+    }
+    builder
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
