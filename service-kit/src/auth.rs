@@ -251,8 +251,8 @@ impl TokenVerifier {
     /// # Errors
     /// When the file cannot be read or holds no Ed25519 public key.
     pub fn from_pem_file(path: &Path) -> anyhow::Result<Self> {
-        let pem = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading public key {}: {e}", path.display()))?;
+        let pem =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading public key {}: {e}", path.display()))?;
         let key = VerifyingKey::from_public_key_pem(&pem)
             .map_err(|e| anyhow::anyhow!("{} is not an Ed25519 public key: {e}", path.display()))?;
         Ok(Self::with_keys(&[PublicKey::new(key.to_bytes())]))
@@ -359,7 +359,11 @@ impl TokenVerifier {
         };
         let mut last = source.last_fetch.lock().await;
         if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
-            return Err(if self.is_empty() { AuthError::KeysUnavailable } else { AuthError::UnknownKey });
+            return Err(if self.is_empty() {
+                AuthError::KeysUnavailable
+            } else {
+                AuthError::UnknownKey
+            });
         }
         *last = Some(Instant::now());
         let response = source
@@ -390,13 +394,20 @@ impl TokenVerifier {
                 tracing::warn!(code = ?status.code(), message = status.message(), "fetching token keys from user-service");
                 // Let the next request try again rather than waiting out the interval.
                 *last = None;
-                Err(if self.is_empty() { AuthError::KeysUnavailable } else { AuthError::UnknownKey })
+                Err(if self.is_empty() {
+                    AuthError::KeysUnavailable
+                } else {
+                    AuthError::UnknownKey
+                })
             }
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty()
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
     }
 }
 
@@ -437,7 +448,9 @@ mod tests {
         // Same key id, different key: the signature is what fails.
         let forged = {
             let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-            let (good, _) = signer.issue(caller(Role::Admin), chrono::Utc::now().timestamp()).unwrap();
+            let (good, _) = signer
+                .issue(caller(Role::Admin), chrono::Utc::now().timestamp())
+                .unwrap();
             parts[0] = good.split('.').next().unwrap().to_owned();
             parts.join(".")
         };
@@ -463,8 +476,14 @@ mod tests {
     #[tokio::test]
     async fn missing_and_malformed_authorization_is_rejected() {
         let verifier = TokenVerifier::with_keys(&[]);
-        assert!(matches!(verifier.authenticate(&MetadataMap::new()).await, Err(AuthError::Missing)));
-        assert!(matches!(verifier.authenticate(&bearer("x.y.z")).await, Err(AuthError::Malformed)));
+        assert!(matches!(
+            verifier.authenticate(&MetadataMap::new()).await,
+            Err(AuthError::Missing)
+        ));
+        assert!(matches!(
+            verifier.authenticate(&bearer("x.y.z")).await,
+            Err(AuthError::Malformed)
+        ));
         assert_eq!(verifier.authenticate_optional(&MetadataMap::new()).await.unwrap(), None);
     }
 

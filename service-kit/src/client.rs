@@ -129,7 +129,12 @@ impl Peer {
     /// # Errors
     /// The peer's status, or UNAVAILABLE / DEADLINE_EXCEEDED from the stack
     /// itself (breaker open, too many calls in flight, deadline spent).
-    pub async fn call<Req, Resp, F, Fut>(&self, idempotency: Idempotency, request: Req, mut call: F) -> Result<Resp, Status>
+    pub async fn call<Req, Resp, F, Fut>(
+        &self,
+        idempotency: Idempotency,
+        request: Req,
+        mut call: F,
+    ) -> Result<Resp, Status>
     where
         Req: Clone,
         F: FnMut(Channel, tonic::Request<Req>) -> Fut,
@@ -137,9 +142,11 @@ impl Peer {
     {
         let start = Instant::now();
         let incoming = context::current();
-        let Some(timeout) =
-            context::outgoing_timeout(self.config.call_timeout, incoming.as_ref().and_then(|c| c.deadline), start)
-        else {
+        let Some(timeout) = context::outgoing_timeout(
+            self.config.call_timeout,
+            incoming.as_ref().and_then(|c| c.deadline),
+            start,
+        ) else {
             return Err(Status::deadline_exceeded(format!(
                 "no time left to call {}",
                 self.config.name
@@ -147,14 +154,20 @@ impl Peer {
         };
         let deadline = start + timeout;
         let Ok(_permit) = self.in_flight.try_acquire() else {
-            return Err(Status::unavailable(format!("too many calls in flight to {}", self.config.name)));
+            return Err(Status::unavailable(format!(
+                "too many calls in flight to {}",
+                self.config.name
+            )));
         };
         self.budget.deposit();
 
         let mut attempt = 0u32;
         loop {
             if !self.lock_breaker().try_acquire(Instant::now()) {
-                return Err(Status::unavailable(format!("{} is failing; circuit open", self.config.name)));
+                return Err(Status::unavailable(format!(
+                    "{} is failing; circuit open",
+                    self.config.name
+                )));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let mut outgoing = tonic::Request::new(request.clone());
@@ -193,7 +206,10 @@ impl Peer {
 
 /// Codes that say the peer, not the request, is at fault.
 fn counts_as_failure(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted)
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::ResourceExhausted
+    )
 }
 
 /// Full jitter: uniformly random in `[0, base * 2^attempt]`, so clients that

@@ -36,21 +36,14 @@ impl RequestContext {
         let request_id = headers
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|id| {
-                !id.is_empty()
-                    && id.len() <= MAX_REQUEST_ID_LEN
-                    && id.bytes().all(|b| b.is_ascii_graphic())
-            })
+            .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned);
         let deadline = headers
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .and_then(|timeout| now.checked_add(timeout));
-        Self {
-            request_id,
-            deadline,
-        }
+        Self { request_id, deadline }
     }
 
     /// Runs `future` with this context visible to [`current`].

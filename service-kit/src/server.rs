@@ -153,7 +153,9 @@ pub async fn serve(
                 // Shed instead of queueing: a full server answers
                 // RESOURCE_EXHAUSTED at once and callers can go elsewhere.
                 .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(options.concurrency_limit)),
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    options.concurrency_limit,
+                )),
         )
         .add_routes(routes);
 
@@ -211,11 +213,11 @@ fn reflection(api_services: &[&'static str]) -> tonic_reflection::server::Builde
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .include_reflection_service(false);
-    for name in api_services
-        .iter()
-        .copied()
-        .chain(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"])
-    {
+    for name in api_services.iter().copied().chain([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
         builder = builder.with_service_name(name);
     }
     builder
@@ -254,9 +256,7 @@ pub async fn shutdown_signal() {
 /// # Errors
 /// When the address cannot be bound.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }
 
 async fn serve_metrics(listener: TcpListener, registry: Registry, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -298,11 +298,9 @@ impl RpcMetrics {
             &["grpc_method", "grpc_code"],
         )?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("grpc_server_handling_seconds", "Time to answer an RPC, by method")
-                .buckets(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0,
-                ]),
+            HistogramOpts::new("grpc_server_handling_seconds", "Time to answer an RPC, by method").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             &["grpc_method"],
         )?;
         registry.register(Box::new(requests.clone()))?;
@@ -384,13 +382,17 @@ where
                     };
                     let code = tonic::Code::from_i32(code);
                     // Unknown paths would make the label set unbounded.
-                    let label = if code == tonic::Code::Unimplemented { "unknown" } else { method.as_str() };
+                    let label = if code == tonic::Code::Unimplemented {
+                        "unknown"
+                    } else {
+                        method.as_str()
+                    };
                     let elapsed = start.elapsed();
+                    metrics.requests.with_label_values(&[label, &format!("{code:?}")]).inc();
                     metrics
-                        .requests
-                        .with_label_values(&[label, &format!("{code:?}")])
-                        .inc();
-                    metrics.latency.with_label_values(&[label]).observe(elapsed.as_secs_f64());
+                        .latency
+                        .with_label_values(&[label])
+                        .observe(elapsed.as_secs_f64());
                     tracing::debug!(code = ?code, elapsed_us = elapsed.as_micros(), "rpc done");
                     result
                 })

@@ -159,7 +159,9 @@ pub fn decode_page_token(raw: &str) -> Result<Option<String>, FieldViolation> {
     }
     let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    text.strip_prefix(PAGE_TOKEN_TAG).map(|c| Some(c.to_owned())).ok_or_else(invalid)
+    text.strip_prefix(PAGE_TOKEN_TAG)
+        .map(|c| Some(c.to_owned()))
+        .ok_or_else(invalid)
 }
 
 /// The `INVALID_ARGUMENT` status for `violations`, with a

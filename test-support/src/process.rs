@@ -88,7 +88,9 @@ fn spawn_tied(mut command: Command, run_as: Option<RunAs>) -> io::Result<Child> 
         .map_err(|_| io::Error::other("spawner lock poisoned"))?
         .send((command, reply_tx))
         .map_err(|_| io::Error::other("spawner thread is gone"))?;
-    reply_rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("spawner thread is gone"))?
 }
 
 fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
@@ -162,7 +164,13 @@ impl StoreProcess {
         };
         let mut initdb = Command::new(pg_binary("initdb")?);
         initdb
-            .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-sync", "-D"])
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+                "-D",
+            ])
             .arg(cluster_dir(data.path()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -310,7 +318,12 @@ fn cluster_dir(data: &Path) -> PathBuf {
 /// PostgreSQL's server binaries are not on PATH on Debian; find the newest.
 fn pg_binary(name: &str) -> anyhow::Result<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin").join(name)).collect())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
         .unwrap_or_default();
     versions.retain(|p| p.exists());
     versions.sort();

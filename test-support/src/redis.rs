@@ -47,7 +47,9 @@ impl Drop for KeyPrefix {
         let pattern = format!("{}*", self.prefix);
         crate::block_on_fresh_runtime(async move {
             let Ok(client) = redis::Client::open(url) else { return };
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                return;
+            };
             let mut cursor: u64 = 0;
             loop {
                 let scanned: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")

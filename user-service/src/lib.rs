@@ -64,7 +64,11 @@ pub async fn run(
     let store = Store::connect_lazy(&config.database_url, config.database_max_connections, status.clone())
         .context("DATABASE_URL")?;
     let hasher = password::Hasher::new(config.password_hash_memory_kib)?;
-    let users = Arc::new(Users::new(store, hasher, signer, admin).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    let users = Arc::new(
+        Users::new(store, hasher, signer, admin)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
 
     let health = Health::new();
     let registry = prometheus::Registry::new();

@@ -5,7 +5,10 @@ use chrono::Utc;
 use service_kit::auth::{PublicKey, TokenSigner};
 
 use crate::{
-    domain::{BanReason, Caller, DisplayName, NewUser, Page, PageRequest, Password, Registration, Role, User, UserId, UserIds, Username},
+    domain::{
+        BanReason, Caller, DisplayName, NewUser, Page, PageRequest, Password, Registration, Role, User, UserId,
+        UserIds, Username,
+    },
     error::{Error, Result},
     password::Hasher,
     store::Store,
@@ -186,16 +189,18 @@ impl Users {
         }
         match self.store.set_banned(target, ban, caller.role).await? {
             Some(user) => Ok(user),
-            None if self.store.user(target).await?.is_some() => Err(Error::PermissionDenied(
-                "the user's role is not below the caller's",
-            )),
+            None if self.store.user(target).await?.is_some() => {
+                Err(Error::PermissionDenied("the user's role is not below the caller's"))
+            }
             None => Err(Error::NotFound("no user has that id")),
         }
     }
 
     pub async fn delete(&self, caller: Caller, target: UserId) -> Result<()> {
         if UserId::from(caller.user_id) != target && caller.role != Role::Admin {
-            return Err(Error::PermissionDenied("only the user themself or an admin may delete an account"));
+            return Err(Error::PermissionDenied(
+                "only the user themself or an admin may delete an account",
+            ));
         }
         if self.store.delete_user(target).await? {
             Ok(())

@@ -29,11 +29,17 @@ async fn a_registered_user_logs_in_and_is_read_back_by_id() {
     assert_eq!(login.user.as_ref().map(|u| u.id.as_str()), Some(user.id.as_str()));
     let expires = login.expire_time.unwrap().seconds;
     let now = chrono::Utc::now().timestamp();
-    assert!(expires > now + 3000 && expires <= now + 3600, "about an hour: {}", expires - now);
+    assert!(
+        expires > now + 3000 && expires <= now + 3600,
+        "about an hour: {}",
+        expires - now
+    );
 
     let fetched = app
         .client()
-        .get_user(pb::GetUserRequest { user_id: user.id.clone() })
+        .get_user(pb::GetUserRequest {
+            user_id: user.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -58,7 +64,10 @@ async fn login_tokens_verify_with_the_published_public_keys() {
     let key = PublicKey::new(keys[0].public_key.as_slice().try_into().expect("32 bytes"));
     assert_eq!(key.key_id, keys[0].key_id);
 
-    let caller = TokenVerifier::with_keys(&[key]).verify(&token).await.expect("the token verifies");
+    let caller = TokenVerifier::with_keys(&[key])
+        .verify(&token)
+        .await
+        .expect("the token verifies");
     assert_eq!(caller.user_id.to_string(), user.id);
     assert_eq!(caller.role, service_kit::auth::Role::User);
 }
@@ -157,7 +166,12 @@ async fn follow_and_unfollow_are_idempotent_and_show_in_both_lists() {
     let bob = app.register("bob").await;
     for _ in 0..2 {
         app.client()
-            .follow(authed(pb::FollowRequest { user_id: bob.id.clone() }, &alice_token))
+            .follow(authed(
+                pb::FollowRequest {
+                    user_id: bob.id.clone(),
+                },
+                &alice_token,
+            ))
             .await
             .unwrap();
     }
@@ -181,11 +195,19 @@ async fn follow_and_unfollow_are_idempotent_and_show_in_both_lists() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(followers.users.iter().map(|u| &u.id).collect::<Vec<_>>(), vec![&alice.id]);
+    assert_eq!(
+        followers.users.iter().map(|u| &u.id).collect::<Vec<_>>(),
+        vec![&alice.id]
+    );
 
     for _ in 0..2 {
         app.client()
-            .unfollow(authed(pb::UnfollowRequest { user_id: bob.id.clone() }, &alice_token))
+            .unfollow(authed(
+                pb::UnfollowRequest {
+                    user_id: bob.id.clone(),
+                },
+                &alice_token,
+            ))
             .await
             .unwrap();
     }
@@ -232,7 +254,12 @@ async fn lists_page_through_every_user_exactly_once() {
     for i in 0..25 {
         let (fan, token) = app.user(&format!("fan_{i:02}")).await;
         app.client()
-            .follow(authed(pb::FollowRequest { user_id: star.id.clone() }, &token))
+            .follow(authed(
+                pb::FollowRequest {
+                    user_id: star.id.clone(),
+                },
+                &token,
+            ))
             .await
             .unwrap();
         expected.push(fan.id);
@@ -345,7 +372,12 @@ async fn a_moderator_bans_a_user_who_then_cannot_log_in_until_unbanned() {
 
     let unbanned = app
         .client()
-        .unban_user(authed(pb::UnbanUserRequest { user_id: troll.id.clone() }, &mod_token))
+        .unban_user(authed(
+            pb::UnbanUserRequest {
+                user_id: troll.id.clone(),
+            },
+            &mod_token,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -385,17 +417,29 @@ async fn users_delete_themselves_and_admins_delete_anyone() {
     let (alice, alice_token) = app.user("alice").await;
     let (bob, bob_token) = app.user("bob").await;
     app.client()
-        .follow(authed(pb::FollowRequest { user_id: alice.id.clone() }, &bob_token))
+        .follow(authed(
+            pb::FollowRequest {
+                user_id: alice.id.clone(),
+            },
+            &bob_token,
+        ))
         .await
         .unwrap();
 
     app.client()
-        .delete_user(authed(pb::DeleteUserRequest { user_id: alice.id.clone() }, &alice_token))
+        .delete_user(authed(
+            pb::DeleteUserRequest {
+                user_id: alice.id.clone(),
+            },
+            &alice_token,
+        ))
         .await
         .unwrap();
     let status = app
         .client()
-        .get_user(pb::GetUserRequest { user_id: alice.id.clone() })
+        .get_user(pb::GetUserRequest {
+            user_id: alice.id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -412,7 +456,12 @@ async fn users_delete_themselves_and_admins_delete_anyone() {
 
     let admin = app.admin_token().await;
     app.client()
-        .delete_user(authed(pb::DeleteUserRequest { user_id: bob.id.clone() }, &admin))
+        .delete_user(authed(
+            pb::DeleteUserRequest {
+                user_id: bob.id.clone(),
+            },
+            &admin,
+        ))
         .await
         .unwrap();
     assert_eq!(app.user_count().await, 1, "only the admin is left");
@@ -429,7 +478,9 @@ async fn rpc_metrics_count_calls_by_method_and_code() {
         .await;
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"grpc_server_handled_total{grpc_code="NotFound",grpc_method="/chirp.user.v1.UserService/GetUser"} 1"#),
+        metrics.contains(
+            r#"grpc_server_handled_total{grpc_code="NotFound",grpc_method="/chirp.user.v1.UserService/GetUser"} 1"#
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("store_up 1"), "{metrics}");
@@ -439,10 +490,32 @@ async fn rpc_metrics_count_calls_by_method_and_code() {
 async fn replies_echo_the_callers_request_id() {
     let app = TestApp::spawn().await;
     let mut request = tonic::Request::new(pb::GetPublicKeysRequest {});
-    request.metadata_mut().insert("x-request-id", "trace-me-123".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-me-123".parse().unwrap());
     let reply = app.client().get_public_keys(request).await.unwrap();
     assert_eq!(
         reply.metadata().get("x-request-id").and_then(|v| v.to_str().ok()),
         Some("trace-me-123")
+    );
+}
+
+#[tokio::test]
+async fn other_services_verify_tokens_with_keys_fetched_once_even_after_user_service_stops() {
+    let app = TestApp::spawn().await;
+    let (user, token) = app.user("remote").await;
+    let peer = service_kit::client::Peer::connect_lazy(service_kit::client::PeerConfig::new(
+        "user-service",
+        format!("http://{}", app.addr),
+    ))
+    .unwrap();
+    let verifier = TokenVerifier::from_user_service(std::sync::Arc::new(peer));
+    assert_eq!(verifier.verify(&token).await.unwrap().user_id.to_string(), user.id);
+
+    app.stop().await.unwrap();
+    assert_eq!(
+        verifier.verify(&token).await.unwrap().user_id.to_string(),
+        user.id,
+        "cached keys keep verifying while user-service is down"
     );
 }

@@ -26,8 +26,20 @@ async fn call(app: &TestApp, rpc: &str, target: &str, mut request: Request<()>) 
     match rpc {
         "Follow" => send!(follow, pb::FollowRequest { user_id }),
         "Unfollow" => send!(unfollow, pb::UnfollowRequest { user_id }),
-        "SetRole" => send!(set_role, pb::SetRoleRequest { user_id, role: pb::Role::Moderator.into() }),
-        "BanUser" => send!(ban_user, pb::BanUserRequest { user_id, reason: String::new() }),
+        "SetRole" => send!(
+            set_role,
+            pb::SetRoleRequest {
+                user_id,
+                role: pb::Role::Moderator.into()
+            }
+        ),
+        "BanUser" => send!(
+            ban_user,
+            pb::BanUserRequest {
+                user_id,
+                reason: String::new()
+            }
+        ),
         "UnbanUser" => send!(unban_user, pb::UnbanUserRequest { user_id }),
         "DeleteUser" => send!(delete_user, pb::DeleteUserRequest { user_id }),
         other => panic!("no such RPC {other}"),
@@ -71,7 +83,8 @@ async fn protected_rpcs_refuse_missing_forged_and_expired_tokens() {
             ("no token", Request::new(())),
             ("not a bearer token", {
                 let mut r = Request::new(());
-                r.metadata_mut().insert("authorization", "Basic dXNlcjpwdw==".parse().unwrap());
+                r.metadata_mut()
+                    .insert("authorization", "Basic dXNlcjpwdw==".parse().unwrap());
                 r
             }),
             ("garbage", with_token("a.b.c")),
@@ -84,15 +97,18 @@ async fn protected_rpcs_refuse_missing_forged_and_expired_tokens() {
             assert_eq!(status.code(), Code::Unauthenticated, "{rpc} with {case}: {status:?}");
         }
     }
-    assert!(!app
-        .client()
-        .get_user(pb::GetUserRequest { user_id: target.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .banned);
+    assert!(
+        !app.client()
+            .get_user(pb::GetUserRequest {
+                user_id: target.id.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+            .banned
+    );
 }
 
 #[tokio::test]
@@ -113,12 +129,42 @@ async fn privileged_rpcs_refuse_callers_without_the_role() {
         ("a moderator setting roles", "SetRole", &mod_token, victim.id.clone()),
         ("a user banning", "BanUser", &user_token, victim.id.clone()),
         ("a user unbanning", "UnbanUser", &user_token, victim.id.clone()),
-        ("a moderator banning a moderator", "BanUser", &mod_token, other_mod.id.clone()),
-        ("a moderator banning the admin", "BanUser", &mod_token, admin.user_id.to_string()),
-        ("a moderator banning themself", "BanUser", &mod_token, moderator.id.clone()),
-        ("a user deleting someone else", "DeleteUser", &user_token, victim.id.clone()),
-        ("a moderator deleting someone else", "DeleteUser", &mod_token, victim.id.clone()),
-        ("an admin changing their own role", "SetRole", &admin_token, admin.user_id.to_string()),
+        (
+            "a moderator banning a moderator",
+            "BanUser",
+            &mod_token,
+            other_mod.id.clone(),
+        ),
+        (
+            "a moderator banning the admin",
+            "BanUser",
+            &mod_token,
+            admin.user_id.to_string(),
+        ),
+        (
+            "a moderator banning themself",
+            "BanUser",
+            &mod_token,
+            moderator.id.clone(),
+        ),
+        (
+            "a user deleting someone else",
+            "DeleteUser",
+            &user_token,
+            victim.id.clone(),
+        ),
+        (
+            "a moderator deleting someone else",
+            "DeleteUser",
+            &mod_token,
+            victim.id.clone(),
+        ),
+        (
+            "an admin changing their own role",
+            "SetRole",
+            &admin_token,
+            admin.user_id.to_string(),
+        ),
     ];
     for (case, rpc, token, target) in denied {
         let status = call(&app, rpc, &target, with_token(token)).await;
@@ -142,7 +188,12 @@ async fn public_reads_need_no_token() {
     let app = TestApp::spawn().await;
     let user = app.register("public").await;
     let mut client = app.client();
-    client.get_user(pb::GetUserRequest { user_id: user.id.clone() }).await.unwrap();
+    client
+        .get_user(pb::GetUserRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap();
     client
         .batch_get_users(pb::BatchGetUsersRequest {
             user_ids: vec![user.id.clone()],

@@ -35,11 +35,19 @@ async fn health_and_rpcs_follow_postgresql_down_and_back_in_the_same_process() {
 
     postgres.stop();
     app.wait_for(ServingStatus::NotServing).await;
-    assert_eq!(app.health("").await, Some(ServingStatus::Serving), "the process itself is alive");
+    assert_eq!(
+        app.health("").await,
+        Some(ServingStatus::Serving),
+        "the process itself is alive"
+    );
     for _ in 0..3 {
         let status = get_user(&app, &alice.id).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        assert!(!status.message().contains("Io"), "no internal detail leaks: {}", status.message());
+        assert!(
+            !status.message().contains("Io"),
+            "no internal detail leaks: {}",
+            status.message()
+        );
     }
     let status = app
         .client()
@@ -90,7 +98,9 @@ async fn shutdown_turns_health_not_serving_before_the_server_stops() {
         let channel = channel.clone();
         async move {
             tonic_health::pb::health_client::HealthClient::new(channel)
-                .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
                 .await
                 .map(|r| r.into_inner().status())
         }

@@ -20,13 +20,16 @@ use tonic_health::pb::health_check_response::ServingStatus;
 macro_rules! reflection_client {
     ($module:ident, $pb:path) => {
         mod $module {
-            use $pb as pb;
             use prost::Message as _;
             use prost_reflect::DescriptorPool;
             use std::collections::{BTreeSet, HashSet};
             use tonic::transport::Channel;
+            use $pb as pb;
 
-            async fn ask(channel: &Channel, request: pb::server_reflection_request::MessageRequest) -> pb::server_reflection_response::MessageResponse {
+            async fn ask(
+                channel: &Channel,
+                request: pb::server_reflection_request::MessageRequest,
+            ) -> pb::server_reflection_response::MessageResponse {
                 let mut client = pb::server_reflection_client::ServerReflectionClient::new(channel.clone());
                 let request = pb::ServerReflectionRequest {
                     host: String::new(),
@@ -46,7 +49,12 @@ macro_rules! reflection_client {
             }
 
             pub async fn list_services(channel: &Channel) -> Vec<String> {
-                match ask(channel, pb::server_reflection_request::MessageRequest::ListServices(String::new())).await {
+                match ask(
+                    channel,
+                    pb::server_reflection_request::MessageRequest::ListServices(String::new()),
+                )
+                .await
+                {
                     pb::server_reflection_response::MessageResponse::ListServicesResponse(list) => {
                         list.service.into_iter().map(|s| s.name).collect()
                     }
@@ -55,14 +63,26 @@ macro_rules! reflection_client {
             }
 
             pub async fn file_containing_symbol(channel: &Channel, symbol: &str) -> Vec<Vec<u8>> {
-                files(ask(channel, pb::server_reflection_request::MessageRequest::FileContainingSymbol(symbol.into())).await)
+                files(
+                    ask(
+                        channel,
+                        pb::server_reflection_request::MessageRequest::FileContainingSymbol(symbol.into()),
+                    )
+                    .await,
+                )
             }
 
             pub async fn file_by_filename(channel: &Channel, name: &str) -> Vec<Vec<u8>> {
-                files(ask(channel, pb::server_reflection_request::MessageRequest::FileByFilename(name.into())).await)
+                files(
+                    ask(
+                        channel,
+                        pb::server_reflection_request::MessageRequest::FileByFilename(name.into()),
+                    )
+                    .await,
+                )
             }
 
-/// Fetches the file defining `symbol` and, as grpcurl does, every file it
+            /// Fetches the file defining `symbol` and, as grpcurl does, every file it
             /// imports, then builds a descriptor pool from them.
             pub async fn describe(channel: &Channel, symbol: &str) -> DescriptorPool {
                 let mut files: Vec<prost_types::FileDescriptorProto> = file_containing_symbol(channel, symbol)
@@ -82,18 +102,23 @@ macro_rules! reflection_client {
                     }
                     for name in missing {
                         for bytes in file_by_filename(channel, &name).await {
-                            files.push(prost_types::FileDescriptorProto::decode(bytes.as_slice()).expect("a file descriptor"));
+                            files.push(
+                                prost_types::FileDescriptorProto::decode(bytes.as_slice()).expect("a file descriptor"),
+                            );
                         }
                     }
                 }
                 let mut pool = DescriptorPool::new();
-                pool.add_file_descriptor_protos(super::dedup(files)).expect("a consistent set of files");
+                pool.add_file_descriptor_protos(super::dedup(files))
+                    .expect("a consistent set of files");
                 pool
             }
 
             fn files(reply: pb::server_reflection_response::MessageResponse) -> Vec<Vec<u8>> {
                 match reply {
-                    pb::server_reflection_response::MessageResponse::FileDescriptorResponse(files) => files.file_descriptor_proto,
+                    pb::server_reflection_response::MessageResponse::FileDescriptorResponse(files) => {
+                        files.file_descriptor_proto
+                    }
                     other => panic!("unexpected reply {other:?}"),
                 }
             }
@@ -183,7 +208,10 @@ async fn reflection_v1_and_v1alpha_list_the_api_health_and_reflection() {
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     ];
-    for services in [v1::list_services(&app.channel).await, v1alpha::list_services(&app.channel).await] {
+    for services in [
+        v1::list_services(&app.channel).await,
+        v1alpha::list_services(&app.channel).await,
+    ] {
         for name in expected {
             assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
         }
@@ -205,8 +233,19 @@ async fn reflection_describes_the_service_exactly_as_compiled() {
     assert_eq!(
         methods,
         [
-            "Register", "Login", "GetUser", "BatchGetUsers", "Follow", "Unfollow", "ListFollowing", "ListFollowers",
-            "SetRole", "BanUser", "UnbanUser", "DeleteUser", "GetPublicKeys"
+            "Register",
+            "Login",
+            "GetUser",
+            "BatchGetUsers",
+            "Follow",
+            "Unfollow",
+            "ListFollowing",
+            "ListFollowers",
+            "SetRole",
+            "BanUser",
+            "UnbanUser",
+            "DeleteUser",
+            "GetPublicKeys"
         ]
     );
     let compiled = DescriptorPool::decode(chirp_proto::FILE_DESCRIPTOR_SET).expect("the compiled set");
@@ -248,13 +287,32 @@ async fn register_login_and_get(app: &TestApp, pool: &DescriptorPool, username: 
     )
     .await;
     let token = login["accessToken"].as_str().expect("a token").to_owned();
-    assert!(login["expireTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{login}");
+    assert!(
+        login["expireTime"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{login}"
+    );
 
-    let fetched = call_json(&app.channel, &method("GetUser"), &format!(r#"{{"userId": "{id}"}}"#), Some(&token)).await;
+    let fetched = call_json(
+        &app.channel,
+        &method("GetUser"),
+        &format!(r#"{{"userId": "{id}"}}"#),
+        Some(&token),
+    )
+    .await;
     assert_eq!(fetched["user"]["displayName"], "Grp Curl");
 
-    let followed = call_json(&app.channel, &method("ListFollowing"), &format!(r#"{{"userId": "{id}"}}"#), Some(&token)).await;
-    assert_eq!(followed, serde_json::json!({}), "an empty page is an empty object in JSON");
+    let followed = call_json(
+        &app.channel,
+        &method("ListFollowing"),
+        &format!(r#"{{"userId": "{id}"}}"#),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        followed,
+        serde_json::json!({}),
+        "an empty page is an empty object in JSON"
+    );
 }
 
 #[tokio::test]
@@ -262,5 +320,9 @@ async fn health_reports_the_api_and_the_server_as_serving() {
     let app = TestApp::spawn().await;
     assert_eq!(app.health("").await, Some(ServingStatus::Serving));
     assert_eq!(app.health(SERVICE).await, Some(ServingStatus::Serving));
-    assert_eq!(app.health("no.such.Service").await, None, "unknown services are NOT_FOUND");
+    assert_eq!(
+        app.health("no.such.Service").await,
+        None,
+        "unknown services are NOT_FOUND"
+    );
 }

@@ -62,7 +62,10 @@ async fn ids_page_sizes_and_page_tokens_are_validated_on_every_rpc() {
     let admin = app.admin_token().await;
     let mut client = app.client();
 
-    let status = client.get_user(pb::GetUserRequest { user_id: "nope".into() }).await.unwrap_err();
+    let status = client
+        .get_user(pb::GetUserRequest { user_id: "nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["user_id"]);
 
     let status = client
@@ -153,7 +156,9 @@ async fn ids_page_sizes_and_page_tokens_are_validated_on_every_rpc() {
     assert_eq!(violated_fields(&status), ["reason"]);
 
     let fetched = client
-        .get_user(pb::GetUserRequest { user_id: user.id.clone() })
+        .get_user(pb::GetUserRequest {
+            user_id: user.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()

@@ -3,7 +3,7 @@
 
 mod user;
 
+pub use service_kit::auth::{Caller, Role};
 pub use user::{
     BanReason, DisplayName, NewUser, Page, PageRequest, Password, Registration, User, UserId, UserIds, Username,
 };
-pub use service_kit::auth::{Caller, Role};

@@ -50,13 +50,16 @@ impl Username {
     pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
         let name = raw.trim().to_ascii_lowercase();
         let len = name.chars().count();
-        if len < Self::MIN || len > Self::MAX {
+        if !(Self::MIN..=Self::MAX).contains(&len) {
             return Err(violation(
                 "username",
                 format!("must be {} to {} characters", Self::MIN, Self::MAX),
             ));
         }
-        if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
             return Err(violation("username", "may contain only letters a-z, digits and '_'"));
         }
         Ok(Self(name))
@@ -103,7 +106,7 @@ impl Password {
     /// A violation of `password`.
     pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
         let len = raw.chars().take(Self::MAX + 1).count();
-        if len < Self::MIN || len > Self::MAX {
+        if !(Self::MIN..=Self::MAX).contains(&len) {
             return Err(violation(
                 "password",
                 format!("must be {} to {} characters", Self::MIN, Self::MAX),

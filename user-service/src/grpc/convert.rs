@@ -63,7 +63,9 @@ impl TryFrom<pb::SetRoleRequest> for RoleChange {
             Ok(pb::Role::User) => Ok(Role::User),
             Ok(pb::Role::Moderator) => Ok(Role::Moderator),
             Ok(pb::Role::Admin) => Ok(Role::Admin),
-            Ok(pb::Role::Unspecified) | Err(_) => Err(violation("role", "must be ROLE_USER, ROLE_MODERATOR or ROLE_ADMIN")),
+            Ok(pb::Role::Unspecified) | Err(_) => {
+                Err(violation("role", "must be ROLE_USER, ROLE_MODERATOR or ROLE_ADMIN"))
+            }
         });
         v.finish()?;
         match (user_id, role) {

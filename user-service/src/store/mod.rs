@@ -113,11 +113,13 @@ impl Store {
 
     /// The user with `username` and their password hash.
     pub async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE username = $1"))
-            .bind(username)
-            .fetch_optional(self.ready()?)
-            .await
-            .map_err(classify)?;
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username = $1"
+        ))
+        .bind(username)
+        .fetch_optional(self.ready()?)
+        .await
+        .map_err(classify)?;
         row.map(|row| Ok((user_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
             .transpose()
     }
@@ -222,12 +224,14 @@ impl Store {
     }
 
     pub async fn set_role(&self, id: UserId, role: Role) -> Result<Option<User>> {
-        let row = sqlx::query(&format!("UPDATE users SET role = $2 WHERE id = $1 RETURNING {USER_COLUMNS}"))
-            .bind(id.as_uuid())
-            .bind(role.as_str())
-            .fetch_optional(self.ready()?)
-            .await
-            .map_err(classify)?;
+        let row = sqlx::query(&format!(
+            "UPDATE users SET role = $2 WHERE id = $1 RETURNING {USER_COLUMNS}"
+        ))
+        .bind(id.as_uuid())
+        .bind(role.as_str())
+        .fetch_optional(self.ready()?)
+        .await
+        .map_err(classify)?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -258,10 +262,7 @@ impl Store {
             Some(reason) => query.bind(reason.as_str()),
             None => query,
         };
-        let row = query
-            .fetch_optional(self.ready()?)
-            .await
-            .map_err(classify)?;
+        let row = query.fetch_optional(self.ready()?).await.map_err(classify)?;
         row.as_ref().map(user_from_row).transpose()
     }
 
