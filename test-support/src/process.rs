@@ -109,6 +109,24 @@ fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> anyhow::Res
     }
 }
 
+fn wait_for_postgres(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let pg_isready = pg_binary("pg_isready")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = Command::new(&pg_isready)
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("PostgreSQL on port {port} does not accept sessions after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn signal(child: &Child, signal: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: the pid is our own child's, not yet reaped.
@@ -272,7 +290,13 @@ impl StoreProcess {
         };
         command.stdout(Stdio::null()).stderr(Stdio::null()).stdin(Stdio::null());
         let mut child = spawn_tied(command, run_as).with_context(|| format!("starting {}", self.name()))?;
-        if let Err(err) = wait_for_port(self.port, &mut child, Duration::from_secs(30)) {
+        let ready = wait_for_port(self.port, &mut child, Duration::from_secs(30)).and_then(|()| match self.kind {
+            // PostgreSQL listens before it accepts sessions ("the database
+            // system is starting up"); pg_isready tells the difference.
+            Kind::Postgres { .. } => wait_for_postgres(self.port, Duration::from_secs(30)),
+            _ => Ok(()),
+        });
+        if let Err(err) = ready {
             let _ = child.kill();
             let _ = child.wait();
             return Err(err.context(format!("starting {}", self.name())));
