@@ -1,0 +1,72 @@
+use std::{collections::HashMap, sync::Arc};
+
+use chirp_proto::comment::v1::{self as pb, comment_service_client::CommentServiceClient};
+use chrono::{TimeZone as _, Utc};
+use service_kit::client::{Idempotency, Peer};
+use tonic::Status;
+
+use crate::domain::{CommentPreview, MessageId};
+
+#[derive(Clone)]
+pub struct CommentClient {
+    peer: Arc<Peer>,
+}
+
+impl CommentClient {
+    #[must_use]
+    pub fn new(peer: Arc<Peer>) -> Self {
+        Self { peer }
+    }
+
+    /// Comment counts of many messages in one call.
+    ///
+    /// # Errors
+    /// The status of a failed call.
+    pub async fn counts(&self, ids: &[MessageId]) -> Result<HashMap<MessageId, i64>, Status> {
+        let request = pb::CountCommentsRequest {
+            message_ids: ids.iter().map(ToString::to_string).collect(),
+        };
+        let reply = self
+            .peer
+            .call(Idempotency::Idempotent, request, |channel, request| async move {
+                CommentServiceClient::new(channel).count_comments(request).await
+            })
+            .await?;
+        Ok(reply
+            .counts
+            .into_iter()
+            .filter_map(|(id, count)| Some((MessageId::parse("message_id", &id).ok()?, count)))
+            .collect())
+    }
+
+    /// The oldest `limit` comments of a message.
+    ///
+    /// # Errors
+    /// The status of a failed call.
+    pub async fn preview(&self, id: MessageId, limit: u32) -> Result<Vec<CommentPreview>, Status> {
+        let request = pb::ListCommentsRequest {
+            message_id: id.to_string(),
+            page_size: i32::try_from(limit).unwrap_or(i32::MAX),
+            page_token: String::new(),
+        };
+        let reply = self
+            .peer
+            .call(Idempotency::Idempotent, request, |channel, request| async move {
+                CommentServiceClient::new(channel).list_comments(request).await
+            })
+            .await?;
+        Ok(reply
+            .comments
+            .into_iter()
+            .map(|c| CommentPreview {
+                id: c.id,
+                author_id: c.author_id,
+                body: c.body,
+                created_at: c
+                    .create_time
+                    .and_then(|t| Utc.timestamp_opt(t.seconds, u32::try_from(t.nanos).unwrap_or(0)).single())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,272 @@
+//! message-service's domain: values that can only be valid, and the shape of
+//! an enriched reply. Nothing here knows prost or the MongoDB driver.
+
+use chrono::{DateTime, TimeZone as _, Utc};
+use service_kit::validate::{self, violation, FieldViolation, Violations};
+use uuid::Uuid;
+
+pub use service_kit::auth::{Caller, Role};
+
+/// A message's id: a UUIDv7, so ids sort by creation time and break ties
+/// between messages posted in the same millisecond.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// # Errors
+    /// A violation of `field`.
+    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
+        validate::uuid(field, raw).map(Self)
+    }
+
+    #[must_use]
+    pub fn as_uuid(self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A user's id, as user-service issues them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Uuid);
+
+impl UserId {
+    /// # Errors
+    /// A violation of `field`.
+    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
+        validate::uuid(field, raw).map(Self)
+    }
+
+    #[must_use]
+    pub fn as_uuid(self) -> Uuid {
+        self.0
+    }
+}
+
+impl From<Uuid> for UserId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A message's text: 1 to 280 characters after trimming, no control
+/// characters but newlines and tabs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Body(String);
+
+impl Body {
+    pub const MAX: usize = 280;
+
+    /// # Errors
+    /// A violation of `body`.
+    pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
+        validate::text("body", raw, 1, Self::MAX).map(Self)
+    }
+
+    /// For text read back from the store, which was valid when written.
+    #[must_use]
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The current time at the store's precision (milliseconds), so the instant a
+/// client is told is exactly the one stored, in v1 and v2 alike.
+#[must_use]
+pub fn now() -> DateTime<Utc> {
+    let millis = Utc::now().timestamp_millis();
+    Utc.timestamp_millis_opt(millis).single().unwrap_or_else(Utc::now)
+}
+
+/// A stored message. It holds its author's id, never their name or role
+/// (DESIGN.md invariant 2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    pub author_id: UserId,
+    pub body: Body,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a page of messages (newest first) starts: after this message.
+/// Ties on time are broken by id, so paging over equal timestamps neither
+/// repeats nor skips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: DateTime<Utc>,
+    pub id: MessageId,
+}
+
+impl Cursor {
+    #[must_use]
+    pub fn of(message: &Message) -> Self {
+        Self {
+            created_at: message.created_at,
+            id: message.id,
+        }
+    }
+
+    #[must_use]
+    pub fn to_page_token(self) -> String {
+        validate::encode_page_token(&format!("{}:{}", self.created_at.timestamp_millis(), self.id))
+    }
+
+    fn from_page_token(raw: &str) -> Result<Option<Self>, FieldViolation> {
+        let invalid = || violation("page_token", "is not a page token from a previous reply");
+        let Some(text) = validate::decode_page_token(raw)? else {
+            return Ok(None);
+        };
+        let (millis, id) = text.split_once(':').ok_or_else(invalid)?;
+        let millis: i64 = millis.parse().map_err(|_| invalid())?;
+        let created_at = Utc.timestamp_millis_opt(millis).single().ok_or_else(invalid)?;
+        let id = MessageId::parse("page_token", id).map_err(|_| invalid())?;
+        Ok(Some(Self { created_at, id }))
+    }
+}
+
+/// A page's size and start.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRequest {
+    pub size: u32,
+    pub after: Option<Cursor>,
+}
+
+impl PageRequest {
+    /// # Errors
+    /// Violations of `page_size` and `page_token`.
+    pub fn parse(page_size: i32, page_token: &str, violations: &mut Violations) -> Option<Self> {
+        let size = violations.check(validate::page_size(page_size));
+        let after = violations.check(Cursor::from_page_token(page_token));
+        Some(Self { size: size?, after: after? })
+    }
+}
+
+/// A page of messages, newest first.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
+impl<T> Page<T> {
+    #[must_use]
+    pub fn next_page_token(&self) -> String {
+        self.next.map(Cursor::to_page_token).unwrap_or_default()
+    }
+}
+
+/// A part of a reply that another service owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part<T> {
+    Ok(T),
+    /// The owner did not answer in time (or at all).
+    Unavailable,
+    /// The owner answered that the referenced item does not exist.
+    NotFound,
+}
+
+/// What user-service says about an author.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Author {
+    pub id: UserId,
+    pub username: String,
+    pub display_name: String,
+}
+
+/// A comment as shown under a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommentPreview {
+    pub id: String,
+    pub author_id: String,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What comment-service says about a message's comments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Comments {
+    pub count: i64,
+    pub preview: Vec<CommentPreview>,
+}
+
+/// A message with the parts its neighbours own.
+#[derive(Clone, Debug)]
+pub struct Enriched {
+    pub message: Message,
+    pub author: Part<Author>,
+    pub comments: Part<Comments>,
+}
+
+/// A home timeline page, and whether it was built from a stale or missing
+/// following list.
+#[derive(Debug)]
+pub struct Timeline {
+    pub page: Page<Enriched>,
+    pub degraded: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_survives_its_page_token() {
+        let cursor = Cursor {
+            created_at: now(),
+            id: MessageId::new(),
+        };
+        let mut v = Violations::new();
+        let page = PageRequest::parse(0, &cursor.to_page_token(), &mut v).unwrap();
+        assert_eq!(page.after, Some(cursor));
+        assert_eq!(page.size, 20);
+    }
+
+    #[test]
+    fn forged_page_tokens_are_violations() {
+        for raw in [
+            validate::encode_page_token("12"),
+            validate::encode_page_token("x:y"),
+            validate::encode_page_token("12:not-a-uuid"),
+            "%%%".to_owned(),
+        ] {
+            let mut v = Violations::new();
+            assert!(PageRequest::parse(0, &raw, &mut v).is_none(), "{raw}");
+            assert!(v.finish().is_err());
+        }
+    }
+
+    #[test]
+    fn bodies_are_1_to_280_characters() {
+        assert!(Body::parse(&"é".repeat(280)).is_ok());
+        assert!(Body::parse(&"é".repeat(281)).is_err());
+        assert!(Body::parse("  ").is_err());
+        assert!(Body::parse("a\u{1b}[31m").is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The gRPC edge: chirp.message.v1 and chirp.message.v2 served by one server
+//! from one collection. The two differ only in how an instant is written
+//! (v1: int64 Unix seconds; v2: RFC 3339 UTC), so one macro generates both
+//! from the same handlers, and v1 cannot drift from v2 by accident.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use service_kit::{
+    auth::TokenVerifier,
+    validate::{invalid_argument, Violations},
+};
+use tonic::{metadata::MetadataMap, Status};
+
+use crate::{
+    domain::{Body, Caller, MessageId, PageRequest, UserId},
+    error::Error,
+    service::Messages,
+};
+
+/// What both API versions share.
+pub struct Shared {
+    pub messages: Arc<Messages>,
+    pub verifier: Arc<TokenVerifier>,
+}
+
+impl Shared {
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
+        Ok(self.verifier.authenticate(metadata).await?)
+    }
+}
+
+fn unix_seconds(at: DateTime<Utc>) -> i64 {
+    at.timestamp()
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_body(raw: &str) -> Result<Body, Error> {
+    Ok(Body::parse(raw)?)
+}
+
+fn parse_message_id(raw: &str) -> Result<MessageId, Error> {
+    Ok(MessageId::parse("message_id", raw)?)
+}
+
+fn parse_user_id(raw: &str) -> Result<UserId, Error> {
+    Ok(UserId::parse("user_id", raw)?)
+}
+
+fn parse_page(page_size: i32, page_token: &str) -> Result<PageRequest, Error> {
+    let mut violations = Violations::new();
+    let page = PageRequest::parse(page_size, page_token, &mut violations);
+    violations.finish()?;
+    page.ok_or_else(|| Error::Internal(anyhow::anyhow!("a page request passed validation but did not parse")))
+}
+
+fn parse_user_page(user_id: &str, page_size: i32, page_token: &str) -> Result<(UserId, PageRequest), Error> {
+    let mut violations = Violations::new();
+    let user = violations.check(UserId::parse("user_id", user_id));
+    let page = PageRequest::parse(page_size, page_token, &mut violations);
+    violations.finish()?;
+    user.zip(page)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("a request passed validation but did not parse")))
+}
+
+macro_rules! versioned_api {
+    ($version:ident, $time:path) => {
+        pub mod $version {
+            use std::sync::Arc;
+
+            use chirp_proto::message::$version as pb;
+            use tonic::{Request, Response, Status};
+
+            use crate::domain::{self, Enriched, Part};
+
+            pub use pb::message_service_server::{MessageServiceServer, SERVICE_NAME};
+
+            pub struct Api(pub Arc<super::Shared>);
+
+            type Reply<T> = Result<Response<T>, Status>;
+
+            #[tonic::async_trait]
+            impl pb::message_service_server::MessageService for Api {
+                async fn post_message(&self, request: Request<pb::PostMessageRequest>) -> Reply<pb::PostMessageResponse> {
+                    let caller = self.0.caller(request.metadata()).await?;
+                    let body = super::parse_body(&request.get_ref().body)?;
+                    let message = self.0.messages.post(caller, body).await?;
+                    Ok(Response::new(pb::PostMessageResponse {
+                        message: Some(message_to_pb(message)),
+                    }))
+                }
+
+                async fn get_message(&self, request: Request<pb::GetMessageRequest>) -> Reply<pb::GetMessageResponse> {
+                    let id = super::parse_message_id(&request.get_ref().message_id)?;
+                    let message = self.0.messages.get(id).await?;
+                    Ok(Response::new(pb::GetMessageResponse {
+                        message: Some(enriched_to_pb(message)),
+                    }))
+                }
+
+                async fn list_user_messages(
+                    &self,
+                    request: Request<pb::ListUserMessagesRequest>,
+                ) -> Reply<pb::ListUserMessagesResponse> {
+                    let r = request.get_ref();
+                    let (user, page) = super::parse_user_page(&r.user_id, r.page_size, &r.page_token)?;
+                    let page = self.0.messages.by_user(user, page).await?;
+                    Ok(Response::new(pb::ListUserMessagesResponse {
+                        next_page_token: page.next_page_token(),
+                        messages: page.items.into_iter().map(enriched_to_pb).collect(),
+                    }))
+                }
+
+                async fn home_timeline(&self, request: Request<pb::HomeTimelineRequest>) -> Reply<pb::HomeTimelineResponse> {
+                    let caller = self.0.caller(request.metadata()).await?;
+                    let page = super::parse_page(request.get_ref().page_size, &request.get_ref().page_token)?;
+                    let timeline = self.0.messages.timeline(caller, page).await?;
+                    Ok(Response::new(pb::HomeTimelineResponse {
+                        next_page_token: timeline.page.next_page_token(),
+                        messages: timeline.page.items.into_iter().map(enriched_to_pb).collect(),
+                        degraded: timeline.degraded,
+                    }))
+                }
+
+                async fn delete_message(&self, request: Request<pb::DeleteMessageRequest>) -> Reply<pb::DeleteMessageResponse> {
+                    let caller = self.0.caller(request.metadata()).await?;
+                    let id = super::parse_message_id(&request.get_ref().message_id)?;
+                    self.0.messages.delete(caller, id).await?;
+                    Ok(Response::new(pb::DeleteMessageResponse {}))
+                }
+
+                async fn set_user_messages_hidden(
+                    &self,
+                    request: Request<pb::SetUserMessagesHiddenRequest>,
+                ) -> Reply<pb::SetUserMessagesHiddenResponse> {
+                    let caller = self.0.caller(request.metadata()).await?;
+                    let author = super::parse_user_id(&request.get_ref().user_id)?;
+                    let changed = self.0.messages.set_hidden(caller, author, request.get_ref().hidden).await?;
+                    Ok(Response::new(pb::SetUserMessagesHiddenResponse {
+                        changed_count: i64::try_from(changed).unwrap_or(i64::MAX),
+                    }))
+                }
+            }
+
+            fn message_to_pb(message: domain::Message) -> pb::Message {
+                pb::Message {
+                    id: message.id.to_string(),
+                    author_id: message.author_id.to_string(),
+                    body: message.body.as_str().to_owned(),
+                    create_time: $time(message.created_at),
+                }
+            }
+
+            fn status<T>(part: &Part<T>) -> i32 {
+                match part {
+                    Part::Ok(_) => pb::PartStatus::Ok,
+                    Part::Unavailable => pb::PartStatus::Unavailable,
+                    Part::NotFound => pb::PartStatus::NotFound,
+                }
+                .into()
+            }
+
+            fn enriched_to_pb(enriched: Enriched) -> pb::EnrichedMessage {
+                let author = pb::AuthorPart {
+                    status: status(&enriched.author),
+                    ..match enriched.author {
+                        Part::Ok(author) => pb::AuthorPart {
+                            status: 0,
+                            username: author.username,
+                            display_name: author.display_name,
+                        },
+                        _ => pb::AuthorPart::default(),
+                    }
+                };
+                let comments = pb::CommentsPart {
+                    status: status(&enriched.comments),
+                    ..match enriched.comments {
+                        Part::Ok(comments) => pb::CommentsPart {
+                            status: 0,
+                            count: comments.count,
+                            preview: comments
+                                .preview
+                                .into_iter()
+                                .map(|c| pb::CommentPreview {
+                                    id: c.id,
+                                    author_id: c.author_id,
+                                    body: c.body,
+                                    create_time: $time(c.created_at),
+                                })
+                                .collect(),
+                        },
+                        _ => pb::CommentsPart::default(),
+                    }
+                };
+                pb::EnrichedMessage {
+                    message: Some(message_to_pb(enriched.message)),
+                    author: Some(author),
+                    comments: Some(comments),
+                }
+            }
+        }
+    };
+}
+
+versioned_api!(v1, super::unix_seconds);
+versioned_api!(v2, super::rfc3339);
+
+/// The one place an [`Error`] becomes a [`Status`]; causes are logged here,
+/// never sent.
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(violations) => invalid_argument(&violations),
+            Error::Unauthenticated(auth) => auth.into(),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::NotFound(what) => Status::not_found(what),
+            Error::StoreUnavailable(cause) => {
+                if let Some(cause) = cause {
+                    tracing::warn!(error = format!("{cause:#}"), "message store unavailable");
+                }
+                Status::unavailable("the message store is unavailable; retry later")
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

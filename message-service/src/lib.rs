@@ -1,0 +1,115 @@
+//! Chirp's message-service: messages in a MongoDB database that no other
+//! service touches, served as chirp.message.v1 and chirp.message.v2 from one
+//! collection.
+//!
+//! Layout: [`domain`] (types that parse), [`store`] (the only MongoDB code),
+//! [`clients`] (calls to user- and comment-service), [`service`] (the rules
+//! and fallbacks), [`grpc`] (the edge).
+
+pub mod clients;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod store;
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use service_kit::{
+    auth::TokenVerifier,
+    client::{Peer, PeerConfig},
+    server::{Health, ServeOptions},
+    store::{StoreMonitor, StoreStatus},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    clients::{CommentClient, UserClient},
+    config::Config,
+    service::{CacheSettings, Messages},
+    store::Store,
+};
+
+/// Runs message-service on `listener` until `shutdown` resolves. Starts even
+/// while MongoDB or its peers are down.
+///
+/// # Errors
+/// When the configuration is unusable or the server fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
+        let mut peer = PeerConfig::new(name, url);
+        peer.call_timeout = config.peer_timeout;
+        Ok(Arc::new(Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?))
+    };
+    let user_peer = peer("user-service", &config.user_service_url)?;
+    let comment_peer = peer("comment-service", &config.comment_service_url)?;
+    let verifier = Arc::new(match &config.jwt_public_key_file {
+        Some(path) => TokenVerifier::from_pem_file(path)?,
+        None => TokenVerifier::from_user_service(user_peer.clone()),
+    });
+
+    let status = StoreStatus::new();
+    let store = Store::connect_lazy(&config.mongodb_uri, &config.mongodb_database, status.clone())
+        .await
+        .context("MONGODB_URI")?;
+    let registry = prometheus::Registry::new();
+    let messages = Arc::new(Messages::new(
+        store,
+        UserClient::new(user_peer),
+        CommentClient::new(comment_peer),
+        &CacheSettings {
+            ttl: config.following_cache_ttl,
+            max_age: config.following_cache_max_age,
+            capacity: config.following_cache_capacity,
+        },
+        config.comment_preview_size,
+        &registry,
+    )?);
+
+    let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];
+    let health = Health::new();
+    let _monitor = {
+        let messages = messages.clone();
+        let prepared = Arc::new(tokio::sync::OnceCell::new());
+        StoreMonitor::spawn(
+            "mongodb",
+            health.clone(),
+            &registry,
+            apis.clone(),
+            config.store_probe_interval,
+            status,
+            move || {
+                let messages = messages.clone();
+                let prepared = prepared.clone();
+                async move {
+                    prepared
+                        .get_or_try_init(|| messages.prepare_store())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("preparing MongoDB: {e:#?}"))?;
+                    messages.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
+                }
+            },
+        )?
+    };
+
+    let shared = Arc::new(grpc::Shared { messages, verifier });
+    let routes = tonic::service::Routes::new(grpc::v1::MessageServiceServer::new(grpc::v1::Api(shared.clone())))
+        .add_service(grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)));
+    service_kit::server::serve(
+        ServeOptions::new("message-service", apis, &config.common),
+        health,
+        registry,
+        listener,
+        metrics_listener,
+        routes,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,237 @@
+//! The rules of message-service and how its replies are put together from
+//! its own store and its neighbours' answers.
+//!
+//! What happens when a neighbour fails (DESIGN.md, "Calls between services"):
+//!
+//! | call | on failure |
+//! |---|---|
+//! | user-service BatchGetUsers | the message still comes back; its author part is UNAVAILABLE |
+//! | comment-service CountComments / ListComments | the comments part is UNAVAILABLE |
+//! | user-service ListFollowing | the last known list (up to FOLLOWING_CACHE_MAX_AGE old), else the caller's own messages; the timeline says `degraded` |
+//!
+//! Each degraded part is also logged and counted in `degraded_parts_total`.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+use crate::{
+    clients::{CommentClient, UserClient},
+    domain::{Author, Body, Caller, Comments, Enriched, Message, MessageId, Page, PageRequest, Part, Timeline, UserId},
+    error::{Error, Result},
+    store::Store,
+};
+
+/// Following lists, fresh for `ttl`, usable as a fallback up to `max_age`.
+/// Bounded in entries, so it cannot grow with the user base.
+struct FollowingCache {
+    entries: moka::sync::Cache<UserId, (Instant, std::sync::Arc<Vec<UserId>>)>,
+    ttl: Duration,
+}
+
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub max_age: Duration,
+    pub capacity: u64,
+}
+
+pub struct Messages {
+    store: Store,
+    users: UserClient,
+    comments: CommentClient,
+    following: FollowingCache,
+    preview_size: u32,
+    degraded: IntCounterVec,
+}
+
+impl Messages {
+    /// # Errors
+    /// When the metrics cannot be registered.
+    pub fn new(
+        store: Store,
+        users: UserClient,
+        comments: CommentClient,
+        cache: &CacheSettings,
+        preview_size: u32,
+        registry: &Registry,
+    ) -> anyhow::Result<Self> {
+        let degraded = IntCounterVec::new(
+            Opts::new("degraded_parts_total", "Reply parts served degraded because a peer failed"),
+            &["part"],
+        )?;
+        registry.register(Box::new(degraded.clone()))?;
+        Ok(Self {
+            store,
+            users,
+            comments,
+            following: FollowingCache {
+                entries: moka::sync::Cache::builder()
+                    .max_capacity(cache.capacity)
+                    .time_to_live(cache.max_age)
+                    .build(),
+                ttl: cache.ttl,
+            },
+            preview_size,
+            degraded,
+        })
+    }
+
+    pub async fn prepare_store(&self) -> Result<()> {
+        self.store.prepare().await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    pub async fn post(&self, caller: Caller, body: Body) -> Result<Message> {
+        let message = Message {
+            id: MessageId::new(),
+            author_id: caller.user_id.into(),
+            body,
+            created_at: crate::domain::now(),
+        };
+        self.store.insert(&message).await?;
+        Ok(message)
+    }
+
+    /// One message with its author and its comments (count and the oldest
+    /// few), both asked for at once.
+    pub async fn get(&self, id: MessageId) -> Result<Enriched> {
+        let message = self.store.get(id).await?.ok_or(Error::NotFound("no message has that id"))?;
+        let (author_ids, message_ids) = ([message.author_id], [id]);
+        let (authors, count, preview) = tokio::join!(
+            self.users.authors(&author_ids),
+            self.comments.counts(&message_ids),
+            self.comments.preview(id, self.preview_size),
+        );
+        let author = match authors {
+            Ok(authors) => authors.get(&message.author_id).cloned().map_or(Part::NotFound, Part::Ok),
+            Err(status) => self.unavailable("author", &status),
+        };
+        let comments = match (count, preview) {
+            (Ok(counts), Ok(preview)) => Part::Ok(Comments {
+                count: counts.get(&id).copied().unwrap_or(0),
+                preview,
+            }),
+            (Err(status), _) | (_, Err(status)) => self.unavailable("comments", &status),
+        };
+        Ok(Enriched {
+            message,
+            author,
+            comments,
+        })
+    }
+
+    pub async fn by_user(&self, user: UserId, page: PageRequest) -> Result<Page<Enriched>> {
+        let page = self.store.by_authors(&[user], page).await?;
+        Ok(self.enrich_page(page).await)
+    }
+
+    /// The caller's messages and those of everyone they follow.
+    pub async fn timeline(&self, caller: Caller, page: PageRequest) -> Result<Timeline> {
+        let me = UserId::from(caller.user_id);
+        let (following, degraded) = self.following(me).await;
+        let mut authors = Vec::with_capacity(following.len() + 1);
+        authors.push(me);
+        authors.extend(following.iter().copied().filter(|id| *id != me));
+        let page = self.store.by_authors(&authors, page).await?;
+        Ok(Timeline {
+            page: self.enrich_page(page).await,
+            degraded,
+        })
+    }
+
+    /// The following list, and whether it is stale or missing.
+    async fn following(&self, user: UserId) -> (std::sync::Arc<Vec<UserId>>, bool) {
+        let cached = self.following.entries.get(&user);
+        if let Some((fetched, list)) = &cached {
+            if fetched.elapsed() < self.following.ttl {
+                return (list.clone(), false);
+            }
+        }
+        match self.users.following(user).await {
+            Ok(list) => {
+                let list = std::sync::Arc::new(list);
+                self.following.entries.insert(user, (Instant::now(), list.clone()));
+                (list, false)
+            }
+            Err(status) => {
+                self.unavailable::<()>("timeline", &status);
+                let fallback = cached.map(|(_, list)| list).unwrap_or_default();
+                (fallback, true)
+            }
+        }
+    }
+
+    /// Authors and comment counts for a whole page: one call per peer, both
+    /// at once, whatever the page size.
+    async fn enrich_page(&self, page: Page<Message>) -> Page<Enriched> {
+        let mut author_ids: Vec<UserId> = page.items.iter().map(|m| m.author_id).collect();
+        author_ids.sort_unstable();
+        author_ids.dedup();
+        let message_ids: Vec<MessageId> = page.items.iter().map(|m| m.id).collect();
+        if page.items.is_empty() {
+            return Page {
+                items: Vec::new(),
+                next: page.next,
+            };
+        }
+        let (authors, counts) = tokio::join!(self.users.authors(&author_ids), self.comments.counts(&message_ids));
+        let authors: Option<HashMap<UserId, Author>> = authors
+            .map_err(|status| self.unavailable::<()>("author", &status))
+            .ok();
+        let counts: Option<HashMap<MessageId, i64>> = counts
+            .map_err(|status| self.unavailable::<()>("comments", &status))
+            .ok();
+        let items = page
+            .items
+            .into_iter()
+            .map(|message| Enriched {
+                author: match &authors {
+                    Some(authors) => authors.get(&message.author_id).cloned().map_or(Part::NotFound, Part::Ok),
+                    None => Part::Unavailable,
+                },
+                comments: match &counts {
+                    Some(counts) => Part::Ok(Comments {
+                        count: counts.get(&message.id).copied().unwrap_or(0),
+                        preview: Vec::new(),
+                    }),
+                    None => Part::Unavailable,
+                },
+                message,
+            })
+            .collect();
+        Page { items, next: page.next }
+    }
+
+    fn unavailable<T>(&self, part: &'static str, status: &tonic::Status) -> Part<T> {
+        tracing::warn!(part, code = ?status.code(), reason = status.message(), "serving a degraded part");
+        self.degraded.with_label_values(&[part]).inc();
+        Part::Unavailable
+    }
+
+    /// Authors delete their own messages; moderators and admins anyone's.
+    pub async fn delete(&self, caller: Caller, id: MessageId) -> Result<()> {
+        let author = self.store.author_of(id).await?.ok_or(Error::NotFound("no message has that id"))?;
+        if author != UserId::from(caller.user_id) && !caller.role.can_moderate() {
+            return Err(Error::PermissionDenied("only the author, a moderator or an admin may delete a message"));
+        }
+        if self.store.delete(id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound("no message has that id"))
+        }
+    }
+
+    /// Hides or shows all of a user's messages (moderation). Idempotent.
+    pub async fn set_hidden(&self, caller: Caller, author: UserId, hidden: bool) -> Result<u64> {
+        if !caller.role.can_moderate() {
+            return Err(Error::PermissionDenied("only moderators and admins may hide messages"));
+        }
+        self.store.set_hidden(author, hidden).await
+    }
+}
