@@ -195,6 +195,19 @@ impl TokenSigner {
         self.public.clone()
     }
 
+    /// The public key as a PEM `PUBLIC KEY`, the format
+    /// [`TokenVerifier::from_pem_file`] reads.
+    ///
+    /// # Errors
+    /// When the key cannot be encoded (not expected).
+    pub fn public_key_pem(&self) -> anyhow::Result<String> {
+        use ed25519_dalek::pkcs8::EncodePublicKey as _;
+        VerifyingKey::from_bytes(&self.public.bytes)
+            .map_err(|e| anyhow::anyhow!("public key: {e}"))?
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| anyhow::anyhow!("encoding a public key: {e}"))
+    }
+
     /// A token for `caller`, valid for the signer's TTL from `now` (Unix seconds).
     ///
     /// # Errors
@@ -455,6 +468,18 @@ mod tests {
             parts.join(".")
         };
         assert!(matches!(verifier.verify(&forged).await, Err(AuthError::BadSignature)));
+    }
+
+    #[tokio::test]
+    async fn a_public_key_file_verifies_the_signers_tokens() {
+        let signer = TokenSigner::generate(Duration::from_secs(60)).unwrap();
+        let dir = std::env::temp_dir().join(format!("chirp-key-{}", Uuid::new_v4()));
+        std::fs::write(&dir, signer.public_key_pem().unwrap()).unwrap();
+        let verifier = TokenVerifier::from_pem_file(&dir);
+        std::fs::remove_file(&dir).unwrap();
+        let who = caller(Role::User);
+        let (token, _) = signer.issue(who, chrono::Utc::now().timestamp()).unwrap();
+        assert_eq!(verifier.unwrap().verify(&token).await.unwrap(), who);
     }
 
     #[tokio::test]

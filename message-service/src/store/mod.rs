@@ -86,6 +86,8 @@ impl Store {
             "$jsonSchema": {
                 "bsonType": "object",
                 "required": ["_id", "author_id", "body", "created_at", "hidden"],
+                // References, not copies: no field beyond these can creep in.
+                "additionalProperties": false,
                 "properties": {
                     "_id": { "bsonType": "string" },
                     "author_id": { "bsonType": "string" },

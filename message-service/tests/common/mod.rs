@@ -1,0 +1,436 @@
+//! spawn_app for message-service: the real service on port 0 against a fresh
+//! MongoDB database, with fake user- and comment-service peers that count
+//! their calls and can be told to fail or hang.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chirp_proto::{
+    comment::v1::{self as cpb, comment_service_server::CommentServiceServer},
+    message::{v1, v2},
+    user::v1::{self as upb, user_service_server::UserServiceServer},
+};
+use clap::Parser as _;
+use message_service::config::Config;
+use service_kit::auth::{Caller, Role, TokenSigner};
+use test_support::mongo::TestMongo;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Request, Response, Status};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+pub const V1: &str = "chirp.message.v1.MessageService";
+pub const V2: &str = "chirp.message.v2.MessageService";
+/// Deadline of each call to a peer, as configured for the service under test.
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How a fake peer answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ok,
+    Fail,
+    Hang,
+}
+
+#[derive(Default)]
+pub struct Behaviour {
+    mode: Mutex<Option<Mode>>,
+    calls: Mutex<HashMap<&'static str, u32>>,
+}
+
+impl Behaviour {
+    pub fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = Some(mode);
+    }
+
+    pub fn calls(&self, method: &str) -> u32 {
+        self.calls.lock().unwrap().get(method).copied().unwrap_or(0)
+    }
+
+    pub fn reset_calls(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+
+    async fn enter(&self, method: &'static str) -> Result<(), Status> {
+        *self.calls.lock().unwrap().entry(method).or_default() += 1;
+        let mode = self.mode.lock().unwrap().unwrap_or(Mode::Ok);
+        match mode {
+            Mode::Ok => Ok(()),
+            Mode::Fail => Err(Status::unavailable("fake peer is down")),
+            Mode::Hang => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Err(Status::unavailable("fake peer woke up"))
+            }
+        }
+    }
+}
+
+fn not_faked() -> Status {
+    Status::failed_precondition("not part of this fake")
+}
+
+/// user-service as message-service sees it.
+#[derive(Clone, Default)]
+pub struct FakeUsers {
+    pub behaviour: Arc<Behaviour>,
+    pub users: Arc<Mutex<HashMap<String, upb::User>>>,
+    pub following: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    pub keys: Arc<Mutex<Vec<upb::PublicKey>>>,
+}
+
+#[tonic::async_trait]
+impl upb::user_service_server::UserService for FakeUsers {
+    async fn batch_get_users(
+        &self,
+        request: Request<upb::BatchGetUsersRequest>,
+    ) -> Result<Response<upb::BatchGetUsersResponse>, Status> {
+        self.behaviour.enter("BatchGetUsers").await?;
+        let users = self.users.lock().unwrap();
+        let (found, missing): (Vec<_>, Vec<_>) = request.into_inner().user_ids.into_iter().partition(|id| users.contains_key(id));
+        Ok(Response::new(upb::BatchGetUsersResponse {
+            users: found.iter().map(|id| users[id].clone()).collect(),
+            missing_user_ids: missing,
+        }))
+    }
+
+    async fn list_following(
+        &self,
+        request: Request<upb::ListFollowingRequest>,
+    ) -> Result<Response<upb::ListFollowingResponse>, Status> {
+        self.behaviour.enter("ListFollowing").await?;
+        let following = self.following.lock().unwrap();
+        let ids = following.get(&request.get_ref().user_id).cloned().unwrap_or_default();
+        Ok(Response::new(upb::ListFollowingResponse {
+            users: ids
+                .into_iter()
+                .map(|id| upb::User {
+                    id,
+                    ..Default::default()
+                })
+                .collect(),
+            next_page_token: String::new(),
+        }))
+    }
+
+    async fn get_public_keys(
+        &self,
+        _: Request<upb::GetPublicKeysRequest>,
+    ) -> Result<Response<upb::GetPublicKeysResponse>, Status> {
+        self.behaviour.enter("GetPublicKeys").await?;
+        Ok(Response::new(upb::GetPublicKeysResponse {
+            keys: self.keys.lock().unwrap().clone(),
+        }))
+    }
+
+    async fn register(&self, _: Request<upb::RegisterRequest>) -> Result<Response<upb::RegisterResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn login(&self, _: Request<upb::LoginRequest>) -> Result<Response<upb::LoginResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn get_user(&self, _: Request<upb::GetUserRequest>) -> Result<Response<upb::GetUserResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn follow(&self, _: Request<upb::FollowRequest>) -> Result<Response<upb::FollowResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn unfollow(&self, _: Request<upb::UnfollowRequest>) -> Result<Response<upb::UnfollowResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn list_followers(
+        &self,
+        _: Request<upb::ListFollowersRequest>,
+    ) -> Result<Response<upb::ListFollowersResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn set_role(&self, _: Request<upb::SetRoleRequest>) -> Result<Response<upb::SetRoleResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn ban_user(&self, _: Request<upb::BanUserRequest>) -> Result<Response<upb::BanUserResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn unban_user(&self, _: Request<upb::UnbanUserRequest>) -> Result<Response<upb::UnbanUserResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn delete_user(&self, _: Request<upb::DeleteUserRequest>) -> Result<Response<upb::DeleteUserResponse>, Status> {
+        Err(not_faked())
+    }
+}
+
+/// comment-service as message-service sees it.
+#[derive(Clone, Default)]
+pub struct FakeComments {
+    pub behaviour: Arc<Behaviour>,
+    pub comments: Arc<Mutex<HashMap<String, Vec<cpb::Comment>>>>,
+}
+
+#[tonic::async_trait]
+impl cpb::comment_service_server::CommentService for FakeComments {
+    async fn count_comments(
+        &self,
+        request: Request<cpb::CountCommentsRequest>,
+    ) -> Result<Response<cpb::CountCommentsResponse>, Status> {
+        self.behaviour.enter("CountComments").await?;
+        let comments = self.comments.lock().unwrap();
+        Ok(Response::new(cpb::CountCommentsResponse {
+            counts: request
+                .into_inner()
+                .message_ids
+                .into_iter()
+                .map(|id| {
+                    let n = comments.get(&id).map_or(0, Vec::len) as i64;
+                    (id, n)
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_comments(
+        &self,
+        request: Request<cpb::ListCommentsRequest>,
+    ) -> Result<Response<cpb::ListCommentsResponse>, Status> {
+        self.behaviour.enter("ListComments").await?;
+        let r = request.into_inner();
+        let comments = self.comments.lock().unwrap();
+        Ok(Response::new(cpb::ListCommentsResponse {
+            comments: comments
+                .get(&r.message_id)
+                .map(|c| c.iter().take(r.page_size as usize).cloned().collect())
+                .unwrap_or_default(),
+            next_page_token: String::new(),
+        }))
+    }
+
+    async fn add_comment(&self, _: Request<cpb::AddCommentRequest>) -> Result<Response<cpb::AddCommentResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn delete_comment(
+        &self,
+        _: Request<cpb::DeleteCommentRequest>,
+    ) -> Result<Response<cpb::DeleteCommentResponse>, Status> {
+        Err(not_faked())
+    }
+    async fn purge_user_comments(
+        &self,
+        _: Request<cpb::PurgeUserCommentsRequest>,
+    ) -> Result<Response<cpb::PurgeUserCommentsResponse>, Status> {
+        Err(not_faked())
+    }
+}
+
+async fn serve_fake<S>(service: S) -> SocketAddr
+where
+    S: tonic::server::NamedService
+        + tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    pub users: FakeUsers,
+    pub comments: FakeComments,
+    pub signer: TokenSigner,
+    pub mongo: TestMongo,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _key_dir: tempfile::TempDir,
+}
+
+pub struct Options {
+    /// Verify tokens with keys fetched from the (fake) user-service instead
+    /// of a key file.
+    pub keys_from_user_service: bool,
+    pub following_cache_ttl: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            keys_from_user_service: false,
+            following_cache_ttl: "30s",
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        let mongo = TestMongo::create().expect("a MongoDB namespace");
+        let signer = TokenSigner::generate(Duration::from_secs(3600)).unwrap();
+        let users = FakeUsers::default();
+        users.keys.lock().unwrap().push(upb::PublicKey {
+            key_id: signer.public_key().key_id,
+            algorithm: "EdDSA".into(),
+            public_key: signer.public_key().bytes.to_vec(),
+        });
+        let comments = FakeComments::default();
+        let user_addr = serve_fake(UserServiceServer::new(users.clone())).await;
+        let comment_addr = serve_fake(CommentServiceServer::new(comments.clone())).await;
+
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("public.pem");
+        std::fs::write(&key_file, signer.public_key_pem().unwrap()).unwrap();
+
+        let mut args = vec![
+            "message-service".to_owned(),
+            format!("--mongodb-uri={}", mongo.uri()),
+            format!("--mongodb-database={}", mongo.database()),
+            format!("--user-service-url=http://{user_addr}"),
+            format!("--comment-service-url=http://{comment_addr}"),
+            format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
+            "--store-probe-interval=100ms".to_owned(),
+            format!("--following-cache-ttl={}", options.following_cache_ttl),
+        ];
+        if !options.keys_from_user_service {
+            args.push(format!("--jwt-public-key-file={}", key_file.display()));
+        }
+        let config = Config::try_parse_from(args).expect("a valid configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(message_service::run(config, listener, None, async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let app = Self {
+            addr,
+            channel,
+            users,
+            comments,
+            signer,
+            mongo,
+            shutdown: Some(tx),
+            server: Some(server),
+            _key_dir: key_dir,
+        };
+        app.wait_for(ServingStatus::Serving).await;
+        app
+    }
+
+    pub fn v1(&self) -> v1::message_service_client::MessageServiceClient<Channel> {
+        v1::message_service_client::MessageServiceClient::new(self.channel.clone())
+    }
+
+    pub fn v2(&self) -> v2::message_service_client::MessageServiceClient<Channel> {
+        v2::message_service_client::MessageServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut request = Request::new(HealthCheckRequest { service: service.into() });
+        request.set_timeout(Duration::from_secs(1));
+        let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
+        ServingStatus::try_from(reply.into_inner().status).ok()
+    }
+
+    pub async fn wait_for(&self, status: ServingStatus) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.health(V1).await != Some(status) || self.health(V2).await != Some(status) {
+            assert!(tokio::time::Instant::now() < deadline, "not {status:?} within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A user the fake user-service knows, and a token for them.
+    pub fn user(&self, username: &str, role: Role) -> (String, String) {
+        let id = uuid::Uuid::new_v4();
+        self.users.users.lock().unwrap().insert(
+            id.to_string(),
+            upb::User {
+                id: id.to_string(),
+                username: username.into(),
+                display_name: username.to_uppercase(),
+                ..Default::default()
+            },
+        );
+        let (token, _) = self
+            .signer
+            .issue(Caller { user_id: id, role }, chrono::Utc::now().timestamp())
+            .unwrap();
+        (id.to_string(), token)
+    }
+
+    pub async fn post(&self, token: &str, body: &str) -> v1::Message {
+        self.v1()
+            .post_message(authed(v1::PostMessageRequest { body: body.into() }, token))
+            .await
+            .expect("posting succeeds")
+            .into_inner()
+            .message
+            .expect("a message")
+    }
+
+    /// The service's collection, read with the driver directly.
+    pub async fn collection(&self) -> mongodb::Collection<mongodb::bson::Document> {
+        let client = mongodb::Client::with_uri_str(self.mongo.uri()).await.expect("a MongoDB client");
+        client.database(self.mongo.database()).collection("messages")
+    }
+
+    pub async fn stored_count(&self) -> u64 {
+        self.collection().await.count_documents(mongodb::bson::doc! {}).await.unwrap()
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await.expect("no panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+pub fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+pub fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
