@@ -46,7 +46,9 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
         let mut peer = PeerConfig::new(name, url);
         peer.call_timeout = config.peer_timeout;
-        Ok(Arc::new(Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?))
+        Ok(Arc::new(
+            Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?,
+        ))
     };
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;

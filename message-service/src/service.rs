@@ -59,7 +59,10 @@ impl Messages {
         registry: &Registry,
     ) -> anyhow::Result<Self> {
         let degraded = IntCounterVec::new(
-            Opts::new("degraded_parts_total", "Reply parts served degraded because a peer failed"),
+            Opts::new(
+                "degraded_parts_total",
+                "Reply parts served degraded because a peer failed",
+            ),
             &["part"],
         )?;
         registry.register(Box::new(degraded.clone()))?;
@@ -101,7 +104,11 @@ impl Messages {
     /// One message with its author and its comments (count and the oldest
     /// few), both asked for at once.
     pub async fn get(&self, id: MessageId) -> Result<Enriched> {
-        let message = self.store.get(id).await?.ok_or(Error::NotFound("no message has that id"))?;
+        let message = self
+            .store
+            .get(id)
+            .await?
+            .ok_or(Error::NotFound("no message has that id"))?;
         let (author_ids, message_ids) = ([message.author_id], [id]);
         let (authors, count, preview) = tokio::join!(
             self.users.authors(&author_ids),
@@ -109,7 +116,10 @@ impl Messages {
             self.comments.preview(id, self.preview_size),
         );
         let author = match authors {
-            Ok(authors) => authors.get(&message.author_id).cloned().map_or(Part::NotFound, Part::Ok),
+            Ok(authors) => authors
+                .get(&message.author_id)
+                .cloned()
+                .map_or(Part::NotFound, Part::Ok),
             Err(status) => self.unavailable("author", &status),
         };
         let comments = match (count, preview) {
@@ -181,9 +191,8 @@ impl Messages {
             };
         }
         let (authors, counts) = tokio::join!(self.users.authors(&author_ids), self.comments.counts(&message_ids));
-        let authors: Option<HashMap<UserId, Author>> = authors
-            .map_err(|status| self.unavailable::<()>("author", &status))
-            .ok();
+        let authors: Option<HashMap<UserId, Author>> =
+            authors.map_err(|status| self.unavailable::<()>("author", &status)).ok();
         let counts: Option<HashMap<MessageId, i64>> = counts
             .map_err(|status| self.unavailable::<()>("comments", &status))
             .ok();
@@ -192,7 +201,10 @@ impl Messages {
             .into_iter()
             .map(|message| Enriched {
                 author: match &authors {
-                    Some(authors) => authors.get(&message.author_id).cloned().map_or(Part::NotFound, Part::Ok),
+                    Some(authors) => authors
+                        .get(&message.author_id)
+                        .cloned()
+                        .map_or(Part::NotFound, Part::Ok),
                     None => Part::Unavailable,
                 },
                 comments: match &counts {
@@ -216,9 +228,15 @@ impl Messages {
 
     /// Authors delete their own messages; moderators and admins anyone's.
     pub async fn delete(&self, caller: Caller, id: MessageId) -> Result<()> {
-        let author = self.store.author_of(id).await?.ok_or(Error::NotFound("no message has that id"))?;
+        let author = self
+            .store
+            .author_of(id)
+            .await?
+            .ok_or(Error::NotFound("no message has that id"))?;
         if author != UserId::from(caller.user_id) && !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only the author, a moderator or an admin may delete a message"));
+            return Err(Error::PermissionDenied(
+                "only the author, a moderator or an admin may delete a message",
+            ));
         }
         if self.store.delete(id).await? {
             Ok(())

@@ -19,7 +19,9 @@ async fn a_message_posted_through_v1_reads_back_through_v2_at_the_same_instant()
 
     let v1_read = app
         .v1()
-        .get_message(v1::GetMessageRequest { message_id: posted.id.clone() })
+        .get_message(v1::GetMessageRequest {
+            message_id: posted.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -27,7 +29,9 @@ async fn a_message_posted_through_v1_reads_back_through_v2_at_the_same_instant()
         .unwrap();
     let v2_read = app
         .v2()
-        .get_message(v2::GetMessageRequest { message_id: posted.id.clone() })
+        .get_message(v2::GetMessageRequest {
+            message_id: posted.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -40,7 +44,11 @@ async fn a_message_posted_through_v1_reads_back_through_v2_at_the_same_instant()
     assert!(m2.create_time.ends_with('Z'), "UTC: {}", m2.create_time);
     let parsed = chrono::DateTime::parse_from_rfc3339(&m2.create_time).expect("RFC 3339");
     assert_eq!(parsed.offset().local_minus_utc(), 0);
-    assert_eq!(parsed.timestamp(), m1.create_time, "v1 seconds and v2 string are one instant");
+    assert_eq!(
+        parsed.timestamp(),
+        m1.create_time,
+        "v1 seconds and v2 string are one instant"
+    );
 
     let now = chrono::Utc::now().timestamp();
     assert!((now - m1.create_time).abs() < 60);
@@ -74,7 +82,10 @@ async fn the_stored_document_holds_the_author_id_and_nothing_about_the_author() 
             "author_name": "alice",
         })
         .await;
-    assert!(copied.is_err(), "the collection validator refuses a copy of the author's name");
+    assert!(
+        copied.is_err(),
+        "the collection validator refuses a copy of the author's name"
+    );
 }
 
 #[tokio::test]
@@ -148,7 +159,11 @@ async fn every_invalid_request_is_refused_with_its_fields_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["page_size"]);
-    assert_eq!(app.stored_count().await, before + 1, "only the valid 280-character message was added");
+    assert_eq!(
+        app.stored_count().await,
+        before + 1,
+        "only the valid 280-character message was added"
+    );
 }
 
 #[tokio::test]
@@ -156,7 +171,9 @@ async fn posting_needs_a_valid_token() {
     let app = TestApp::spawn().await;
     let status = app
         .v1()
-        .post_message(v1::PostMessageRequest { body: "anonymous".into() })
+        .post_message(v1::PostMessageRequest {
+            body: "anonymous".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -190,16 +207,31 @@ async fn authors_and_moderators_delete_messages_and_nobody_else_does() {
 
     let status = app
         .v1()
-        .delete_message(authed(v1::DeleteMessageRequest { message_id: first.id.clone() }, &bob))
+        .delete_message(authed(
+            v1::DeleteMessageRequest {
+                message_id: first.id.clone(),
+            },
+            &bob,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     app.v1()
-        .delete_message(authed(v1::DeleteMessageRequest { message_id: first.id.clone() }, &alice))
+        .delete_message(authed(
+            v1::DeleteMessageRequest {
+                message_id: first.id.clone(),
+            },
+            &alice,
+        ))
         .await
         .unwrap();
     app.v2()
-        .delete_message(authed(v2::DeleteMessageRequest { message_id: second.id.clone() }, &moderator))
+        .delete_message(authed(
+            v2::DeleteMessageRequest {
+                message_id: second.id.clone(),
+            },
+            &moderator,
+        ))
         .await
         .unwrap();
     for id in [first.id, second.id] {
@@ -229,17 +261,33 @@ async fn hiding_a_users_messages_is_for_moderators_and_idempotent() {
             token,
         )
     };
-    let status = app.v1().set_user_messages_hidden(hide(&troll_token, true)).await.unwrap_err();
+    let status = app
+        .v1()
+        .set_user_messages_hidden(hide(&troll_token, true))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    let changed = app.v1().set_user_messages_hidden(hide(&moderator, true)).await.unwrap().into_inner();
+    let changed = app
+        .v1()
+        .set_user_messages_hidden(hide(&moderator, true))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(changed.changed_count, 2);
-    let again = app.v1().set_user_messages_hidden(hide(&moderator, true)).await.unwrap().into_inner();
+    let again = app
+        .v1()
+        .set_user_messages_hidden(hide(&moderator, true))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.changed_count, 0, "hiding twice is hiding once");
 
     let status = app
         .v1()
-        .get_message(v1::GetMessageRequest { message_id: message.id.clone() })
+        .get_message(v1::GetMessageRequest {
+            message_id: message.id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -254,7 +302,10 @@ async fn hiding_a_users_messages_is_for_moderators_and_idempotent() {
         .into_inner();
     assert!(listed.messages.is_empty());
 
-    app.v1().set_user_messages_hidden(hide(&moderator, false)).await.unwrap();
+    app.v1()
+        .set_user_messages_hidden(hide(&moderator, false))
+        .await
+        .unwrap();
     app.v1()
         .get_message(v1::GetMessageRequest { message_id: message.id })
         .await
@@ -266,7 +317,11 @@ async fn paging_over_equal_timestamps_returns_every_message_exactly_once() {
     let app = TestApp::spawn().await;
     let (me, token) = app.user("alice", Role::User);
     let (friend, _) = app.user("bob", Role::User);
-    app.users.following.lock().unwrap().insert(me.clone(), vec![friend.clone()]);
+    app.users
+        .following
+        .lock()
+        .unwrap()
+        .insert(me.clone(), vec![friend.clone()]);
 
     // 25 messages in the same millisecond, from both authors, written with
     // the driver as a burst would leave them.
@@ -277,7 +332,9 @@ async fn paging_over_equal_timestamps_returns_every_message_exactly_once() {
         let id = uuid::Uuid::now_v7().to_string();
         let author = if i % 2 == 0 { &me } else { &friend };
         collection
-            .insert_one(doc! { "_id": &id, "author_id": author, "body": format!("tie {i}"), "created_at": at, "hidden": false })
+            .insert_one(
+                doc! { "_id": &id, "author_id": author, "body": format!("tie {i}"), "created_at": at, "hidden": false },
+            )
             .await
             .unwrap();
         expected.push(id);

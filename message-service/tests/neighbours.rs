@@ -20,7 +20,10 @@ async fn get(app: &TestApp, id: &str) -> (v1::EnrichedMessage, Duration) {
     let started = Instant::now();
     let reply = app
         .v1()
-        .get_message(with_deadline(v1::GetMessageRequest { message_id: id.into() }, CALLER_DEADLINE))
+        .get_message(with_deadline(
+            v1::GetMessageRequest { message_id: id.into() },
+            CALLER_DEADLINE,
+        ))
         .await
         .expect("the message comes back whatever the neighbours do")
         .into_inner()
@@ -40,17 +43,27 @@ async fn get_message_shows_the_author_and_the_comment_count_and_preview() {
             message_id: posted.id.clone(),
             author_id: author.clone(),
             body: format!("comment {i}"),
-            create_time: Some(prost_types::Timestamp { seconds: 1_700_000_000 + i, nanos: 0 }),
+            create_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000 + i,
+                nanos: 0,
+            }),
         })
         .collect();
-    app.comments.comments.lock().unwrap().insert(posted.id.clone(), comments);
+    app.comments
+        .comments
+        .lock()
+        .unwrap()
+        .insert(posted.id.clone(), comments);
 
     let (reply, _) = get(&app, &posted.id).await;
     let author_part = reply.author.unwrap();
     assert_eq!((author_part.status, author_part.username.as_str()), (OK, "alice"));
     let comments = reply.comments.unwrap();
     assert_eq!((comments.status, comments.count), (OK, 5));
-    assert_eq!(comments.preview.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["c0", "c1", "c2"]);
+    assert_eq!(
+        comments.preview.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["c0", "c1", "c2"]
+    );
     assert_eq!(comments.preview[0].create_time, 1_700_000_000);
 }
 
@@ -64,7 +77,10 @@ async fn a_failing_comment_peer_marks_only_the_comments_unavailable() {
     assert_eq!(reply.message.unwrap().body, "hello");
     assert_eq!(reply.author.unwrap().status, OK);
     let comments = reply.comments.unwrap();
-    assert_eq!((comments.status, comments.count, comments.preview.len()), (UNAVAILABLE, 0, 0));
+    assert_eq!(
+        (comments.status, comments.count, comments.preview.len()),
+        (UNAVAILABLE, 0, 0)
+    );
 }
 
 #[tokio::test]
@@ -93,7 +109,10 @@ async fn a_failing_or_hanging_user_peer_marks_only_the_author_unavailable() {
         assert_eq!((author.status, author.username.as_str()), (UNAVAILABLE, ""), "{mode:?}");
         assert_eq!(reply.comments.unwrap().status, OK, "{mode:?}");
         assert_eq!(reply.message.unwrap().id, posted.id);
-        assert!(elapsed < PEER_TIMEOUT + Duration::from_millis(700), "{mode:?} took {elapsed:?}");
+        assert!(
+            elapsed < PEER_TIMEOUT + Duration::from_millis(700),
+            "{mode:?} took {elapsed:?}"
+        );
     }
 }
 
@@ -124,7 +143,11 @@ async fn a_page_of_twenty_messages_makes_one_call_per_peer() {
     assert!(page.messages.iter().all(|m| m.author.as_ref().unwrap().status == OK));
     assert_eq!(app.users.behaviour.calls("BatchGetUsers"), 1);
     assert_eq!(app.comments.behaviour.calls("CountComments"), 1);
-    assert_eq!(app.comments.behaviour.calls("ListComments"), 0, "pages carry counts, not previews");
+    assert_eq!(
+        app.comments.behaviour.calls("ListComments"),
+        0,
+        "pages carry counts, not previews"
+    );
 
     app.users.behaviour.reset_calls();
     app.comments.behaviour.reset_calls();
@@ -247,5 +270,9 @@ async fn tokens_verify_with_keys_fetched_from_user_service_and_cached_through_it
     app.post(&token, "verified with fetched keys").await;
     app.users.behaviour.set(Mode::Fail);
     app.post(&token, "and still while user-service is down").await;
-    assert_eq!(app.users.behaviour.calls("GetPublicKeys"), 1, "fetched once, then cached");
+    assert_eq!(
+        app.users.behaviour.calls("GetPublicKeys"),
+        1,
+        "fetched once, then cached"
+    );
 }

@@ -38,6 +38,20 @@ impl TestMongo {
         &self.database
     }
 
+    /// A database on a private `secantusd-rs`, whatever `MONGODB_URI` says:
+    /// for tests that stop the server.
+    ///
+    /// # Errors
+    /// When secantusd-rs cannot start.
+    pub fn private() -> anyhow::Result<Self> {
+        let server = StoreProcess::secantus()?;
+        Ok(Self {
+            uri: server.url(),
+            database: format!("chirp_test_{}", uuid::Uuid::new_v4().simple()),
+            server: Some(server),
+        })
+    }
+
     /// The private server, if this namespace runs one (to stop and start it).
     pub fn server(&mut self) -> Option<&mut StoreProcess> {
         self.server.as_mut()

@@ -64,7 +64,10 @@ impl CommentClient {
                 body: c.body,
                 created_at: c
                     .create_time
-                    .and_then(|t| Utc.timestamp_opt(t.seconds, u32::try_from(t.nanos).unwrap_or(0)).single())
+                    .and_then(|t| {
+                        Utc.timestamp_opt(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+                            .single()
+                    })
                     .unwrap_or_default(),
             })
             .collect())

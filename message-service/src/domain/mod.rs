@@ -164,7 +164,10 @@ impl PageRequest {
     pub fn parse(page_size: i32, page_token: &str, violations: &mut Violations) -> Option<Self> {
         let size = violations.check(validate::page_size(page_size));
         let after = violations.check(Cursor::from_page_token(page_token));
-        Some(Self { size: size?, after: after? })
+        Some(Self {
+            size: size?,
+            after: after?,
+        })
     }
 }
 

@@ -84,7 +84,10 @@ macro_rules! versioned_api {
 
             #[tonic::async_trait]
             impl pb::message_service_server::MessageService for Api {
-                async fn post_message(&self, request: Request<pb::PostMessageRequest>) -> Reply<pb::PostMessageResponse> {
+                async fn post_message(
+                    &self,
+                    request: Request<pb::PostMessageRequest>,
+                ) -> Reply<pb::PostMessageResponse> {
                     let caller = self.0.caller(request.metadata()).await?;
                     let body = super::parse_body(&request.get_ref().body)?;
                     let message = self.0.messages.post(caller, body).await?;
@@ -114,7 +117,10 @@ macro_rules! versioned_api {
                     }))
                 }
 
-                async fn home_timeline(&self, request: Request<pb::HomeTimelineRequest>) -> Reply<pb::HomeTimelineResponse> {
+                async fn home_timeline(
+                    &self,
+                    request: Request<pb::HomeTimelineRequest>,
+                ) -> Reply<pb::HomeTimelineResponse> {
                     let caller = self.0.caller(request.metadata()).await?;
                     let page = super::parse_page(request.get_ref().page_size, &request.get_ref().page_token)?;
                     let timeline = self.0.messages.timeline(caller, page).await?;
@@ -125,7 +131,10 @@ macro_rules! versioned_api {
                     }))
                 }
 
-                async fn delete_message(&self, request: Request<pb::DeleteMessageRequest>) -> Reply<pb::DeleteMessageResponse> {
+                async fn delete_message(
+                    &self,
+                    request: Request<pb::DeleteMessageRequest>,
+                ) -> Reply<pb::DeleteMessageResponse> {
                     let caller = self.0.caller(request.metadata()).await?;
                     let id = super::parse_message_id(&request.get_ref().message_id)?;
                     self.0.messages.delete(caller, id).await?;
@@ -138,7 +147,11 @@ macro_rules! versioned_api {
                 ) -> Reply<pb::SetUserMessagesHiddenResponse> {
                     let caller = self.0.caller(request.metadata()).await?;
                     let author = super::parse_user_id(&request.get_ref().user_id)?;
-                    let changed = self.0.messages.set_hidden(caller, author, request.get_ref().hidden).await?;
+                    let changed = self
+                        .0
+                        .messages
+                        .set_hidden(caller, author, request.get_ref().hidden)
+                        .await?;
                     Ok(Response::new(pb::SetUserMessagesHiddenResponse {
                         changed_count: i64::try_from(changed).unwrap_or(i64::MAX),
                     }))

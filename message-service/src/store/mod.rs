@@ -167,7 +167,11 @@ impl Store {
         let mut items = docs.into_iter().map(from_doc).collect::<Result<Vec<_>>>()?;
         let more = items.len() > page.size as usize;
         items.truncate(page.size as usize);
-        let next = if more { items.last().map(crate::domain::Cursor::of) } else { None };
+        let next = if more {
+            items.last().map(crate::domain::Cursor::of)
+        } else {
+            None
+        };
         Ok(Page { items, next })
     }
 
@@ -194,7 +198,9 @@ impl Store {
             .map(|d| {
                 d.get_str("author_id")
                     .map_err(|e| Error::Internal(anyhow::anyhow!("stored author_id: {e}")))
-                    .and_then(|raw| UserId::parse("author_id", raw).map_err(|v| Error::Internal(anyhow::anyhow!("{v}"))))
+                    .and_then(|raw| {
+                        UserId::parse("author_id", raw).map_err(|v| Error::Internal(anyhow::anyhow!("{v}")))
+                    })
             })
             .transpose()
     }
@@ -240,7 +246,10 @@ fn from_doc(doc: MessageDoc) -> Result<Message> {
 fn classify(err: mongodb::error::Error) -> Error {
     let unavailable = matches!(
         *err.kind,
-        ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::Shutdown
+        ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::Shutdown
     ) || err.contains_label("RetryableWriteError")
         || err.contains_label("TransientTransactionError");
     if unavailable {

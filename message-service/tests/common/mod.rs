@@ -91,7 +91,11 @@ impl upb::user_service_server::UserService for FakeUsers {
     ) -> Result<Response<upb::BatchGetUsersResponse>, Status> {
         self.behaviour.enter("BatchGetUsers").await?;
         let users = self.users.lock().unwrap();
-        let (found, missing): (Vec<_>, Vec<_>) = request.into_inner().user_ids.into_iter().partition(|id| users.contains_key(id));
+        let (found, missing): (Vec<_>, Vec<_>) = request
+            .into_inner()
+            .user_ids
+            .into_iter()
+            .partition(|id| users.contains_key(id));
         Ok(Response::new(upb::BatchGetUsersResponse {
             users: found.iter().map(|id| users[id].clone()).collect(),
             missing_user_ids: missing,
@@ -157,7 +161,10 @@ impl upb::user_service_server::UserService for FakeUsers {
     async fn unban_user(&self, _: Request<upb::UnbanUserRequest>) -> Result<Response<upb::UnbanUserResponse>, Status> {
         Err(not_faked())
     }
-    async fn delete_user(&self, _: Request<upb::DeleteUserRequest>) -> Result<Response<upb::DeleteUserResponse>, Status> {
+    async fn delete_user(
+        &self,
+        _: Request<upb::DeleteUserRequest>,
+    ) -> Result<Response<upb::DeleteUserResponse>, Status> {
         Err(not_faked())
     }
 }
@@ -206,7 +213,10 @@ impl cpb::comment_service_server::CommentService for FakeComments {
         }))
     }
 
-    async fn add_comment(&self, _: Request<cpb::AddCommentRequest>) -> Result<Response<cpb::AddCommentResponse>, Status> {
+    async fn add_comment(
+        &self,
+        _: Request<cpb::AddCommentRequest>,
+    ) -> Result<Response<cpb::AddCommentResponse>, Status> {
         Err(not_faked())
     }
     async fn delete_comment(
@@ -226,8 +236,11 @@ impl cpb::comment_service_server::CommentService for FakeComments {
 async fn serve_fake<S>(service: S) -> SocketAddr
 where
     S: tonic::server::NamedService
-        + tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>
-        + Clone
+        + tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + Sync
         + 'static,
@@ -260,6 +273,9 @@ pub struct Options {
     /// of a key file.
     pub keys_from_user_service: bool,
     pub following_cache_ttl: &'static str,
+    /// A private MongoDB server the test can stop, even when `MONGODB_URI`
+    /// names a shared one.
+    pub private_mongo: bool,
 }
 
 impl Default for Options {
@@ -267,6 +283,7 @@ impl Default for Options {
         Self {
             keys_from_user_service: false,
             following_cache_ttl: "30s",
+            private_mongo: false,
         }
     }
 }
@@ -277,7 +294,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> Self {
-        let mongo = TestMongo::create().expect("a MongoDB namespace");
+        let mongo = if options.private_mongo {
+            TestMongo::private()
+        } else {
+            TestMongo::create()
+        }
+        .expect("a MongoDB namespace");
         let signer = TokenSigner::generate(Duration::from_secs(3600)).unwrap();
         let users = FakeUsers::default();
         users.keys.lock().unwrap().push(upb::PublicKey {
@@ -338,7 +360,9 @@ impl TestApp {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest { service: service.into() });
+        let mut request = Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
         request.set_timeout(Duration::from_secs(1));
         let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
         ServingStatus::try_from(reply.into_inner().status).ok()
@@ -383,12 +407,23 @@ impl TestApp {
 
     /// The service's collection, read with the driver directly.
     pub async fn collection(&self) -> mongodb::Collection<mongodb::bson::Document> {
-        let client = mongodb::Client::with_uri_str(self.mongo.uri()).await.expect("a MongoDB client");
+        let client = mongodb::Client::with_uri_str(self.mongo.uri())
+            .await
+            .expect("a MongoDB client");
         client.database(self.mongo.database()).collection("messages")
     }
 
     pub async fn stored_count(&self) -> u64 {
-        self.collection().await.count_documents(mongodb::bson::doc! {}).await.unwrap()
+        self.collection()
+            .await
+            .count_documents(mongodb::bson::doc! {})
+            .await
+            .unwrap()
+    }
+
+    /// The private MongoDB server (see [`Options::private_mongo`]).
+    pub fn mongo_server(&mut self) -> &mut test_support::process::StoreProcess {
+        self.mongo.server().expect("spawned with private_mongo")
     }
 
     pub async fn stop(mut self) -> anyhow::Result<()> {
