@@ -226,6 +226,11 @@ impl Messages {
         Part::Unavailable
     }
 
+    /// The author of a visible message, or `None`.
+    pub async fn check(&self, id: MessageId) -> Result<Option<UserId>> {
+        Ok(self.store.get(id).await?.map(|m| m.author_id))
+    }
+
     /// Authors delete their own messages; moderators and admins anyone's.
     pub async fn delete(&self, caller: Caller, id: MessageId) -> Result<()> {
         let author = self

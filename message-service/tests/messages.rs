@@ -405,3 +405,35 @@ async fn a_users_messages_come_newest_first_in_pages() {
     assert_eq!(ids, posted);
     assert!(second.next_page_token.is_empty());
 }
+
+#[tokio::test]
+async fn check_message_tells_other_services_whether_a_visible_message_exists() {
+    let app = TestApp::spawn().await;
+    let (author, token) = app.user("alice", Role::User);
+    let posted = app.post(&token, "check me").await;
+    let check = |id: String| {
+        let mut client = app.v1();
+        async move {
+            client
+                .check_message(v1::CheckMessageRequest { message_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let found = check(posted.id.clone()).await;
+    assert!(found.exists);
+    assert_eq!(found.author_id, author);
+    let missing = check(uuid::Uuid::now_v7().to_string()).await;
+    assert!(!missing.exists && missing.author_id.is_empty());
+    app.v1()
+        .delete_message(authed(
+            v1::DeleteMessageRequest {
+                message_id: posted.id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    assert!(!check(posted.id).await.exists);
+}

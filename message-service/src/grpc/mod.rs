@@ -141,6 +141,18 @@ macro_rules! versioned_api {
                     Ok(Response::new(pb::DeleteMessageResponse {}))
                 }
 
+                async fn check_message(
+                    &self,
+                    request: Request<pb::CheckMessageRequest>,
+                ) -> Reply<pb::CheckMessageResponse> {
+                    let id = super::parse_message_id(&request.get_ref().message_id)?;
+                    let author = self.0.messages.check(id).await?;
+                    Ok(Response::new(pb::CheckMessageResponse {
+                        exists: author.is_some(),
+                        author_id: author.map(|a| a.to_string()).unwrap_or_default(),
+                    }))
+                }
+
                 async fn set_user_messages_hidden(
                     &self,
                     request: Request<pb::SetUserMessagesHiddenRequest>,
