@@ -1,0 +1,71 @@
+//! comment-service's settings: flags, each mirrored by an environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use service_kit::config::{parse_duration, CommonArgs};
+
+/// Chirp's comment-service: comments on messages, in a Redis that no other
+/// service touches. Whether a message exists is asked of message-service.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "comment-service", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Redis URL of the service's own Redis (run it with appendonly yes)
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: String,
+
+    /// Prefix of every key this service writes, so one Redis can be shared by
+    /// several deployments (and tests) without collisions
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "chirp:comments:")]
+    pub redis_key_prefix: String,
+
+    /// How often Redis is probed to drive health
+    #[arg(long, env = "STORE_PROBE_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub store_probe_interval: Duration,
+
+    /// message-service's gRPC endpoint: does a message exist?
+    #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50052")]
+    pub message_service_url: String,
+
+    /// user-service's gRPC endpoint: token keys
+    #[arg(long, env = "USER_SERVICE_URL", default_value = "http://127.0.0.1:50051")]
+    pub user_service_url: String,
+
+    /// Deadline of each call to a peer (cut further by the caller's own deadline)
+    #[arg(long, env = "PEER_TIMEOUT", value_parser = parse_duration, default_value = "250ms")]
+    pub peer_timeout: Duration,
+
+    /// PEM Ed25519 public key that verifies tokens; without it the keys are
+    /// fetched from user-service and cached
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// How long "this message exists" is remembered (0s: always ask). A
+    /// message deleted within this window can still receive a comment
+    #[arg(long, env = "MESSAGE_EXISTS_CACHE_TTL", value_parser = parse_duration, default_value = "5s")]
+    pub message_exists_cache_ttl: Duration,
+}
+
+/// gRPC port of comment-service in DESIGN.md.
+pub const DEFAULT_PORT: u16 = 50053;
+/// Port of `/metrics` unless METRICS_ADDR says otherwise.
+pub const DEFAULT_METRICS_PORT: u16 = 9453;
+
+impl Config {
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.common
+            .listen_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))
+    }
+
+    #[must_use]
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.common
+            .metrics_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_METRICS_PORT)))
+    }
+}

@@ -1,0 +1,92 @@
+//! Chirp's comment-service: comments on messages, in a Redis that no other
+//! service touches. The data model is documented in [`store`].
+//!
+//! Layout: [`domain`] (types that parse), [`store`] (the only Redis code),
+//! [`clients`] (the message existence check), [`service`] (the rules),
+//! [`grpc`] (the edge).
+
+pub mod clients;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod service;
+pub mod store;
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use service_kit::{
+    auth::TokenVerifier,
+    client::{Peer, PeerConfig},
+    server::{Health, ServeOptions},
+    store::{StoreMonitor, StoreStatus},
+};
+use tokio::net::TcpListener;
+
+use crate::{clients::MessageClient, config::Config, grpc::SERVICE_NAME, service::Comments, store::Store};
+
+/// Runs comment-service on `listener` until `shutdown` resolves. Starts even
+/// while Redis or its peers are down.
+///
+/// # Errors
+/// When the configuration is unusable or the server fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
+        let mut peer = PeerConfig::new(name, url);
+        peer.call_timeout = config.peer_timeout;
+        Ok(Arc::new(Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?))
+    };
+    let verifier = Arc::new(match &config.jwt_public_key_file {
+        Some(path) => TokenVerifier::from_pem_file(path)?,
+        None => TokenVerifier::from_user_service(peer("user-service", &config.user_service_url)?),
+    });
+    let messages = MessageClient::new(peer("message-service", &config.message_service_url)?);
+
+    let status = StoreStatus::new();
+    let store = Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
+    let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
+
+    let health = Health::new();
+    let registry = prometheus::Registry::new();
+    let _monitor = {
+        let comments = comments.clone();
+        let prepared = Arc::new(tokio::sync::OnceCell::new());
+        StoreMonitor::spawn(
+            "redis",
+            health.clone(),
+            &registry,
+            vec![SERVICE_NAME],
+            config.store_probe_interval,
+            status,
+            move || {
+                let comments = comments.clone();
+                let prepared = prepared.clone();
+                async move {
+                    prepared
+                        .get_or_try_init(|| comments.prepare_store())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("preparing Redis: {e:#?}"))?;
+                    comments.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
+                }
+            },
+        )?
+    };
+
+    let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(comments, verifier)));
+    service_kit::server::serve(
+        ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common),
+        health,
+        registry,
+        listener,
+        metrics_listener,
+        routes,
+        shutdown,
+    )
+    .await
+}
