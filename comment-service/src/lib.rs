@@ -40,7 +40,9 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
         let mut peer = PeerConfig::new(name, url);
         peer.call_timeout = config.peer_timeout;
-        Ok(Arc::new(Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?))
+        Ok(Arc::new(
+            Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?,
+        ))
     };
     let verifier = Arc::new(match &config.jwt_public_key_file {
         Some(path) => TokenVerifier::from_pem_file(path)?,
@@ -49,7 +51,8 @@ pub async fn run(
     let messages = MessageClient::new(peer("message-service", &config.message_service_url)?);
 
     let status = StoreStatus::new();
-    let store = Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
+    let store =
+        Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
     let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
 
     let health = Health::new();
@@ -78,7 +81,9 @@ pub async fn run(
         )?
     };
 
-    let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(comments, verifier)));
+    let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(
+        comments, verifier,
+    )));
     service_kit::server::serve(
         ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common),
         health,

@@ -85,9 +85,15 @@ impl Comments {
 
     /// Authors delete their own comments; moderators and admins anyone's.
     pub async fn delete(&self, caller: Caller, id: CommentId) -> Result<()> {
-        let comment = self.store.get(id).await?.ok_or(Error::NotFound("no comment has that id"))?;
+        let comment = self
+            .store
+            .get(id)
+            .await?
+            .ok_or(Error::NotFound("no comment has that id"))?;
         if comment.author_id != UserId::from(caller.user_id) && !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only the author, a moderator or an admin may delete a comment"));
+            return Err(Error::PermissionDenied(
+                "only the author, a moderator or an admin may delete a comment",
+            ));
         }
         if self.store.delete(id).await? {
             Ok(())

@@ -3,6 +3,8 @@
 //! - A namespace per test on each kind of store: a fresh PostgreSQL database
 //!   ([`postgres`]), a fresh MongoDB database ([`mongo`]), a Redis key prefix
 //!   ([`redis`]), a SQLite file in a temporary directory ([`sqlite`]).
+//! - Fake gRPC peers ([`grpc`]) that count calls and fail or hang on demand,
+//!   and small helpers for requests and statuses.
 //! - Private store processes ([`process`]) that a test stops and starts again
 //!   to play an outage, on the same port and data directory.
 //!
@@ -17,6 +19,7 @@
 
 use std::net::TcpListener;
 
+pub mod grpc;
 pub mod process;
 pub mod sqlite;
 

@@ -135,7 +135,10 @@ impl PageRequest {
                 .transpose()
                 .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
         }));
-        Some(Self { size: size?, after: after? })
+        Some(Self {
+            size: size?,
+            after: after?,
+        })
     }
 }
 
@@ -166,7 +169,10 @@ impl MessageIds {
     /// Violations of `message_ids` or `message_ids[i]`.
     pub fn parse(raw: &[String]) -> Result<Self, Vec<FieldViolation>> {
         if raw.is_empty() || raw.len() > Self::MAX {
-            return Err(vec![violation("message_ids", format!("must hold 1 to {} ids", Self::MAX))]);
+            return Err(vec![violation(
+                "message_ids",
+                format!("must hold 1 to {} ids", Self::MAX),
+            )]);
         }
         let mut violations = Vec::new();
         let mut ids = Vec::with_capacity(raw.len());

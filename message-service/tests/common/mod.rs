@@ -2,7 +2,8 @@
 //! MongoDB database, with fake user- and comment-service peers that count
 //! their calls and can be told to fail or hang.
 
-#![allow(dead_code)]
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code, unused_imports)]
 
 use std::{
     collections::HashMap,
@@ -19,7 +20,11 @@ use chirp_proto::{
 use clap::Parser as _;
 use message_service::config::Config;
 use service_kit::auth::{Caller, Role, TokenSigner};
-use test_support::mongo::TestMongo;
+pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
+use test_support::{
+    grpc::{not_faked, serve_fake, Behaviour},
+    mongo::TestMongo,
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{transport::Channel, Request, Response, Status};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
@@ -28,51 +33,6 @@ pub const V1: &str = "chirp.message.v1.MessageService";
 pub const V2: &str = "chirp.message.v2.MessageService";
 /// Deadline of each call to a peer, as configured for the service under test.
 pub const PEER_TIMEOUT: Duration = Duration::from_millis(250);
-
-/// How a fake peer answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Ok,
-    Fail,
-    Hang,
-}
-
-#[derive(Default)]
-pub struct Behaviour {
-    mode: Mutex<Option<Mode>>,
-    calls: Mutex<HashMap<&'static str, u32>>,
-}
-
-impl Behaviour {
-    pub fn set(&self, mode: Mode) {
-        *self.mode.lock().unwrap() = Some(mode);
-    }
-
-    pub fn calls(&self, method: &str) -> u32 {
-        self.calls.lock().unwrap().get(method).copied().unwrap_or(0)
-    }
-
-    pub fn reset_calls(&self) {
-        self.calls.lock().unwrap().clear();
-    }
-
-    async fn enter(&self, method: &'static str) -> Result<(), Status> {
-        *self.calls.lock().unwrap().entry(method).or_default() += 1;
-        let mode = self.mode.lock().unwrap().unwrap_or(Mode::Ok);
-        match mode {
-            Mode::Ok => Ok(()),
-            Mode::Fail => Err(Status::unavailable("fake peer is down")),
-            Mode::Hang => {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                Err(Status::unavailable("fake peer woke up"))
-            }
-        }
-    }
-}
-
-fn not_faked() -> Status {
-    Status::failed_precondition("not part of this fake")
-}
 
 /// user-service as message-service sees it.
 #[derive(Clone, Default)]
@@ -231,29 +191,6 @@ impl cpb::comment_service_server::CommentService for FakeComments {
     ) -> Result<Response<cpb::PurgeUserCommentsResponse>, Status> {
         Err(not_faked())
     }
-}
-
-async fn serve_fake<S>(service: S) -> SocketAddr
-where
-    S: tonic::server::NamedService
-        + tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    addr
 }
 
 pub struct TestApp {
@@ -446,26 +383,4 @@ impl Drop for TestApp {
             server.abort();
         }
     }
-}
-
-pub fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-pub fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(deadline);
-    request
-}
-
-pub fn violated_fields(status: &Status) -> Vec<String> {
-    use tonic_types::StatusExt as _;
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }

@@ -1,7 +1,8 @@
 //! spawn_app for user-service: the real service on port 0, against a database
 //! of the test's own.
 
-#![allow(dead_code)]
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code, unused_imports)]
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -13,6 +14,8 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{transport::Channel, Request};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 use user_service::config::Config;
+
+pub use test_support::grpc::{authed, violated_fields};
 
 pub const SERVICE: &str = "chirp.user.v1.UserService";
 pub const ADMIN: &str = "chirp_admin";
@@ -216,23 +219,4 @@ impl Drop for TestApp {
             server.abort();
         }
     }
-}
-
-/// `message` with `authorization: Bearer <token>`.
-pub fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("a valid header value"),
-    );
-    request
-}
-
-/// The fields named in a status's BadRequest detail.
-pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
-    use tonic_types::StatusExt as _;
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
