@@ -1,0 +1,229 @@
+//! spawn_app for comment-service: the real service on port 0 against Redis
+//! (a key prefix of the test's own on the shared server, or a private
+//! server), with a fake message-service that counts its calls and can be
+//! told to fail or hang.
+
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code, unused_imports)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chirp_proto::{
+    comment::v1::comment_service_client::CommentServiceClient,
+    message::v1::{self as mpb, message_service_server::MessageServiceServer},
+};
+use clap::Parser as _;
+use comment_service::config::Config;
+use service_kit::auth::{Caller, Role, TokenSigner};
+use test_support::{
+    grpc::{not_faked, serve_fake, Behaviour},
+    process::StoreProcess,
+    redis::KeyPrefix,
+};
+pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Request, Response, Status};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+pub const SERVICE: &str = "chirp.comment.v1.CommentService";
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// message-service as comment-service sees it: which messages exist.
+#[derive(Clone, Default)]
+pub struct FakeMessages {
+    pub behaviour: Arc<Behaviour>,
+    /// message id -> author id
+    pub messages: Arc<Mutex<HashMap<String, String>>>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl mpb::message_service_server::MessageService for FakeMessages {
+    async fn check_message(&self, request: Request<mpb::CheckMessageRequest>) -> R<mpb::CheckMessageResponse> {
+        self.behaviour.enter("CheckMessage").await?;
+        let author = self.messages.lock().unwrap().get(&request.get_ref().message_id).cloned();
+        Ok(Response::new(mpb::CheckMessageResponse {
+            exists: author.is_some(),
+            author_id: author.unwrap_or_default(),
+        }))
+    }
+    async fn post_message(&self, _: Request<mpb::PostMessageRequest>) -> R<mpb::PostMessageResponse> {
+        Err(not_faked())
+    }
+    async fn get_message(&self, _: Request<mpb::GetMessageRequest>) -> R<mpb::GetMessageResponse> {
+        Err(not_faked())
+    }
+    async fn list_user_messages(&self, _: Request<mpb::ListUserMessagesRequest>) -> R<mpb::ListUserMessagesResponse> {
+        Err(not_faked())
+    }
+    async fn home_timeline(&self, _: Request<mpb::HomeTimelineRequest>) -> R<mpb::HomeTimelineResponse> {
+        Err(not_faked())
+    }
+    async fn delete_message(&self, _: Request<mpb::DeleteMessageRequest>) -> R<mpb::DeleteMessageResponse> {
+        Err(not_faked())
+    }
+    async fn set_user_messages_hidden(
+        &self,
+        _: Request<mpb::SetUserMessagesHiddenRequest>,
+    ) -> R<mpb::SetUserMessagesHiddenResponse> {
+        Err(not_faked())
+    }
+}
+
+/// Where the service's Redis is, kept across restarts of the service.
+pub struct Backing {
+    pub prefix: KeyPrefix,
+    pub server: Option<StoreProcess>,
+    pub messages: FakeMessages,
+    pub message_addr: SocketAddr,
+    pub signer: Arc<TokenSigner>,
+    key_dir: tempfile::TempDir,
+}
+
+impl Backing {
+    /// A key prefix on the shared Redis.
+    pub async fn shared() -> Self {
+        Self::new(KeyPrefix::new(), None).await
+    }
+
+    /// A private append-only Redis the test can stop and start.
+    pub async fn private() -> Self {
+        let server = StoreProcess::redis(true).expect("a private redis-server");
+        Self::new(KeyPrefix::on(&server.url()), Some(server)).await
+    }
+
+    async fn new(prefix: KeyPrefix, server: Option<StoreProcess>) -> Self {
+        let messages = FakeMessages::default();
+        let message_addr = serve_fake(MessageServiceServer::new(messages.clone())).await;
+        let signer = Arc::new(TokenSigner::generate(Duration::from_secs(3600)).unwrap());
+        let key_dir = tempfile::tempdir().unwrap();
+        std::fs::write(key_dir.path().join("public.pem"), signer.public_key_pem().unwrap()).unwrap();
+        Self {
+            prefix,
+            server,
+            messages,
+            message_addr,
+            signer,
+            key_dir,
+        }
+    }
+
+    pub fn redis(&mut self) -> &mut StoreProcess {
+        self.server.as_mut().expect("a private Redis")
+    }
+
+    /// A message the fake message-service vouches for.
+    pub fn message(&self, author: &str) -> String {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.messages.messages.lock().unwrap().insert(id.clone(), author.to_owned());
+        id
+    }
+
+    /// A user id and a token with `role`.
+    pub fn user(&self, role: Role) -> (String, String) {
+        let id = uuid::Uuid::new_v4();
+        let (token, _) = self
+            .signer
+            .issue(Caller { user_id: id, role }, chrono::Utc::now().timestamp())
+            .unwrap();
+        (id.to_string(), token)
+    }
+}
+
+pub struct TestApp {
+    pub channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backing: &Backing) -> Self {
+        Self::spawn_with(backing, &[]).await
+    }
+
+    pub async fn spawn_with(backing: &Backing, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "comment-service".to_owned(),
+            format!("--redis-url={}", backing.prefix.url()),
+            format!("--redis-key-prefix={}", backing.prefix.prefix()),
+            format!("--message-service-url=http://{}", backing.message_addr),
+            format!("--jwt-public-key-file={}", backing.key_dir.path().join("public.pem").display()),
+            format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
+            "--store-probe-interval=100ms".to_owned(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let config = Config::try_parse_from(args).expect("a valid configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(comment_service::run(config, listener, None, async {
+            let _ = rx.await;
+        }));
+        let app = Self {
+            channel: Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+            shutdown: Some(tx),
+            server: Some(server),
+        };
+        app.wait_for(ServingStatus::Serving).await;
+        app
+    }
+
+    pub fn client(&self) -> CommentServiceClient<Channel> {
+        CommentServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut request = Request::new(HealthCheckRequest { service: service.into() });
+        request.set_timeout(Duration::from_secs(1));
+        let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
+        ServingStatus::try_from(reply.into_inner().status).ok()
+    }
+
+    pub async fn wait_for(&self, status: ServingStatus) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.health(SERVICE).await != Some(status) {
+            assert!(tokio::time::Instant::now() < deadline, "not {status:?} within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await.expect("no panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Every key under the prefix, read with the driver.
+pub async fn keys(backing: &Backing) -> Vec<String> {
+    let client = redis::Client::open(backing.prefix.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", backing.prefix.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
