@@ -32,7 +32,10 @@ async fn comments_are_added_listed_counted_and_deleted() {
         .into_inner()
         .comment
         .unwrap();
-    assert_eq!((first.body.as_str(), first.author_id.as_str()), ("first!", author.as_str()));
+    assert_eq!(
+        (first.body.as_str(), first.author_id.as_str()),
+        ("first!", author.as_str())
+    );
     assert_eq!(first.message_id, message);
     let created = first.create_time.unwrap().seconds;
     assert!((chrono::Utc::now().timestamp() - created).abs() < 60);
@@ -66,7 +69,12 @@ async fn comments_are_added_listed_counted_and_deleted() {
     assert_eq!((counts[&message], counts[&other]), (2, 0));
 
     app.client()
-        .delete_comment(authed(pb::DeleteCommentRequest { comment_id: first.id.clone() }, &token))
+        .delete_comment(authed(
+            pb::DeleteCommentRequest {
+                comment_id: first.id.clone(),
+            },
+            &token,
+        ))
         .await
         .unwrap();
     let status = app
@@ -146,7 +154,11 @@ async fn when_message_service_cannot_answer_add_comment_is_unavailable_fast_and_
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{mode:?}: {status:?}");
-        assert!(started.elapsed() < PEER_TIMEOUT + Duration::from_millis(700), "{mode:?}: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < PEER_TIMEOUT + Duration::from_millis(700),
+            "{mode:?}: {:?}",
+            started.elapsed()
+        );
     }
     assert_eq!(keys(&backing).await.len(), 1, "only the schema version");
 }
@@ -277,7 +289,11 @@ async fn every_invalid_request_is_refused_with_its_fields_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["user_id"]);
-    assert_eq!(keys(&backing).await.len(), 4, "schema version and the one valid comment's three keys");
+    assert_eq!(
+        keys(&backing).await.len(),
+        4,
+        "schema version and the one valid comment's three keys"
+    );
 }
 
 #[tokio::test]
@@ -320,14 +336,28 @@ async fn the_auth_matrix_holds_for_every_rpc_that_acts_for_someone() {
         .unwrap();
     for bad in [None, Some(forged.as_str()), Some(expired.as_str()), Some("x.y.z")] {
         let codes = [
-            app.client().add_comment(request_as(add(&message, "hi"), bad)).await.unwrap_err().code(),
             app.client()
-                .delete_comment(request_as(pb::DeleteCommentRequest { comment_id: comment.id.clone() }, bad))
+                .add_comment(request_as(add(&message, "hi"), bad))
                 .await
                 .unwrap_err()
                 .code(),
             app.client()
-                .purge_user_comments(request_as(pb::PurgeUserCommentsRequest { user_id: author.clone() }, bad))
+                .delete_comment(request_as(
+                    pb::DeleteCommentRequest {
+                        comment_id: comment.id.clone(),
+                    },
+                    bad,
+                ))
+                .await
+                .unwrap_err()
+                .code(),
+            app.client()
+                .purge_user_comments(request_as(
+                    pb::PurgeUserCommentsRequest {
+                        user_id: author.clone(),
+                    },
+                    bad,
+                ))
                 .await
                 .unwrap_err()
                 .code(),
@@ -337,13 +367,23 @@ async fn the_auth_matrix_holds_for_every_rpc_that_acts_for_someone() {
 
     let status = app
         .client()
-        .delete_comment(authed(pb::DeleteCommentRequest { comment_id: comment.id.clone() }, &other))
+        .delete_comment(authed(
+            pb::DeleteCommentRequest {
+                comment_id: comment.id.clone(),
+            },
+            &other,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     let status = app
         .client()
-        .purge_user_comments(authed(pb::PurgeUserCommentsRequest { user_id: author.clone() }, &token))
+        .purge_user_comments(authed(
+            pb::PurgeUserCommentsRequest {
+                user_id: author.clone(),
+            },
+            &token,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -375,7 +415,14 @@ async fn purging_a_users_comments_twice_is_the_same_as_once() {
     let purge = || {
         let mut client = app.client();
         let request = authed(pb::PurgeUserCommentsRequest { user_id: troll.clone() }, &moderator);
-        async move { client.purge_user_comments(request).await.unwrap().into_inner().deleted_count }
+        async move {
+            client
+                .purge_user_comments(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .deleted_count
+        }
     };
     assert_eq!(purge().await, 3);
     let after_once = keys(&backing).await;
@@ -392,6 +439,9 @@ async fn purging_a_users_comments_twice_is_the_same_as_once() {
         .unwrap()
         .into_inner()
         .comments;
-    assert_eq!(left.iter().map(|c| c.body.as_str()).collect::<Vec<_>>(), ["a real comment"]);
+    assert_eq!(
+        left.iter().map(|c| c.body.as_str()).collect::<Vec<_>>(),
+        ["a real comment"]
+    );
     assert!(!after_once.iter().any(|k| k.contains(&troll)), "{after_once:?}");
 }

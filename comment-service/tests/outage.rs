@@ -43,7 +43,11 @@ async fn health_and_rpcs_follow_redis_down_and_back_in_the_same_process() {
 
     backing.redis().stop();
     app.wait_for(ServingStatus::NotServing).await;
-    assert_eq!(app.health("").await, Some(ServingStatus::Serving), "the process itself is alive");
+    assert_eq!(
+        app.health("").await,
+        Some(ServingStatus::Serving),
+        "the process itself is alive"
+    );
     for _ in 0..3 {
         let status = list(&app, &message).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -87,11 +91,19 @@ async fn comments_survive_a_restart_of_the_service_and_of_redis() {
     app.stop().await.unwrap();
 
     let app = TestApp::spawn(&backing).await;
-    assert_eq!(list(&app, &message).await.unwrap(), ["one", "two"], "after a service restart");
+    assert_eq!(
+        list(&app, &message).await.unwrap(),
+        ["one", "two"],
+        "after a service restart"
+    );
 
     backing.redis().stop();
     backing.redis().start().unwrap();
     app.wait_for(ServingStatus::Serving).await;
-    assert_eq!(list(&app, &message).await.unwrap(), ["one", "two"], "after a Redis restart (AOF)");
+    assert_eq!(
+        list(&app, &message).await.unwrap(),
+        ["one", "two"],
+        "after a Redis restart (AOF)"
+    );
     assert_eq!(app.health(SERVICE).await, Some(ServingStatus::Serving));
 }

@@ -20,12 +20,12 @@ use chirp_proto::{
 use clap::Parser as _;
 use comment_service::config::Config;
 use service_kit::auth::{Caller, Role, TokenSigner};
+pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
 use test_support::{
     grpc::{not_faked, serve_fake, Behaviour},
     process::StoreProcess,
     redis::KeyPrefix,
 };
-pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{transport::Channel, Request, Response, Status};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
@@ -47,7 +47,12 @@ type R<T> = Result<Response<T>, Status>;
 impl mpb::message_service_server::MessageService for FakeMessages {
     async fn check_message(&self, request: Request<mpb::CheckMessageRequest>) -> R<mpb::CheckMessageResponse> {
         self.behaviour.enter("CheckMessage").await?;
-        let author = self.messages.lock().unwrap().get(&request.get_ref().message_id).cloned();
+        let author = self
+            .messages
+            .lock()
+            .unwrap()
+            .get(&request.get_ref().message_id)
+            .cloned();
         Ok(Response::new(mpb::CheckMessageResponse {
             exists: author.is_some(),
             author_id: author.unwrap_or_default(),
@@ -121,7 +126,11 @@ impl Backing {
     /// A message the fake message-service vouches for.
     pub fn message(&self, author: &str) -> String {
         let id = uuid::Uuid::now_v7().to_string();
-        self.messages.messages.lock().unwrap().insert(id.clone(), author.to_owned());
+        self.messages
+            .messages
+            .lock()
+            .unwrap()
+            .insert(id.clone(), author.to_owned());
         id
     }
 
@@ -153,7 +162,10 @@ impl TestApp {
             format!("--redis-url={}", backing.prefix.url()),
             format!("--redis-key-prefix={}", backing.prefix.prefix()),
             format!("--message-service-url=http://{}", backing.message_addr),
-            format!("--jwt-public-key-file={}", backing.key_dir.path().join("public.pem").display()),
+            format!(
+                "--jwt-public-key-file={}",
+                backing.key_dir.path().join("public.pem").display()
+            ),
             format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
             "--store-probe-interval=100ms".to_owned(),
         ];
@@ -179,7 +191,9 @@ impl TestApp {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest { service: service.into() });
+        let mut request = Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
         request.set_timeout(Duration::from_secs(1));
         let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
         ServingStatus::try_from(reply.into_inner().status).ok()
