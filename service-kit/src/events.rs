@@ -1,0 +1,256 @@
+//! The events Chirp's services produce, as every producer writes them to its
+//! outbox and every consumer reads them.
+//!
+//! Producers store [`Event`]s as JSON in the same atomic write as the change
+//! that caused them (a PostgreSQL transaction, a MongoDB transaction, a Redis
+//! `MULTI`/Lua script); the relay ([`crate::relay`]) delivers them. On the
+//! wire an event is `chirp.events.v1.Event`; [`Event::to_pb`] and
+//! [`Event::from_pb`] convert, so no service's domain code sees prost.
+
+use chirp_proto::events::v1 as pb;
+use chrono::{DateTime, TimeZone as _, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::validate::{self, violation, FieldViolation};
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Payload {
+    UserRegistered { user_id: Uuid },
+    UserFollowed { follower_id: Uuid, followee_id: Uuid },
+    UserUnfollowed { follower_id: Uuid, followee_id: Uuid },
+    UserBanned { user_id: Uuid, moderator_id: Uuid },
+    UserUnbanned { user_id: Uuid, moderator_id: Uuid },
+    UserDeleted { user_id: Uuid },
+    MessagePosted { message_id: Uuid, author_id: Uuid },
+    MessageDeleted { message_id: Uuid, author_id: Uuid },
+    MessageHidden { message_id: Uuid, author_id: Uuid, hidden: bool },
+    CommentAdded { comment_id: Uuid, message_id: Uuid, author_id: Uuid, message_author_id: Uuid },
+    CommentDeleted { comment_id: Uuid, message_id: Uuid, author_id: Uuid, message_author_id: Uuid },
+}
+
+/// An event with its identity: consumers apply each `id` once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: Uuid,
+    pub producer: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: Payload,
+}
+
+impl Event {
+    /// A new event, stamped now (to the millisecond, as stores keep it).
+    #[must_use]
+    pub fn new(producer: &str, payload: Payload) -> Self {
+        let now = Utc::now().timestamp_millis();
+        Self {
+            id: Uuid::now_v7(),
+            producer: producer.to_owned(),
+            occurred_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
+            payload,
+        }
+    }
+
+    /// # Errors
+    /// When the event cannot be serialized (not expected).
+    pub fn to_json(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string(self)?)
+    }
+
+    /// # Errors
+    /// When the text is not an event (a corrupt outbox row).
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    #[must_use]
+    pub fn to_pb(&self) -> pb::Event {
+        use pb::event::Payload as P;
+        let s = |id: &Uuid| id.to_string();
+        let payload = match &self.payload {
+            Payload::UserRegistered { user_id } => P::UserRegistered(pb::UserRegistered { user_id: s(user_id) }),
+            Payload::UserFollowed { follower_id, followee_id } => P::UserFollowed(pb::UserFollowed {
+                follower_id: s(follower_id),
+                followee_id: s(followee_id),
+            }),
+            Payload::UserUnfollowed { follower_id, followee_id } => P::UserUnfollowed(pb::UserUnfollowed {
+                follower_id: s(follower_id),
+                followee_id: s(followee_id),
+            }),
+            Payload::UserBanned { user_id, moderator_id } => P::UserBanned(pb::UserBanned {
+                user_id: s(user_id),
+                moderator_id: s(moderator_id),
+            }),
+            Payload::UserUnbanned { user_id, moderator_id } => P::UserUnbanned(pb::UserUnbanned {
+                user_id: s(user_id),
+                moderator_id: s(moderator_id),
+            }),
+            Payload::UserDeleted { user_id } => P::UserDeleted(pb::UserDeleted { user_id: s(user_id) }),
+            Payload::MessagePosted { message_id, author_id } => P::MessagePosted(pb::MessagePosted {
+                message_id: s(message_id),
+                author_id: s(author_id),
+            }),
+            Payload::MessageDeleted { message_id, author_id } => P::MessageDeleted(pb::MessageDeleted {
+                message_id: s(message_id),
+                author_id: s(author_id),
+            }),
+            Payload::MessageHidden {
+                message_id,
+                author_id,
+                hidden,
+            } => P::MessageHidden(pb::MessageHidden {
+                message_id: s(message_id),
+                author_id: s(author_id),
+                hidden: *hidden,
+            }),
+            Payload::CommentAdded {
+                comment_id,
+                message_id,
+                author_id,
+                message_author_id,
+            } => P::CommentAdded(pb::CommentAdded {
+                comment_id: s(comment_id),
+                message_id: s(message_id),
+                author_id: s(author_id),
+                message_author_id: s(message_author_id),
+            }),
+            Payload::CommentDeleted {
+                comment_id,
+                message_id,
+                author_id,
+                message_author_id,
+            } => P::CommentDeleted(pb::CommentDeleted {
+                comment_id: s(comment_id),
+                message_id: s(message_id),
+                author_id: s(author_id),
+                message_author_id: s(message_author_id),
+            }),
+        };
+        pb::Event {
+            event_id: self.id.to_string(),
+            producer: self.producer.clone(),
+            occur_time: Some(prost_types::Timestamp {
+                seconds: self.occurred_at.timestamp(),
+                nanos: i32::try_from(self.occurred_at.timestamp_subsec_nanos()).unwrap_or(0),
+            }),
+            payload: Some(payload),
+        }
+    }
+
+    /// Parses an event from the wire; `field` prefixes violations (e.g.
+    /// `events[3]`).
+    ///
+    /// # Errors
+    /// The violations of the event's fields.
+    pub fn from_pb(field: &str, event: &pb::Event) -> Result<Self, FieldViolation> {
+        use pb::event::Payload as P;
+        let id = |name: &str, raw: &str| validate::uuid(&format!("{field}.{name}"), raw);
+        let event_id = id("event_id", &event.event_id)?;
+        let producer = validate::text(&format!("{field}.producer"), &event.producer, 1, 64)?;
+        let occurred_at = event
+            .occur_time
+            .as_ref()
+            .and_then(|t| Utc.timestamp_opt(t.seconds, u32::try_from(t.nanos).ok()?).single())
+            .ok_or_else(|| violation(&format!("{field}.occur_time"), "is required"))?;
+        let payload = match event.payload.as_ref() {
+            None => return Err(violation(&format!("{field}.payload"), "is required")),
+            Some(P::UserRegistered(p)) => Payload::UserRegistered {
+                user_id: id("user_id", &p.user_id)?,
+            },
+            Some(P::UserFollowed(p)) => Payload::UserFollowed {
+                follower_id: id("follower_id", &p.follower_id)?,
+                followee_id: id("followee_id", &p.followee_id)?,
+            },
+            Some(P::UserUnfollowed(p)) => Payload::UserUnfollowed {
+                follower_id: id("follower_id", &p.follower_id)?,
+                followee_id: id("followee_id", &p.followee_id)?,
+            },
+            Some(P::UserBanned(p)) => Payload::UserBanned {
+                user_id: id("user_id", &p.user_id)?,
+                moderator_id: id("moderator_id", &p.moderator_id)?,
+            },
+            Some(P::UserUnbanned(p)) => Payload::UserUnbanned {
+                user_id: id("user_id", &p.user_id)?,
+                moderator_id: id("moderator_id", &p.moderator_id)?,
+            },
+            Some(P::UserDeleted(p)) => Payload::UserDeleted {
+                user_id: id("user_id", &p.user_id)?,
+            },
+            Some(P::MessagePosted(p)) => Payload::MessagePosted {
+                message_id: id("message_id", &p.message_id)?,
+                author_id: id("author_id", &p.author_id)?,
+            },
+            Some(P::MessageDeleted(p)) => Payload::MessageDeleted {
+                message_id: id("message_id", &p.message_id)?,
+                author_id: id("author_id", &p.author_id)?,
+            },
+            Some(P::MessageHidden(p)) => Payload::MessageHidden {
+                message_id: id("message_id", &p.message_id)?,
+                author_id: id("author_id", &p.author_id)?,
+                hidden: p.hidden,
+            },
+            Some(P::CommentAdded(p)) => Payload::CommentAdded {
+                comment_id: id("comment_id", &p.comment_id)?,
+                message_id: id("message_id", &p.message_id)?,
+                author_id: id("author_id", &p.author_id)?,
+                message_author_id: id("message_author_id", &p.message_author_id)?,
+            },
+            Some(P::CommentDeleted(p)) => Payload::CommentDeleted {
+                comment_id: id("comment_id", &p.comment_id)?,
+                message_id: id("message_id", &p.message_id)?,
+                author_id: id("author_id", &p.author_id)?,
+                message_author_id: id("message_author_id", &p.message_author_id)?,
+            },
+        };
+        Ok(Self {
+            id: event_id,
+            producer,
+            occurred_at,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_survive_json_and_the_wire() {
+        let ids = || Uuid::new_v4();
+        for payload in [
+            Payload::UserRegistered { user_id: ids() },
+            Payload::UserBanned {
+                user_id: ids(),
+                moderator_id: ids(),
+            },
+            Payload::CommentDeleted {
+                comment_id: ids(),
+                message_id: ids(),
+                author_id: ids(),
+                message_author_id: ids(),
+            },
+            Payload::MessageHidden {
+                message_id: ids(),
+                author_id: ids(),
+                hidden: true,
+            },
+        ] {
+            let event = Event::new("test", payload);
+            assert_eq!(Event::from_json(&event.to_json().unwrap()).unwrap(), event);
+            assert_eq!(Event::from_pb("e", &event.to_pb()).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn wire_events_with_bad_fields_name_them() {
+        let mut event = Event::new("test", Payload::UserDeleted { user_id: Uuid::new_v4() }).to_pb();
+        event.event_id = "nope".into();
+        assert_eq!(Event::from_pb("events[2]", &event).unwrap_err().field, "events[2].event_id");
+        let mut event = Event::new("test", Payload::UserDeleted { user_id: Uuid::new_v4() }).to_pb();
+        event.payload = None;
+        assert_eq!(Event::from_pb("events[0]", &event).unwrap_err().field, "events[0].payload");
+    }
+}
