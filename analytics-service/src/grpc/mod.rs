@@ -1,0 +1,230 @@
+//! The gRPC edge of analytics-service: requests become domain values here,
+//! and [`Error`] becomes a [`Status`] in exactly one place.
+
+use std::sync::Arc;
+
+use chirp_proto::analytics::v1::{self as pb, analytics_service_server::AnalyticsService};
+use chrono::{DateTime, TimeZone as _, Utc};
+use service_kit::{
+    auth::{Caller, TokenVerifier},
+    validate::{invalid_argument, violation, FieldViolation, Violations},
+};
+use tonic::{metadata::MetadataMap, Request, Response, Status};
+
+use crate::{
+    domain::{Event, Granularity, Window, MAX_BATCH, MAX_BUCKETS},
+    error::Error,
+    store::Store,
+};
+
+pub use pb::analytics_service_server::{AnalyticsServiceServer, SERVICE_NAME};
+
+/// Metadata key of the producers' shared secret.
+pub const INGEST_TOKEN_HEADER: &str = "x-chirp-ingest-token";
+
+pub struct AnalyticsApi {
+    store: Store,
+    verifier: Arc<TokenVerifier>,
+    ingest_token: String,
+}
+
+impl AnalyticsApi {
+    #[must_use]
+    pub fn new(store: Store, verifier: Arc<TokenVerifier>, ingest_token: String) -> Self {
+        Self {
+            store,
+            verifier,
+            ingest_token,
+        }
+    }
+
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
+        Ok(self.verifier.authenticate(metadata).await?)
+    }
+
+    fn check_ingest_token(&self, metadata: &MetadataMap) -> Result<(), Error> {
+        let presented = metadata
+            .get(INGEST_TOKEN_HEADER)
+            .map(|v| v.as_bytes())
+            .ok_or(Error::BadIngestToken)?;
+        if constant_time_eq(presented, self.ingest_token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Error::BadIngestToken)
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell an
+/// attacker how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn timestamp(field: &str, raw: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, FieldViolation> {
+    raw.map(|t| {
+        u32::try_from(t.nanos)
+            .ok()
+            .and_then(|nanos| Utc.timestamp_opt(t.seconds, nanos).single())
+            .ok_or_else(|| violation(field, "is not a valid timestamp"))
+    })
+    .transpose()
+}
+
+fn window(start: Option<&prost_types::Timestamp>, end: Option<&prost_types::Timestamp>) -> Result<Window, Error> {
+    let start = timestamp("start_time", start)?;
+    let end = timestamp("end_time", end)?;
+    Ok(Window::parse(start, end)?)
+}
+
+fn to_pb_time(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl AnalyticsService for AnalyticsApi {
+    async fn record_events(&self, request: Request<pb::RecordEventsRequest>) -> Reply<pb::RecordEventsResponse> {
+        self.check_ingest_token(request.metadata())?;
+        let raw = &request.get_ref().events;
+        if raw.is_empty() || raw.len() > MAX_BATCH {
+            return Err(Error::from(violation("events", format!("must hold 1 to {MAX_BATCH} events"))).into());
+        }
+        let mut violations = Violations::new();
+        let events: Vec<Event> = raw
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| violations.check(Event::from_pb(&format!("events[{i}]"), e)))
+            .collect();
+        violations.finish().map_err(Error::from)?;
+        let recorded = self.store.record(&events).await?;
+        Ok(Response::new(pb::RecordEventsResponse {
+            accepted_count: i64::try_from(recorded.accepted).unwrap_or(i64::MAX),
+            duplicate_count: i64::try_from(recorded.duplicates).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn get_user_stats(&self, request: Request<pb::GetUserStatsRequest>) -> Reply<pb::GetUserStatsResponse> {
+        self.caller(request.metadata()).await?;
+        let user = service_kit::validate::uuid("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let stats = self.store.user_stats(&user.to_string()).await?;
+        Ok(Response::new(pb::GetUserStatsResponse {
+            user_id: user.to_string(),
+            message_count: stats.messages,
+            comment_count: stats.comments,
+            follower_count: stats.followers,
+            following_count: stats.following,
+            comments_received_count: stats.comments_received,
+        }))
+    }
+
+    async fn get_message_stats(
+        &self,
+        request: Request<pb::GetMessageStatsRequest>,
+    ) -> Reply<pb::GetMessageStatsResponse> {
+        self.caller(request.metadata()).await?;
+        let message = service_kit::validate::uuid("message_id", &request.get_ref().message_id).map_err(Error::from)?;
+        let stats = self.store.message_stats(&message.to_string()).await?;
+        Ok(Response::new(pb::GetMessageStatsResponse {
+            message_id: message.to_string(),
+            author_id: stats.author_id.unwrap_or_default(),
+            comment_count: stats.comments,
+            deleted: stats.deleted,
+        }))
+    }
+
+    async fn top_messages(&self, request: Request<pb::TopMessagesRequest>) -> Reply<pb::TopMessagesResponse> {
+        self.caller(request.metadata()).await?;
+        let r = request.get_ref();
+        let window = window(r.start_time.as_ref(), r.end_time.as_ref());
+        let limit = match u32::try_from(r.limit) {
+            Ok(0) => Ok(10),
+            Ok(n) if n <= 100 => Ok(n),
+            _ => Err(violation("limit", "must be between 0 (default 10) and 100")),
+        };
+        let (window, limit) = match (window, limit) {
+            (Ok(w), Ok(l)) => (w, l),
+            (w, l) => {
+                let mut all = Vec::new();
+                if let Err(Error::InvalidArgument(v)) = w {
+                    all.extend(v);
+                }
+                if let Err(v) = l {
+                    all.push(v);
+                }
+                return Err(Error::InvalidArgument(all).into());
+            }
+        };
+        let top = self.store.top_messages(window, limit).await?;
+        Ok(Response::new(pb::TopMessagesResponse {
+            messages: top
+                .into_iter()
+                .map(|(message_id, comment_count)| pb::MessageRank {
+                    message_id,
+                    comment_count,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_activity_histogram(
+        &self,
+        request: Request<pb::GetActivityHistogramRequest>,
+    ) -> Reply<pb::GetActivityHistogramResponse> {
+        let caller = self.caller(request.metadata()).await?;
+        if !caller.role.can_moderate() {
+            return Err(Error::PermissionDenied("only moderators and admins may read activity").into());
+        }
+        let r = request.get_ref();
+        let window = window(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let granularity = match pb::Granularity::try_from(r.granularity) {
+            Ok(pb::Granularity::Minute) => Granularity::Minute,
+            Ok(pb::Granularity::Hour) => Granularity::Hour,
+            Ok(pb::Granularity::Day) => Granularity::Day,
+            _ => return Err(Error::from(violation("granularity", "must be MINUTE, HOUR or DAY")).into()),
+        };
+        if (window.end - window.start).num_minutes() / granularity.minutes() > MAX_BUCKETS {
+            return Err(Error::from(violation("granularity", format!("the window would need over {MAX_BUCKETS} buckets"))).into());
+        }
+        let buckets = self.store.histogram(window, granularity).await?;
+        Ok(Response::new(pb::GetActivityHistogramResponse {
+            buckets: buckets
+                .into_iter()
+                .map(|b| pb::ActivityBucket {
+                    start_time: Some(to_pb_time(b.start)),
+                    messages_posted: b.messages_posted,
+                    comments_added: b.comments_added,
+                    users_registered: b.users_registered,
+                    follows: b.follows,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The one place an [`Error`] becomes a [`Status`]; causes are logged here,
+/// never sent.
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(violations) => invalid_argument(&violations),
+            Error::Unauthenticated(auth) => auth.into(),
+            Error::BadIngestToken => Status::unauthenticated(err.to_string()),
+            Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::StoreUnavailable(cause) => {
+                if let Some(cause) = cause {
+                    tracing::warn!(error = format!("{cause:#}"), "analytics store unavailable");
+                }
+                Status::unavailable("the analytics store is unavailable; retry later")
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

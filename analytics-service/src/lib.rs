@@ -1,0 +1,84 @@
+//! Chirp's analytics-service: engagement events and their aggregates, in a
+//! SQLite file that no other service touches. Producers deliver events from
+//! their outboxes; each event id is applied once, whatever the deliveries.
+//!
+//! Layout: [`domain`] (requests and answers), [`store`] (the only sqlx code,
+//! and why there is one writer), [`grpc`] (the edge).
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod store;
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use service_kit::{
+    auth::TokenVerifier,
+    client::{Peer, PeerConfig},
+    server::{Health, ServeOptions},
+    store::{StoreMonitor, StoreStatus},
+};
+use tokio::net::TcpListener;
+
+use crate::{config::Config, grpc::SERVICE_NAME, store::Store};
+
+/// Runs analytics-service on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When the configuration is unusable or the server fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let verifier = Arc::new(match &config.jwt_public_key_file {
+        Some(path) => TokenVerifier::from_pem_file(path)?,
+        None => TokenVerifier::from_user_service(Arc::new(
+            Peer::connect_lazy(PeerConfig::new("user-service", &config.user_service_url)).context("USER_SERVICE_URL")?,
+        )),
+    });
+    let status = StoreStatus::new();
+    let store = Store::connect_lazy(&config.database_url, status.clone()).context("DATABASE_URL")?;
+
+    let health = Health::new();
+    let registry = prometheus::Registry::new();
+    let _monitor = {
+        let store = store.clone();
+        let migrated = Arc::new(tokio::sync::OnceCell::new());
+        StoreMonitor::spawn(
+            "sqlite",
+            health.clone(),
+            &registry,
+            vec![SERVICE_NAME],
+            config.store_probe_interval,
+            status,
+            move || {
+                let store = store.clone();
+                let migrated = migrated.clone();
+                async move {
+                    migrated
+                        .get_or_try_init(|| store.migrate())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("migrating SQLite: {e:#?}"))?;
+                    store.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
+                }
+            },
+        )?
+    };
+
+    let api = grpc::AnalyticsApi::new(store, verifier, config.ingest_token.clone());
+    let routes = tonic::service::Routes::new(grpc::AnalyticsServiceServer::new(api));
+    service_kit::server::serve(
+        ServeOptions::new("analytics-service", vec![SERVICE_NAME], &config.common),
+        health,
+        registry,
+        listener,
+        metrics_listener,
+        routes,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,11 @@
+use analytics_service::config::Config;
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    service_kit::telemetry::init(config.common.log_format);
+    let listener = service_kit::server::bind(config.listen_addr()).await?;
+    let metrics = service_kit::server::bind(config.metrics_addr()).await?;
+    analytics_service::run(config, listener, Some(metrics), service_kit::server::shutdown_signal()).await
+}

@@ -1,0 +1,386 @@
+//! The only module that talks to SQLite.
+//!
+//! # One writer, by design
+//!
+//! SQLite takes one writer at a time per database file. Rather than let
+//! concurrent RecordEvents transactions contend for that lock (and fail with
+//! SQLITE_BUSY under load), writes go through one async mutex, so they queue
+//! in the service, in order; reads run beside them thanks to WAL mode. One
+//! process owns the file: in Kubernetes analytics-service is a single-replica
+//! StatefulSet. Scaling writes out would mean partitioning events by key
+//! across several files or services, or moving the aggregates to a store
+//! with concurrent writers; reads could scale sooner with read replicas of
+//! the file (e.g. Litestream).
+
+use std::{str::FromStr as _, time::Duration};
+
+use chrono::{TimeZone as _, Utc};
+use service_kit::store::StoreStatus;
+use sqlx::{
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    Row, Sqlite, Transaction,
+};
+
+use crate::{
+    domain::{Bucket, Event, Granularity, MessageStats, Payload, Recorded, UserStats, Window},
+    error::{Error, Result},
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    status: StoreStatus,
+}
+
+/// A user_stats counter; names are fixed here, never taken from input.
+#[derive(Clone, Copy)]
+enum UserCounter {
+    Messages,
+    Comments,
+    Followers,
+    Following,
+    CommentsReceived,
+}
+
+impl UserCounter {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Messages => "message_count",
+            Self::Comments => "comment_count",
+            Self::Followers => "follower_count",
+            Self::Following => "following_count",
+            Self::CommentsReceived => "comments_received_count",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ActivityCounter {
+    MessagesPosted,
+    CommentsAdded,
+    UsersRegistered,
+    Follows,
+}
+
+impl ActivityCounter {
+    fn column(self) -> &'static str {
+        match self {
+            Self::MessagesPosted => "messages_posted",
+            Self::CommentsAdded => "comments_added",
+            Self::UsersRegistered => "users_registered",
+            Self::Follows => "follows",
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file in WAL mode.
+    ///
+    /// # Errors
+    /// When the URL cannot be parsed.
+    pub fn connect_lazy(url: &str, status: StoreStatus) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL keeps the database consistent on power loss and
+            // loses at most the last transactions' fsync; acknowledged events
+            // are still in the producers' outboxes until marked delivered.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            status,
+        })
+    }
+
+    fn ready(&self) -> Result<&SqlitePool> {
+        if self.status.is_up() {
+            Ok(&self.pool)
+        } else {
+            Err(Error::StoreUnavailable(None))
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Internal(anyhow::Error::new(e).context("running migrations")))
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        Ok(())
+    }
+
+    /// Stores a batch in one transaction; events already stored are skipped
+    /// by their unique id, so redelivery changes nothing.
+    pub async fn record(&self, events: &[Event]) -> Result<Recorded> {
+        let pool = self.ready()?;
+        let _writer = self.writer.lock().await;
+        let mut tx = pool.begin().await.map_err(classify)?;
+        let mut recorded = Recorded::default();
+        for event in events {
+            let (kind, message_id) = describe(&event.payload);
+            let inserted = sqlx::query(
+                "INSERT INTO events (event_id, producer, kind, occurred_at, message_id, payload)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(event.id.to_string())
+            .bind(&event.producer)
+            .bind(kind)
+            .bind(event.occurred_at.timestamp_millis())
+            .bind(message_id)
+            .bind(event.to_json()?)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if inserted.rows_affected() == 0 {
+                recorded.duplicates += 1;
+                continue;
+            }
+            recorded.accepted += 1;
+            apply(&mut tx, event).await?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(recorded)
+    }
+
+    pub async fn user_stats(&self, user: &str) -> Result<UserStats> {
+        let row = sqlx::query(
+            "SELECT message_count, comment_count, follower_count, following_count, comments_received_count
+             FROM user_stats WHERE user_id = ?",
+        )
+        .bind(user)
+        .fetch_optional(self.ready()?)
+        .await
+        .map_err(classify)?;
+        let Some(row) = row else { return Ok(UserStats::default()) };
+        Ok(UserStats {
+            messages: get(&row, "message_count")?,
+            comments: get(&row, "comment_count")?,
+            followers: get(&row, "follower_count")?,
+            following: get(&row, "following_count")?,
+            comments_received: get(&row, "comments_received_count")?,
+        })
+    }
+
+    pub async fn message_stats(&self, message: &str) -> Result<MessageStats> {
+        let row = sqlx::query("SELECT author_id, comment_count, deleted FROM message_stats WHERE message_id = ?")
+            .bind(message)
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+        let Some(row) = row else { return Ok(MessageStats::default()) };
+        Ok(MessageStats {
+            author_id: row.try_get("author_id").map_err(internal)?,
+            comments: get(&row, "comment_count")?,
+            deleted: get::<i64>(&row, "deleted")? != 0,
+        })
+    }
+
+    /// Messages with the most comments added in `window`, deleted ones left out.
+    pub async fn top_messages(&self, window: Window, limit: u32) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT e.message_id, count(*) AS comments
+             FROM events e LEFT JOIN message_stats m ON m.message_id = e.message_id
+             WHERE e.kind = 'comment_added' AND e.occurred_at >= ? AND e.occurred_at < ?
+               AND COALESCE(m.deleted, 0) = 0
+             GROUP BY e.message_id
+             ORDER BY comments DESC, e.message_id
+             LIMIT ?",
+        )
+        .bind(window.start.timestamp_millis())
+        .bind(window.end.timestamp_millis())
+        .bind(i64::from(limit))
+        .fetch_all(self.ready()?)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("message_id").map_err(internal)?, get(row, "comments")?)))
+            .collect()
+    }
+
+    /// Activity per bucket in `window`; empty buckets are left out.
+    pub async fn histogram(&self, window: Window, granularity: Granularity) -> Result<Vec<Bucket>> {
+        let width = granularity.minutes();
+        let rows = sqlx::query(
+            "SELECT (minute / ?1) * ?1 AS bucket, sum(messages_posted) AS messages_posted,
+                    sum(comments_added) AS comments_added, sum(users_registered) AS users_registered,
+                    sum(follows) AS follows
+             FROM activity WHERE minute >= ?2 AND minute < ?3
+             GROUP BY bucket ORDER BY bucket",
+        )
+        .bind(width)
+        .bind(window.start.timestamp().div_euclid(60))
+        .bind(window.end.timestamp().div_euclid(60) + i64::from(window.end.timestamp().rem_euclid(60) != 0))
+        .fetch_all(self.ready()?)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let minute: i64 = get(row, "bucket")?;
+                Ok(Bucket {
+                    start: Utc.timestamp_opt(minute * 60, 0).single().unwrap_or_default(),
+                    messages_posted: get(row, "messages_posted")?,
+                    comments_added: get(row, "comments_added")?,
+                    users_registered: get(row, "users_registered")?,
+                    follows: get(row, "follows")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The event's kind and the message it is about, as stored in `events`.
+fn describe(payload: &Payload) -> (&'static str, Option<String>) {
+    match payload {
+        Payload::UserRegistered { .. } => ("user_registered", None),
+        Payload::UserFollowed { .. } => ("user_followed", None),
+        Payload::UserUnfollowed { .. } => ("user_unfollowed", None),
+        Payload::UserBanned { .. } => ("user_banned", None),
+        Payload::UserUnbanned { .. } => ("user_unbanned", None),
+        Payload::UserDeleted { .. } => ("user_deleted", None),
+        Payload::MessagePosted { message_id, .. } => ("message_posted", Some(message_id.to_string())),
+        Payload::MessageDeleted { message_id, .. } => ("message_deleted", Some(message_id.to_string())),
+        Payload::MessageHidden { message_id, .. } => ("message_hidden", Some(message_id.to_string())),
+        Payload::CommentAdded { message_id, .. } => ("comment_added", Some(message_id.to_string())),
+        Payload::CommentDeleted { message_id, .. } => ("comment_deleted", Some(message_id.to_string())),
+    }
+}
+
+/// Updates the aggregates for one newly stored event. Every update is an
+/// upsert that adds, so the result does not depend on the order events from
+/// different producers arrive in.
+async fn apply(tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
+    use ActivityCounter as A;
+    use UserCounter as U;
+    let minute = event.occurred_at.timestamp().div_euclid(60);
+    match &event.payload {
+        Payload::UserRegistered { .. } => activity(tx, minute, A::UsersRegistered).await,
+        Payload::UserFollowed { follower_id, followee_id } => {
+            user(tx, &follower_id.to_string(), U::Following, 1).await?;
+            user(tx, &followee_id.to_string(), U::Followers, 1).await?;
+            activity(tx, minute, A::Follows).await
+        }
+        Payload::UserUnfollowed { follower_id, followee_id } => {
+            user(tx, &follower_id.to_string(), U::Following, -1).await?;
+            user(tx, &followee_id.to_string(), U::Followers, -1).await
+        }
+        Payload::MessagePosted { message_id, author_id } => {
+            user(tx, &author_id.to_string(), U::Messages, 1).await?;
+            message(tx, &message_id.to_string(), Some(&author_id.to_string()), 0, false).await?;
+            activity(tx, minute, A::MessagesPosted).await
+        }
+        Payload::MessageDeleted { message_id, author_id } => {
+            user(tx, &author_id.to_string(), U::Messages, -1).await?;
+            message(tx, &message_id.to_string(), Some(&author_id.to_string()), 0, true).await
+        }
+        Payload::CommentAdded {
+            message_id,
+            author_id,
+            message_author_id,
+            ..
+        } => {
+            user(tx, &author_id.to_string(), U::Comments, 1).await?;
+            user(tx, &message_author_id.to_string(), U::CommentsReceived, 1).await?;
+            message(tx, &message_id.to_string(), Some(&message_author_id.to_string()), 1, false).await?;
+            activity(tx, minute, A::CommentsAdded).await
+        }
+        Payload::CommentDeleted {
+            message_id,
+            author_id,
+            message_author_id,
+            ..
+        } => {
+            user(tx, &author_id.to_string(), U::Comments, -1).await?;
+            user(tx, &message_author_id.to_string(), U::CommentsReceived, -1).await?;
+            message(tx, &message_id.to_string(), Some(&message_author_id.to_string()), -1, false).await
+        }
+        // Recorded for the record; no counter follows them.
+        Payload::UserBanned { .. }
+        | Payload::UserUnbanned { .. }
+        | Payload::UserDeleted { .. }
+        | Payload::MessageHidden { .. } => Ok(()),
+    }
+}
+
+async fn user(tx: &mut Transaction<'_, Sqlite>, user: &str, counter: UserCounter, delta: i64) -> Result<()> {
+    let column = counter.column();
+    sqlx::query(&format!(
+        "INSERT INTO user_stats (user_id, {column}) VALUES (?, ?)
+         ON CONFLICT (user_id) DO UPDATE SET {column} = {column} + excluded.{column}"
+    ))
+    .bind(user)
+    .bind(delta)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn message(
+    tx: &mut Transaction<'_, Sqlite>,
+    message: &str,
+    author: Option<&str>,
+    comments: i64,
+    deleted: bool,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO message_stats (message_id, author_id, comment_count, deleted) VALUES (?, ?, ?, ?)
+         ON CONFLICT (message_id) DO UPDATE SET
+             author_id = COALESCE(message_stats.author_id, excluded.author_id),
+             comment_count = message_stats.comment_count + excluded.comment_count,
+             deleted = max(message_stats.deleted, excluded.deleted)",
+    )
+    .bind(message)
+    .bind(author)
+    .bind(comments)
+    .bind(i64::from(deleted))
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn activity(tx: &mut Transaction<'_, Sqlite>, minute: i64, counter: ActivityCounter) -> Result<()> {
+    let column = counter.column();
+    sqlx::query(&format!(
+        "INSERT INTO activity (minute, {column}) VALUES (?, 1)
+         ON CONFLICT (minute) DO UPDATE SET {column} = {column} + 1"
+    ))
+    .bind(minute)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+fn get<T>(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<T>
+where
+    T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(internal)
+}
+
+fn internal(err: sqlx::Error) -> Error {
+    Error::Internal(anyhow::Error::new(err).context("reading an analytics row"))
+}
+
+fn classify(err: sqlx::Error) -> Error {
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+        }
+        other => Error::Internal(anyhow::Error::new(other).context("querying SQLite")),
+    }
+}
+
