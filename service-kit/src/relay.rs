@@ -69,8 +69,49 @@ impl RelayConfig {
             batch_size: 200,
             poll_interval: Duration::from_millis(500),
             backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            // Short enough that a destination coming back is served within a
+            // second or two; the peer's circuit breaker already spares it
+            // while it is down.
+            backoff_max: Duration::from_secs(1),
         }
+    }
+}
+
+/// analytics-service, the destination every producer has.
+pub struct Analytics {
+    peer: Arc<crate::client::Peer>,
+    ingest_token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Analytics {
+    /// # Errors
+    /// When the token is not a valid metadata value.
+    pub fn new(peer: Arc<crate::client::Peer>, ingest_token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            peer,
+            ingest_token: ingest_token
+                .parse()
+                .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?,
+        })
+    }
+}
+
+impl Destination for Analytics {
+    async fn deliver(&self, events: &[Event]) -> Result<(), tonic::Status> {
+        use chirp_proto::analytics::v1::{analytics_service_client::AnalyticsServiceClient, RecordEventsRequest};
+        let request = RecordEventsRequest {
+            events: events.iter().map(Event::to_pb).collect(),
+        };
+        // Idempotent by event id, so retrying inside the call is safe too.
+        self.peer
+            .call(crate::client::Idempotency::Idempotent, request, |channel, mut request| {
+                request
+                    .metadata_mut()
+                    .insert("x-chirp-ingest-token", self.ingest_token.clone());
+                async move { AnalyticsServiceClient::new(channel).record_events(request).await }
+            })
+            .await
+            .map(drop)
     }
 }
 

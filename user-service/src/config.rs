@@ -44,6 +44,22 @@ pub struct Config {
     #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true, requires = "admin_username")]
     pub admin_password: Option<String>,
 
+    /// analytics-service's gRPC endpoint: where events are delivered
+    #[arg(long, env = "ANALYTICS_SERVICE_URL", default_value = "http://127.0.0.1:50054")]
+    pub analytics_service_url: String,
+
+    /// Shared secret presented to analytics-service's RecordEvents
+    #[arg(long, env = "INGEST_TOKEN", hide_env_values = true, default_value = "chirp-dev-ingest-token")]
+    pub ingest_token: String,
+
+    /// comment-service's gRPC endpoint: where bans purge comments
+    #[arg(long, env = "COMMENT_SERVICE_URL", default_value = "http://127.0.0.1:50053")]
+    pub comment_service_url: String,
+
+    /// message-service's gRPC endpoint: where bans hide messages
+    #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50052")]
+    pub message_service_url: String,
+
     /// Memory of one argon2id password hash, in KiB (OWASP's minimum is 19456)
     #[arg(long, env = "PASSWORD_HASH_MEMORY_KIB", default_value_t = 19_456)]
     pub password_hash_memory_kib: u32,

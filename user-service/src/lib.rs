@@ -4,6 +4,7 @@
 //! Layout: [`domain`] (types that parse, no prost, no sqlx), [`store`] (the
 //! only sqlx code), [`service`] (the rules), [`grpc`] (the edge).
 
+pub mod clients;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -18,6 +19,8 @@ use anyhow::Context as _;
 use chirp_proto::user::v1::user_service_server::SERVICE_NAME;
 use service_kit::{
     auth::TokenSigner,
+    client::{Peer, PeerConfig},
+    relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -65,7 +68,7 @@ pub async fn run(
         .context("DATABASE_URL")?;
     let hasher = password::Hasher::new(config.password_hash_memory_kib)?;
     let users = Arc::new(
-        Users::new(store, hasher, signer, admin)
+        Users::new(store.clone(), hasher, signer, admin)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
@@ -95,6 +98,39 @@ pub async fn run(
             },
         )?
     };
+
+    // One relay per destination, so a destination that is down holds back
+    // only its own deliveries.
+    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
+        Ok(Arc::new(Peer::connect_lazy(PeerConfig::new(name, url)).with_context(|| format!("{name} URL"))?))
+    };
+    let relay_metrics = RelayMetrics::register(&registry)?;
+    let _relays = [
+        relay::spawn(
+            RelayConfig::new(store::ANALYTICS),
+            store.outbox(store::ANALYTICS),
+            Analytics::new(peer("analytics-service", &config.analytics_service_url)?, &config.ingest_token)?,
+            relay_metrics.clone(),
+        ),
+        relay::spawn(
+            RelayConfig::new(store::COMMENTS),
+            store.outbox(store::COMMENTS),
+            clients::CommentPurge {
+                peer: peer("comment-service", &config.comment_service_url)?,
+                users: users.clone(),
+            },
+            relay_metrics.clone(),
+        ),
+        relay::spawn(
+            RelayConfig::new(store::MESSAGES),
+            store.outbox(store::MESSAGES),
+            clients::MessageVisibility {
+                peer: peer("message-service", &config.message_service_url)?,
+                users: users.clone(),
+            },
+            relay_metrics,
+        ),
+    ];
 
     let routes = tonic::service::Routes::new(UserServiceServer::new(UserApi::new(users)));
     service_kit::server::serve(

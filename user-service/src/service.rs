@@ -2,7 +2,10 @@
 //! what, and what each operation means. Speaks domain types only.
 
 use chrono::Utc;
-use service_kit::auth::{PublicKey, TokenSigner};
+use service_kit::{
+    auth::{PublicKey, TokenSigner},
+    events::{Event, Payload},
+};
 
 use crate::{
     domain::{
@@ -11,8 +14,15 @@ use crate::{
     },
     error::{Error, Result},
     password::Hasher,
-    store::Store,
+    store::{Moderated, Store},
 };
+
+/// Producer name in the events this service writes.
+pub const PRODUCER: &str = "user-service";
+
+fn event(payload: Payload) -> Event {
+    Event::new(PRODUCER, payload)
+}
 
 /// The configured first administrator.
 #[derive(Clone, Debug)]
@@ -89,7 +99,10 @@ impl Users {
             password_hash: self.hasher.hash(registration.password).await?,
             role: Role::User,
         };
-        self.store.insert_user(&user).await
+        let registered = event(Payload::UserRegistered {
+            user_id: user.id.as_uuid(),
+        });
+        self.store.insert_user(&user, &registered).await
     }
 
     pub async fn login(&self, username: &Username, password: Password) -> Result<Session> {
@@ -142,11 +155,19 @@ impl Users {
                 "users cannot follow themselves",
             )]));
         }
-        self.store.follow(follower, followee).await
+        let followed = event(Payload::UserFollowed {
+            follower_id: follower.as_uuid(),
+            followee_id: followee.as_uuid(),
+        });
+        self.store.follow(follower, followee, &followed).await
     }
 
     pub async fn unfollow(&self, caller: Caller, followee: UserId) -> Result<()> {
-        self.store.unfollow(caller.user_id.into(), followee).await
+        let unfollowed = event(Payload::UserUnfollowed {
+            follower_id: caller.user_id,
+            followee_id: followee.as_uuid(),
+        });
+        self.store.unfollow(caller.user_id.into(), followee, &unfollowed).await
     }
 
     pub async fn following(&self, user: UserId, page: PageRequest) -> Result<Page> {
@@ -187,12 +208,16 @@ impl Users {
         if UserId::from(caller.user_id) == target {
             return Err(Error::PermissionDenied("users cannot ban or unban themselves"));
         }
-        match self.store.set_banned(target, ban, caller.role).await? {
-            Some(user) => Ok(user),
-            None if self.store.user(target).await?.is_some() => {
-                Err(Error::PermissionDenied("the user's role is not below the caller's"))
-            }
-            None => Err(Error::NotFound("no user has that id")),
+        let (user_id, moderator_id) = (target.as_uuid(), caller.user_id);
+        let change = event(if ban.is_some() {
+            Payload::UserBanned { user_id, moderator_id }
+        } else {
+            Payload::UserUnbanned { user_id, moderator_id }
+        });
+        match self.store.set_banned(target, ban, caller.role, &change).await? {
+            Moderated::Changed(user) | Moderated::Unchanged(user) => Ok(user),
+            Moderated::NotAllowed => Err(Error::PermissionDenied("the user's role is not below the caller's")),
+            Moderated::NoSuchUser => Err(Error::NotFound("no user has that id")),
         }
     }
 
@@ -202,7 +227,10 @@ impl Users {
                 "only the user themself or an admin may delete an account",
             ));
         }
-        if self.store.delete_user(target).await? {
+        let deleted = event(Payload::UserDeleted {
+            user_id: target.as_uuid(),
+        });
+        if self.store.delete_user(target, &deleted).await? {
             Ok(())
         } else {
             Err(Error::NotFound("no user has that id"))
@@ -212,5 +240,22 @@ impl Users {
     #[must_use]
     pub fn public_keys(&self) -> Vec<PublicKey> {
         vec![self.signer.public_key()]
+    }
+
+    /// A short-lived admin token for user-service itself, to act on other
+    /// services when delivering moderation (the decision was authorised
+    /// here already). Its subject is the nil UUID, which no user has.
+    ///
+    /// # Errors
+    /// When signing fails (not expected).
+    pub fn system_token(&self) -> anyhow::Result<String> {
+        let now = Utc::now().timestamp();
+        self.signer.sign(&service_kit::auth::Claims {
+            sub: uuid::Uuid::nil().to_string(),
+            role: Role::Admin,
+            iss: service_kit::auth::ISSUER.to_owned(),
+            iat: now,
+            exp: now + 300,
+        })
     }
 }

@@ -8,10 +8,14 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use service_kit::store::StoreStatus;
+use service_kit::{
+    events::{Event, Payload},
+    relay::{Backlog, Outbox, Pending},
+    store::StoreStatus,
+};
 use sqlx::{
     postgres::{PgPool, PgPoolOptions},
-    Row,
+    Postgres, Row, Transaction,
 };
 use uuid::Uuid;
 
@@ -74,7 +78,9 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert_user(&self, user: &NewUser) -> Result<User> {
+    /// Stores a new user and its `UserRegistered` event, atomically.
+    pub async fn insert_user(&self, user: &NewUser, event: &Event) -> Result<User> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let row = sqlx::query(&format!(
             "INSERT INTO users (id, username, display_name, password_hash, role)
              VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLUMNS}"
@@ -84,13 +90,16 @@ impl Store {
         .bind(user.display_name.as_str())
         .bind(&user.password_hash)
         .bind(user.role.as_str())
-        .fetch_one(self.ready()?)
+        .fetch_one(&mut *tx)
         .await
         .map_err(|e| match &e {
             sqlx::Error::Database(db) if db.is_unique_violation() => Error::AlreadyExists("the username is taken"),
             _ => classify(e),
         })?;
-        user_from_row(&row)
+        let user = user_from_row(&row)?;
+        write_event(&mut tx, event).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(user)
     }
 
     /// Creates the configured administrator, or makes the existing account
@@ -143,47 +152,57 @@ impl Store {
         rows.iter().map(user_from_row).collect()
     }
 
-    /// Adds the edge; already following is success. Fails with NotFound when
-    /// the followee does not exist and PermissionDenied when the follower is
+    /// Adds the edge (and its event, in the same transaction); already
+    /// following is success and writes nothing. Fails with NotFound when the
+    /// followee does not exist and PermissionDenied when the follower is
     /// banned or gone.
-    pub async fn follow(&self, follower: UserId, followee: UserId) -> Result<()> {
+    pub async fn follow(&self, follower: UserId, followee: UserId, event: &Event) -> Result<()> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let row = sqlx::query(
-            "WITH parties AS (
-                 SELECT
-                     EXISTS (SELECT 1 FROM users WHERE id = $1 AND banned_at IS NULL) AS follower_ok,
-                     EXISTS (SELECT 1 FROM users WHERE id = $2) AS followee_ok
-             ), inserted AS (
-                 INSERT INTO follows (follower_id, followee_id)
-                 SELECT $1, $2 FROM parties WHERE follower_ok AND followee_ok
-                 ON CONFLICT DO NOTHING
-             )
-             SELECT follower_ok, followee_ok FROM parties",
+            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND banned_at IS NULL) AS follower_ok,
+                    EXISTS (SELECT 1 FROM users WHERE id = $2) AS followee_ok",
         )
         .bind(follower.as_uuid())
         .bind(followee.as_uuid())
-        .fetch_one(self.ready()?)
+        .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
-        let follower_ok: bool = row.try_get("follower_ok").map_err(internal)?;
-        let followee_ok: bool = row.try_get("followee_ok").map_err(internal)?;
-        if !follower_ok {
+        if !row.try_get::<bool, _>("follower_ok").map_err(internal)? {
             return Err(Error::PermissionDenied("the caller is banned or deleted"));
         }
-        if !followee_ok {
+        if !row.try_get::<bool, _>("followee_ok").map_err(internal)? {
             return Err(Error::NotFound("no user has that id"));
         }
-        Ok(())
-    }
-
-    /// Removes the edge; not following is success.
-    pub async fn unfollow(&self, follower: UserId, followee: UserId) -> Result<()> {
-        sqlx::query("DELETE FROM follows WHERE follower_id = $1 AND followee_id = $2")
+        let inserted = sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(follower.as_uuid())
             .bind(followee.as_uuid())
-            .execute(self.ready()?)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                // The followee was deleted between the check and the insert.
+                sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound("no user has that id"),
+                _ => classify(e),
+            })?;
+        if inserted.rows_affected() == 1 {
+            write_event(&mut tx, event).await?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    /// Removes the edge (and writes its event); not following is success and
+    /// writes nothing.
+    pub async fn unfollow(&self, follower: UserId, followee: UserId, event: &Event) -> Result<()> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
+        let deleted = sqlx::query("DELETE FROM follows WHERE follower_id = $1 AND followee_id = $2")
+            .bind(follower.as_uuid())
+            .bind(followee.as_uuid())
+            .execute(&mut *tx)
             .await
             .map_err(classify)?;
-        Ok(())
+        if deleted.rows_affected() == 1 {
+            write_event(&mut tx, event).await?;
+        }
+        tx.commit().await.map_err(classify)
     }
 
     /// Users `user` follows, in id order.
@@ -237,44 +256,165 @@ impl Store {
 
     /// Bans (`Some(reason)`) or unbans (`None`) `id`, but only if its role is
     /// below `below`: the check and the change are one statement, so a role
-    /// change in between cannot slip through. `Ok(None)` when no such user
-    /// exists or the role is not below.
-    pub async fn set_banned(&self, id: UserId, ban: Option<&BanReason>, below: Role) -> Result<Option<User>> {
+    /// change in between cannot slip through. When the ban state changes,
+    /// `event` is written in the same transaction; banning a banned user (or
+    /// unbanning an unbanned one) changes and writes nothing.
+    pub async fn set_banned(
+        &self,
+        id: UserId,
+        ban: Option<&BanReason>,
+        below: Role,
+        event: &Event,
+    ) -> Result<Moderated> {
         let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
             .into_iter()
             .filter(|r| *r < below)
             .map(Role::as_str)
             .collect();
         let sql = if ban.is_some() {
-            // A second ban keeps the first one's time and reason.
             format!(
-                "UPDATE users SET banned_at = COALESCE(banned_at, now()), ban_reason = COALESCE(ban_reason, $3)
-                 WHERE id = $1 AND role = ANY($2) RETURNING {USER_COLUMNS}"
+                "UPDATE users SET banned_at = now(), ban_reason = $3
+                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NULL RETURNING {USER_COLUMNS}"
             )
         } else {
             format!(
                 "UPDATE users SET banned_at = NULL, ban_reason = NULL
-                 WHERE id = $1 AND role = ANY($2) RETURNING {USER_COLUMNS}"
+                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NOT NULL RETURNING {USER_COLUMNS}"
             )
         };
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles);
         let query = match ban {
             Some(reason) => query.bind(reason.as_str()),
             None => query,
         };
-        let row = query.fetch_optional(self.ready()?).await.map_err(classify)?;
-        row.as_ref().map(user_from_row).transpose()
+        let changed = query.fetch_optional(&mut *tx).await.map_err(classify)?;
+        if let Some(row) = changed {
+            let user = user_from_row(&row)?;
+            write_event(&mut tx, event).await?;
+            tx.commit().await.map_err(classify)?;
+            return Ok(Moderated::Changed(user));
+        }
+        tx.rollback().await.map_err(classify)?;
+        Ok(match self.user(id).await? {
+            None => Moderated::NoSuchUser,
+            Some(user) if user.role >= below => Moderated::NotAllowed,
+            Some(user) => Moderated::Unchanged(user),
+        })
     }
 
     /// Deletes the user and, by cascade, their follow edges. `false` when no
     /// such user existed.
-    pub async fn delete_user(&self, id: UserId) -> Result<bool> {
+    pub async fn delete_user(&self, id: UserId, event: &Event) -> Result<bool> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let done = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id.as_uuid())
-            .execute(self.ready()?)
+            .execute(&mut *tx)
             .await
             .map_err(classify)?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        write_event(&mut tx, event).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    /// The outbox as `destination` sees it, for a relay.
+    #[must_use]
+    pub fn outbox(&self, destination: &'static str) -> PgOutbox {
+        PgOutbox {
+            pool: self.pool.clone(),
+            destination,
+        }
+    }
+}
+
+/// What a ban or unban did.
+#[derive(Debug)]
+pub enum Moderated {
+    Changed(User),
+    /// Already in the asked state.
+    Unchanged(User),
+    /// The user's role is not below the caller's.
+    NotAllowed,
+    NoSuchUser,
+}
+
+/// Where each event goes. Every event feeds analytics; bans also reach the
+/// services holding the banned user's content.
+pub fn destinations(payload: &Payload) -> &'static [&'static str] {
+    match payload {
+        Payload::UserBanned { .. } => &[ANALYTICS, COMMENTS, MESSAGES],
+        Payload::UserUnbanned { .. } => &[ANALYTICS, MESSAGES],
+        _ => &[ANALYTICS],
+    }
+}
+
+pub const ANALYTICS: &str = "analytics";
+pub const COMMENTS: &str = "comments";
+pub const MESSAGES: &str = "messages";
+
+async fn write_event(tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<()> {
+    let json = event.to_json()?;
+    for destination in destinations(&event.payload) {
+        sqlx::query("INSERT INTO outbox (destination, event_id, event, occurred_at) VALUES ($1, $2, $3, $4)")
+            .bind(destination)
+            .bind(event.id)
+            .bind(&json)
+            .bind(event.occurred_at)
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
+    }
+    Ok(())
+}
+
+/// One destination's rows of the outbox table.
+#[derive(Clone)]
+pub struct PgOutbox {
+    pool: PgPool,
+    destination: &'static str,
+}
+
+impl Outbox for PgOutbox {
+    async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        let rows = sqlx::query("SELECT id, event FROM outbox WHERE destination = $1 ORDER BY id LIMIT $2")
+            .bind(self.destination)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let event: String = row.try_get("event")?;
+                Ok(Pending {
+                    position: id.to_string(),
+                    event: Event::from_json(&event)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_delivered(&self, delivered: &[Pending]) -> anyhow::Result<()> {
+        let ids: Vec<i64> = delivered.iter().filter_map(|p| p.position.parse().ok()).collect();
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let row = sqlx::query("SELECT count(*) AS depth, min(occurred_at) AS oldest FROM outbox WHERE destination = $1")
+            .bind(self.destination)
+            .fetch_one(&self.pool)
+            .await?;
+        let depth: i64 = row.try_get("depth")?;
+        Ok(Backlog {
+            depth: u64::try_from(depth).unwrap_or(0),
+            oldest: row.try_get("oldest")?,
+        })
     }
 }
 

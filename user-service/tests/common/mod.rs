@@ -62,6 +62,11 @@ impl TestApp {
             // Cheap hashes: tests hash hundreds of passwords.
             "--password-hash-memory-kib=256".to_owned(),
             "--store-probe-interval=100ms".to_owned(),
+            // No peers in these tests: deliveries stay in the outbox (port 1
+            // refuses at once), where tests can read them.
+            "--analytics-service-url=http://127.0.0.1:1".to_owned(),
+            "--comment-service-url=http://127.0.0.1:1".to_owned(),
+            "--message-service-url=http://127.0.0.1:1".to_owned(),
         ];
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         let config = Config::try_parse_from(args).expect("valid test configuration");
@@ -193,6 +198,26 @@ impl TestApp {
             .fetch_one(&mut conn)
             .await
             .expect("counting users")
+    }
+
+    /// Outbox rows per destination, and the event types waiting there.
+    pub async fn outbox(&self) -> Vec<(String, String)> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.database_url).await.expect("connecting");
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT destination, event FROM outbox ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("reading the outbox");
+        rows.into_iter()
+            .map(|(destination, event)| {
+                let event = service_kit::events::Event::from_json(&event).expect("an event");
+                let kind = serde_json::to_value(&event.payload).expect("json")["type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                (destination, kind)
+            })
+            .collect()
     }
 
     pub async fn metrics(&self) -> String {
