@@ -20,6 +20,7 @@ use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
     client::{Peer, PeerConfig},
+    relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -62,6 +63,12 @@ pub async fn run(
         .await
         .context("MONGODB_URI")?;
     let registry = prometheus::Registry::new();
+    let _relay = relay::spawn(
+        RelayConfig::new(store::ANALYTICS),
+        store.outbox(),
+        Analytics::new(peer("analytics-service", &config.analytics_service_url)?, &config.ingest_token)?,
+        RelayMetrics::register(&registry)?,
+    );
     let messages = Arc::new(Messages::new(
         store,
         UserClient::new(user_peer),

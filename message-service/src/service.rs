@@ -17,6 +17,7 @@ use std::{
 };
 
 use prometheus::{IntCounterVec, Opts, Registry};
+use service_kit::events::{Event, Payload};
 
 use crate::{
     clients::{CommentClient, UserClient},
@@ -24,6 +25,9 @@ use crate::{
     error::{Error, Result},
     store::Store,
 };
+
+/// Producer name in the events this service writes.
+pub const PRODUCER: &str = "message-service";
 
 /// Following lists, fresh for `ttl`, usable as a fallback up to `max_age`.
 /// Bounded in entries, so it cannot grow with the user base.
@@ -97,7 +101,14 @@ impl Messages {
             body,
             created_at: crate::domain::now(),
         };
-        self.store.insert(&message).await?;
+        let posted = Event::new(
+            PRODUCER,
+            Payload::MessagePosted {
+                message_id: message.id.as_uuid(),
+                author_id: message.author_id.as_uuid(),
+            },
+        );
+        self.store.insert(&message, &posted).await?;
         Ok(message)
     }
 
@@ -243,7 +254,16 @@ impl Messages {
                 "only the author, a moderator or an admin may delete a message",
             ));
         }
-        if self.store.delete(id).await? {
+        let deleted = |message: &Message| {
+            Event::new(
+                PRODUCER,
+                Payload::MessageDeleted {
+                    message_id: message.id.as_uuid(),
+                    author_id: message.author_id.as_uuid(),
+                },
+            )
+        };
+        if self.store.delete(id, deleted).await? {
             Ok(())
         } else {
             Err(Error::NotFound("no message has that id"))
@@ -255,6 +275,16 @@ impl Messages {
         if !caller.role.can_moderate() {
             return Err(Error::PermissionDenied("only moderators and admins may hide messages"));
         }
-        self.store.set_hidden(author, hidden).await
+        let changed = |message: MessageId| {
+            Event::new(
+                PRODUCER,
+                Payload::MessageHidden {
+                    message_id: message.as_uuid(),
+                    author_id: author.as_uuid(),
+                    hidden,
+                },
+            )
+        };
+        self.store.set_hidden(author, hidden, changed).await
     }
 }

@@ -437,3 +437,40 @@ async fn check_message_tells_other_services_whether_a_visible_message_exists() {
         .unwrap();
     assert!(!check(posted.id).await.exists);
 }
+
+#[tokio::test]
+async fn posts_deletes_and_hides_write_their_events_in_the_same_transaction() {
+    let app = TestApp::spawn().await;
+    let (troll, token) = app.user("troll", Role::User);
+    let (_, moderator) = app.user("moe", Role::Moderator);
+    let first = app.post(&token, "one").await;
+    app.post(&token, "two").await;
+    app.v1()
+        .delete_message(authed(v1::DeleteMessageRequest { message_id: first.id }, &token))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        app.v1()
+            .set_user_messages_hidden(authed(
+                v1::SetUserMessagesHiddenRequest {
+                    user_id: troll.clone(),
+                    hidden: true,
+                },
+                &moderator,
+            ))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        app.outbox().await,
+        ["message_posted", "message_posted", "message_deleted", "message_hidden"],
+        "hiding twice wrote one event for the one message left"
+    );
+    let status = app
+        .v1()
+        .post_message(authed(v1::PostMessageRequest { body: String::new() }, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(app.outbox().await.len(), 4, "a refused post writes no event");
+}

@@ -21,7 +21,11 @@ use mongodb::{
     Client, Collection, Database, IndexModel,
 };
 use serde::{Deserialize, Serialize};
-use service_kit::store::StoreStatus;
+use service_kit::{
+    events::Event,
+    relay::{Backlog, Outbox, Pending},
+    store::StoreStatus,
+};
 
 use crate::{
     domain::{Body, Message, MessageId, Page, PageRequest, UserId},
@@ -29,6 +33,9 @@ use crate::{
 };
 
 const COLLECTION: &str = "messages";
+const OUTBOX: &str = "outbox";
+/// The one destination of message-service's events.
+pub const ANALYTICS: &str = "analytics";
 const TIMELINE_INDEX: &str = "author_time_id";
 
 /// A message as stored: references only (DESIGN.md invariant 2).
@@ -42,10 +49,34 @@ struct MessageDoc {
     hidden: bool,
 }
 
+/// An event waiting in the outbox collection. Its `_id` is the event id (a
+/// UUIDv7, so `_id` order is write order).
+#[derive(Debug, Serialize, Deserialize)]
+struct OutboxDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    destination: String,
+    event: String,
+    occurred_at: BsonDateTime,
+}
+
+impl OutboxDoc {
+    fn new(event: &Event) -> Result<Self> {
+        Ok(Self {
+            id: event.id.to_string(),
+            destination: ANALYTICS.to_owned(),
+            event: event.to_json()?,
+            occurred_at: BsonDateTime::from_millis(event.occurred_at.timestamp_millis()),
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
+    client: Client,
     database: Database,
     messages: Collection<MessageDoc>,
+    outbox: Collection<OutboxDoc>,
     status: StoreStatus,
 }
 
@@ -66,7 +97,9 @@ impl Store {
         let database = client.database(database);
         Ok(Self {
             messages: database.collection(COLLECTION),
+            outbox: database.collection(OUTBOX),
             database,
+            client,
             status,
         })
     }
@@ -115,6 +148,16 @@ impl Store {
             .options(IndexOptions::builder().name(TIMELINE_INDEX.to_owned()).build())
             .build();
         self.messages.create_index(index).await.map_err(classify)?;
+        // A transaction cannot create a collection on every server version;
+        // make sure the outbox exists before the first write needs it.
+        if !existing.iter().any(|name| name == OUTBOX) {
+            self.database.create_collection(OUTBOX).await.map_err(classify)?;
+        }
+        let pending = IndexModel::builder()
+            .keys(doc! { "destination": 1, "_id": 1 })
+            .options(IndexOptions::builder().name("destination_id".to_owned()).build())
+            .build();
+        self.outbox.create_index(pending).await.map_err(classify)?;
         Ok(())
     }
 
@@ -123,9 +166,19 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert(&self, message: &Message) -> Result<()> {
-        self.ready()?.insert_one(to_doc(message)).await.map_err(classify)?;
-        Ok(())
+    /// Stores a message and its event in one transaction.
+    pub async fn insert(&self, message: &Message, event: &Event) -> Result<()> {
+        let messages = self.ready()?;
+        let entry = OutboxDoc::new(event)?;
+        let mut session = self.client.start_session().await.map_err(classify)?;
+        session.start_transaction().await.map_err(classify)?;
+        messages
+            .insert_one(to_doc(message))
+            .session(&mut session)
+            .await
+            .map_err(classify)?;
+        self.outbox.insert_one(entry).session(&mut session).await.map_err(classify)?;
+        session.commit_transaction().await.map_err(classify)
     }
 
     /// A visible message.
@@ -175,14 +228,25 @@ impl Store {
         Ok(Page { items, next })
     }
 
-    /// Deletes a message; `false` when there was none.
-    pub async fn delete(&self, id: MessageId) -> Result<bool> {
-        let done = self
-            .ready()?
-            .delete_one(doc! { "_id": id.to_string() })
+    /// Deletes a message and writes the event `event_for` makes of it, in
+    /// one transaction; `false` when there was no such message.
+    pub async fn delete(&self, id: MessageId, event_for: impl FnOnce(&Message) -> Event) -> Result<bool> {
+        let messages = self.ready()?;
+        let mut session = self.client.start_session().await.map_err(classify)?;
+        session.start_transaction().await.map_err(classify)?;
+        let deleted = messages
+            .find_one_and_delete(doc! { "_id": id.to_string() })
+            .session(&mut session)
             .await
             .map_err(classify)?;
-        Ok(done.deleted_count > 0)
+        let Some(deleted) = deleted else {
+            session.abort_transaction().await.map_err(classify)?;
+            return Ok(false);
+        };
+        let entry = OutboxDoc::new(&event_for(&from_doc(deleted)?))?;
+        self.outbox.insert_one(entry).session(&mut session).await.map_err(classify)?;
+        session.commit_transaction().await.map_err(classify)?;
+        Ok(true)
     }
 
     /// The author of a message, visible or not.
@@ -205,17 +269,103 @@ impl Store {
             .transpose()
     }
 
-    /// Hides or shows every message of `author`; the number changed.
-    pub async fn set_hidden(&self, author: UserId, hidden: bool) -> Result<u64> {
-        let done = self
-            .ready()?
-            .update_many(
-                doc! { "author_id": author.to_string(), "hidden": !hidden },
-                doc! { "$set": { "hidden": hidden } },
-            )
+    /// Hides or shows every message of `author`, writing the event
+    /// `event_for` makes of each message changed, in one transaction; the
+    /// number changed. Messages already in that state are left alone, so a
+    /// repeat changes (and writes) nothing.
+    pub async fn set_hidden(
+        &self,
+        author: UserId,
+        hidden: bool,
+        event_for: impl Fn(MessageId) -> Event,
+    ) -> Result<u64> {
+        let messages = self.ready()?;
+        let filter = doc! { "author_id": author.to_string(), "hidden": !hidden };
+        let mut session = self.client.start_session().await.map_err(classify)?;
+        session.start_transaction().await.map_err(classify)?;
+        let ids: Vec<String> = messages
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! { "_id": 1 })
+            .session(&mut session)
+            .await
+            .map_err(classify)?
+            .stream(&mut session)
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(classify)?
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            session.abort_transaction().await.map_err(classify)?;
+            return Ok(0);
+        }
+        messages
+            .update_many(doc! { "_id": { "$in": &ids } }, doc! { "$set": { "hidden": hidden } })
+            .session(&mut session)
             .await
             .map_err(classify)?;
-        Ok(done.modified_count)
+        let entries = ids
+            .iter()
+            .filter_map(|id| MessageId::parse("_id", id).ok())
+            .map(|id| OutboxDoc::new(&event_for(id)))
+            .collect::<Result<Vec<_>>>()?;
+        self.outbox.insert_many(entries).session(&mut session).await.map_err(classify)?;
+        session.commit_transaction().await.map_err(classify)?;
+        Ok(ids.len() as u64)
+    }
+
+    /// The outbox, for the relay.
+    #[must_use]
+    pub fn outbox(&self) -> MongoOutbox {
+        MongoOutbox {
+            outbox: self.outbox.clone(),
+        }
+    }
+}
+
+/// The outbox collection as the relay sees it.
+#[derive(Clone)]
+pub struct MongoOutbox {
+    outbox: Collection<OutboxDoc>,
+}
+
+impl Outbox for MongoOutbox {
+    async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        let docs: Vec<OutboxDoc> = self
+            .outbox
+            .find(doc! { "destination": ANALYTICS })
+            .sort(doc! { "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter()
+            .map(|d| {
+                Ok(Pending {
+                    event: Event::from_json(&d.event)?,
+                    position: d.id,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_delivered(&self, delivered: &[Pending]) -> anyhow::Result<()> {
+        let ids: Vec<&str> = delivered.iter().map(|p| p.position.as_str()).collect();
+        self.outbox.delete_many(doc! { "_id": { "$in": ids } }).await?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let depth = self.outbox.count_documents(doc! { "destination": ANALYTICS }).await?;
+        let oldest = self
+            .outbox
+            .find_one(doc! { "destination": ANALYTICS })
+            .sort(doc! { "_id": 1 })
+            .await?
+            .and_then(|d| Utc.timestamp_millis_opt(d.occurred_at.timestamp_millis()).single());
+        Ok(Backlog { depth, oldest })
     }
 }
 

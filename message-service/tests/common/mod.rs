@@ -261,6 +261,8 @@ impl TestApp {
             format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
             "--store-probe-interval=100ms".to_owned(),
             format!("--following-cache-ttl={}", options.following_cache_ttl),
+            // Deliveries stay in the outbox (port 1 refuses at once).
+            "--analytics-service-url=http://127.0.0.1:1".to_owned(),
         ];
         if !options.keys_from_user_service {
             args.push(format!("--jwt-public-key-file={}", key_file.display()));
@@ -348,6 +350,28 @@ impl TestApp {
             .await
             .expect("a MongoDB client");
         client.database(self.mongo.database()).collection("messages")
+    }
+
+    /// Event types waiting in the outbox, oldest first.
+    pub async fn outbox(&self) -> Vec<String> {
+        use futures::TryStreamExt as _;
+        let client = mongodb::Client::with_uri_str(self.mongo.uri()).await.expect("a MongoDB client");
+        let docs: Vec<mongodb::bson::Document> = client
+            .database(self.mongo.database())
+            .collection::<mongodb::bson::Document>("outbox")
+            .find(mongodb::bson::doc! {})
+            .sort(mongodb::bson::doc! { "_id": 1 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        docs.iter()
+            .map(|d| {
+                let event = service_kit::events::Event::from_json(d.get_str("event").unwrap()).unwrap();
+                serde_json::to_value(&event.payload).unwrap()["type"].as_str().unwrap().to_owned()
+            })
+            .collect()
     }
 
     pub async fn stored_count(&self) -> u64 {
