@@ -22,7 +22,12 @@ pub struct Config {
     pub store_probe_interval: Duration,
 
     /// Shared secret producers present as `x-chirp-ingest-token` to RecordEvents
-    #[arg(long, env = "INGEST_TOKEN", hide_env_values = true, default_value = "chirp-dev-ingest-token")]
+    #[arg(
+        long,
+        env = "INGEST_TOKEN",
+        hide_env_values = true,
+        default_value = "chirp-dev-ingest-token"
+    )]
     pub ingest_token: String,
 
     /// user-service's gRPC endpoint: token keys

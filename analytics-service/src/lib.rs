@@ -37,7 +37,8 @@ pub async fn run(
     let verifier = Arc::new(match &config.jwt_public_key_file {
         Some(path) => TokenVerifier::from_pem_file(path)?,
         None => TokenVerifier::from_user_service(Arc::new(
-            Peer::connect_lazy(PeerConfig::new("user-service", &config.user_service_url)).context("USER_SERVICE_URL")?,
+            Peer::connect_lazy(PeerConfig::new("user-service", &config.user_service_url))
+                .context("USER_SERVICE_URL")?,
         )),
     });
     let status = StoreStatus::new();

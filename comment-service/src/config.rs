@@ -34,6 +34,19 @@ pub struct Config {
     #[arg(long, env = "USER_SERVICE_URL", default_value = "http://127.0.0.1:50051")]
     pub user_service_url: String,
 
+    /// analytics-service's gRPC endpoint: where events are delivered
+    #[arg(long, env = "ANALYTICS_SERVICE_URL", default_value = "http://127.0.0.1:50054")]
+    pub analytics_service_url: String,
+
+    /// Shared secret presented to analytics-service's RecordEvents
+    #[arg(
+        long,
+        env = "INGEST_TOKEN",
+        hide_env_values = true,
+        default_value = "chirp-dev-ingest-token"
+    )]
+    pub ingest_token: String,
+
     /// Deadline of each call to a peer (cut further by the caller's own deadline)
     #[arg(long, env = "PEER_TIMEOUT", value_parser = parse_duration, default_value = "250ms")]
     pub peer_timeout: Duration,

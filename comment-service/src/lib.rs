@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
     client::{Peer, PeerConfig},
+    relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -53,10 +54,18 @@ pub async fn run(
     let status = StoreStatus::new();
     let store =
         Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
-    let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
-
     let health = Health::new();
     let registry = prometheus::Registry::new();
+    let _relay = relay::spawn(
+        RelayConfig::new("analytics"),
+        store.outbox(),
+        Analytics::new(
+            peer("analytics-service", &config.analytics_service_url)?,
+            &config.ingest_token,
+        )?,
+        RelayMetrics::register(&registry)?,
+    );
+    let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
     let _monitor = {
         let comments = comments.clone();
         let prepared = Arc::new(tokio::sync::OnceCell::new());

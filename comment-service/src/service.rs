@@ -9,12 +9,17 @@
 
 use std::time::Duration;
 
+use service_kit::events::{Event, Payload};
+
 use crate::{
     clients::MessageClient,
     domain::{Body, Caller, Comment, CommentId, MessageId, MessageIds, Page, PageRequest, UserId},
     error::{Error, Result},
     store::Store,
 };
+
+/// Producer name in the events this service writes.
+pub const PRODUCER: &str = "comment-service";
 
 pub struct Comments {
     store: Store,
@@ -48,14 +53,24 @@ impl Comments {
     }
 
     pub async fn add(&self, caller: Caller, message: MessageId, body: Body) -> Result<Comment> {
-        self.message_author(message).await?;
+        let message_author_id = self.message_author(message).await?;
         let comment = Comment {
             id: CommentId::new(),
             message_id: message,
             author_id: caller.user_id.into(),
+            message_author_id,
             body,
         };
-        self.store.insert(&comment).await?;
+        let added = Event::new(
+            PRODUCER,
+            Payload::CommentAdded {
+                comment_id: comment.id.as_uuid(),
+                message_id: comment.message_id.as_uuid(),
+                author_id: comment.author_id.as_uuid(),
+                message_author_id: comment.message_author_id.as_uuid(),
+            },
+        );
+        self.store.insert(&comment, &added).await?;
         Ok(comment)
     }
 
@@ -95,7 +110,16 @@ impl Comments {
                 "only the author, a moderator or an admin may delete a comment",
             ));
         }
-        if self.store.delete(id).await? {
+        let deleted = Event::new(
+            PRODUCER,
+            Payload::CommentDeleted {
+                comment_id: comment.id.as_uuid(),
+                message_id: comment.message_id.as_uuid(),
+                author_id: comment.author_id.as_uuid(),
+                message_author_id: comment.message_author_id.as_uuid(),
+            },
+        );
+        if self.store.delete(id, &deleted).await? {
             Ok(())
         } else {
             Err(Error::NotFound("no comment has that id"))
@@ -107,6 +131,6 @@ impl Comments {
         if !caller.role.can_moderate() {
             return Err(Error::PermissionDenied("only moderators and admins may purge comments"));
         }
-        self.store.purge(user).await
+        self.store.purge(user, PRODUCER).await
     }
 }

@@ -113,6 +113,7 @@ async fn the_schema_version_is_written_at_start_up_and_every_key_is_under_the_pr
     let mut expected = vec![
         format!("{p}c:{}", comment.id),
         format!("{p}m:{message}"),
+        format!("{p}outbox"),
         format!("{p}schema_version"),
         format!("{p}u:{author}"),
     ];
@@ -291,8 +292,8 @@ async fn every_invalid_request_is_refused_with_its_fields_and_writes_nothing() {
     assert_eq!(violated_fields(&status), ["user_id"]);
     assert_eq!(
         keys(&backing).await.len(),
-        4,
-        "schema version and the one valid comment's three keys"
+        5,
+        "schema version, the one valid comment's three keys and the outbox"
     );
 }
 
@@ -444,4 +445,67 @@ async fn purging_a_users_comments_twice_is_the_same_as_once() {
         ["a real comment"]
     );
     assert!(!after_once.iter().any(|k| k.contains(&troll)), "{after_once:?}");
+}
+
+#[tokio::test]
+async fn adds_deletes_and_purges_write_their_events_atomically() {
+    let backing = Backing::shared().await;
+    let app = TestApp::spawn(&backing).await;
+    let (author, token) = backing.user(Role::User);
+    let (_, moderator) = backing.user(Role::Moderator);
+    let message = backing.message(&author);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let c = app
+            .client()
+            .add_comment(authed(add(&message, &format!("c{i}")), &token))
+            .await
+            .unwrap()
+            .into_inner()
+            .comment
+            .unwrap();
+        ids.push(c.id);
+    }
+    app.client()
+        .delete_comment(authed(
+            pb::DeleteCommentRequest {
+                comment_id: ids[0].clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        app.client()
+            .purge_user_comments(authed(
+                pb::PurgeUserCommentsRequest {
+                    user_id: author.clone(),
+                },
+                &moderator,
+            ))
+            .await
+            .unwrap();
+    }
+    let _ = app
+        .client()
+        .delete_comment(authed(
+            pb::DeleteCommentRequest {
+                comment_id: ids[0].clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::outbox(&backing).await,
+        [
+            "comment_added",
+            "comment_added",
+            "comment_added",
+            "comment_deleted",
+            "comment_deleted",
+            "comment_deleted"
+        ],
+        "a second purge and a second delete wrote nothing"
+    );
 }

@@ -66,7 +66,10 @@ pub async fn run(
     let _relay = relay::spawn(
         RelayConfig::new(store::ANALYTICS),
         store.outbox(),
-        Analytics::new(peer("analytics-service", &config.analytics_service_url)?, &config.ingest_token)?,
+        Analytics::new(
+            peer("analytics-service", &config.analytics_service_url)?,
+            &config.ingest_token,
+        )?,
         RelayMetrics::register(&registry)?,
     );
     let messages = Arc::new(Messages::new(

@@ -18,17 +18,53 @@ use crate::validate::{self, violation, FieldViolation};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Payload {
-    UserRegistered { user_id: Uuid },
-    UserFollowed { follower_id: Uuid, followee_id: Uuid },
-    UserUnfollowed { follower_id: Uuid, followee_id: Uuid },
-    UserBanned { user_id: Uuid, moderator_id: Uuid },
-    UserUnbanned { user_id: Uuid, moderator_id: Uuid },
-    UserDeleted { user_id: Uuid },
-    MessagePosted { message_id: Uuid, author_id: Uuid },
-    MessageDeleted { message_id: Uuid, author_id: Uuid },
-    MessageHidden { message_id: Uuid, author_id: Uuid, hidden: bool },
-    CommentAdded { comment_id: Uuid, message_id: Uuid, author_id: Uuid, message_author_id: Uuid },
-    CommentDeleted { comment_id: Uuid, message_id: Uuid, author_id: Uuid, message_author_id: Uuid },
+    UserRegistered {
+        user_id: Uuid,
+    },
+    UserFollowed {
+        follower_id: Uuid,
+        followee_id: Uuid,
+    },
+    UserUnfollowed {
+        follower_id: Uuid,
+        followee_id: Uuid,
+    },
+    UserBanned {
+        user_id: Uuid,
+        moderator_id: Uuid,
+    },
+    UserUnbanned {
+        user_id: Uuid,
+        moderator_id: Uuid,
+    },
+    UserDeleted {
+        user_id: Uuid,
+    },
+    MessagePosted {
+        message_id: Uuid,
+        author_id: Uuid,
+    },
+    MessageDeleted {
+        message_id: Uuid,
+        author_id: Uuid,
+    },
+    MessageHidden {
+        message_id: Uuid,
+        author_id: Uuid,
+        hidden: bool,
+    },
+    CommentAdded {
+        comment_id: Uuid,
+        message_id: Uuid,
+        author_id: Uuid,
+        message_author_id: Uuid,
+    },
+    CommentDeleted {
+        comment_id: Uuid,
+        message_id: Uuid,
+        author_id: Uuid,
+        message_author_id: Uuid,
+    },
 }
 
 /// An event with its identity: consumers apply each `id` once.
@@ -71,11 +107,17 @@ impl Event {
         let s = |id: &Uuid| id.to_string();
         let payload = match &self.payload {
             Payload::UserRegistered { user_id } => P::UserRegistered(pb::UserRegistered { user_id: s(user_id) }),
-            Payload::UserFollowed { follower_id, followee_id } => P::UserFollowed(pb::UserFollowed {
+            Payload::UserFollowed {
+                follower_id,
+                followee_id,
+            } => P::UserFollowed(pb::UserFollowed {
                 follower_id: s(follower_id),
                 followee_id: s(followee_id),
             }),
-            Payload::UserUnfollowed { follower_id, followee_id } => P::UserUnfollowed(pb::UserUnfollowed {
+            Payload::UserUnfollowed {
+                follower_id,
+                followee_id,
+            } => P::UserUnfollowed(pb::UserUnfollowed {
                 follower_id: s(follower_id),
                 followee_id: s(followee_id),
             }),
@@ -246,11 +288,29 @@ mod tests {
 
     #[test]
     fn wire_events_with_bad_fields_name_them() {
-        let mut event = Event::new("test", Payload::UserDeleted { user_id: Uuid::new_v4() }).to_pb();
+        let mut event = Event::new(
+            "test",
+            Payload::UserDeleted {
+                user_id: Uuid::new_v4(),
+            },
+        )
+        .to_pb();
         event.event_id = "nope".into();
-        assert_eq!(Event::from_pb("events[2]", &event).unwrap_err().field, "events[2].event_id");
-        let mut event = Event::new("test", Payload::UserDeleted { user_id: Uuid::new_v4() }).to_pb();
+        assert_eq!(
+            Event::from_pb("events[2]", &event).unwrap_err().field,
+            "events[2].event_id"
+        );
+        let mut event = Event::new(
+            "test",
+            Payload::UserDeleted {
+                user_id: Uuid::new_v4(),
+            },
+        )
+        .to_pb();
         event.payload = None;
-        assert_eq!(Event::from_pb("events[0]", &event).unwrap_err().field, "events[0].payload");
+        assert_eq!(
+            Event::from_pb("events[0]", &event).unwrap_err().field,
+            "events[0].payload"
+        );
     }
 }

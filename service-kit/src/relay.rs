@@ -104,12 +104,16 @@ impl Destination for Analytics {
         };
         // Idempotent by event id, so retrying inside the call is safe too.
         self.peer
-            .call(crate::client::Idempotency::Idempotent, request, |channel, mut request| {
-                request
-                    .metadata_mut()
-                    .insert("x-chirp-ingest-token", self.ingest_token.clone());
-                async move { AnalyticsServiceClient::new(channel).record_events(request).await }
-            })
+            .call(
+                crate::client::Idempotency::Idempotent,
+                request,
+                |channel, mut request| {
+                    request
+                        .metadata_mut()
+                        .insert("x-chirp-ingest-token", self.ingest_token.clone());
+                    async move { AnalyticsServiceClient::new(channel).record_events(request).await }
+                },
+            )
             .await
             .map(drop)
     }
@@ -129,9 +133,15 @@ impl RelayMetrics {
     /// When the metrics are already registered.
     pub fn register(registry: &Registry) -> anyhow::Result<Self> {
         let metrics = Self {
-            depth: IntGaugeVec::new(Opts::new("outbox_depth", "Events waiting for delivery"), &["destination"])?,
+            depth: IntGaugeVec::new(
+                Opts::new("outbox_depth", "Events waiting for delivery"),
+                &["destination"],
+            )?,
             oldest_age: IntGaugeVec::new(
-                Opts::new("outbox_oldest_age_seconds", "Age of the oldest event waiting for delivery"),
+                Opts::new(
+                    "outbox_oldest_age_seconds",
+                    "Age of the oldest event waiting for delivery",
+                ),
                 &["destination"],
             )?,
             delivered: IntCounterVec::new(
@@ -202,7 +212,10 @@ async fn run<O: Outbox, D: Destination>(
         // The gauges cost a query; once a second is plenty for a scraper.
         if last_backlog.elapsed() >= Duration::from_secs(1) {
             if let Ok(backlog) = outbox.backlog().await {
-                metrics.depth.with_label_values(&label).set(i64::try_from(backlog.depth).unwrap_or(i64::MAX));
+                metrics
+                    .depth
+                    .with_label_values(&label)
+                    .set(i64::try_from(backlog.depth).unwrap_or(i64::MAX));
                 let age = backlog.oldest.map_or(0, |at| (Utc::now() - at).num_seconds().max(0));
                 metrics.oldest_age.with_label_values(&label).set(age);
             }
@@ -213,7 +226,11 @@ async fn run<O: Outbox, D: Destination>(
             Ok(batch) => batch,
             Err(err) => {
                 // The producer's own store is down; its health says so already.
-                tracing::debug!(destination = config.destination, error = format!("{err:#}"), "reading the outbox");
+                tracing::debug!(
+                    destination = config.destination,
+                    error = format!("{err:#}"),
+                    "reading the outbox"
+                );
                 failures = failures.saturating_add(1);
                 tokio::time::sleep(backoff(&config, failures)).await;
                 continue;
@@ -238,7 +255,11 @@ async fn run<O: Outbox, D: Destination>(
                     .inc_by(u64::try_from(events.len()).unwrap_or(0));
                 if let Err(err) = outbox.mark_delivered(&batch).await {
                     // The batch will be sent again; the destination dedupes.
-                    tracing::warn!(destination = config.destination, error = format!("{err:#}"), "marking events delivered");
+                    tracing::warn!(
+                        destination = config.destination,
+                        error = format!("{err:#}"),
+                        "marking events delivered"
+                    );
                 }
             }
             Err(status) => {
@@ -379,7 +400,12 @@ mod tests {
         for i in 0..n {
             events.push((
                 i.to_string(),
-                Event::new("test", Payload::UserRegistered { user_id: Uuid::new_v4() }),
+                Event::new(
+                    "test",
+                    Payload::UserRegistered {
+                        user_id: Uuid::new_v4(),
+                    },
+                ),
                 false,
             ));
         }

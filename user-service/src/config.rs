@@ -49,7 +49,12 @@ pub struct Config {
     pub analytics_service_url: String,
 
     /// Shared secret presented to analytics-service's RecordEvents
-    #[arg(long, env = "INGEST_TOKEN", hide_env_values = true, default_value = "chirp-dev-ingest-token")]
+    #[arg(
+        long,
+        env = "INGEST_TOKEN",
+        hide_env_values = true,
+        default_value = "chirp-dev-ingest-token"
+    )]
     pub ingest_token: String,
 
     /// comment-service's gRPC endpoint: where bans purge comments

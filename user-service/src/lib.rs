@@ -102,14 +102,19 @@ pub async fn run(
     // One relay per destination, so a destination that is down holds back
     // only its own deliveries.
     let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
-        Ok(Arc::new(Peer::connect_lazy(PeerConfig::new(name, url)).with_context(|| format!("{name} URL"))?))
+        Ok(Arc::new(
+            Peer::connect_lazy(PeerConfig::new(name, url)).with_context(|| format!("{name} URL"))?,
+        ))
     };
     let relay_metrics = RelayMetrics::register(&registry)?;
     let _relays = [
         relay::spawn(
             RelayConfig::new(store::ANALYTICS),
             store.outbox(store::ANALYTICS),
-            Analytics::new(peer("analytics-service", &config.analytics_service_url)?, &config.ingest_token)?,
+            Analytics::new(
+                peer("analytics-service", &config.analytics_service_url)?,
+                &config.ingest_token,
+            )?,
             relay_metrics.clone(),
         ),
         relay::spawn(

@@ -18,14 +18,23 @@ async fn changes_write_their_events_and_repeats_write_none() {
     let (_, moderator) = app.moderator("moe").await;
     let before = app.outbox().await.len();
     assert_eq!(
-        app.outbox().await.iter().filter(|(_, k)| k == "user_registered").count(),
+        app.outbox()
+            .await
+            .iter()
+            .filter(|(_, k)| k == "user_registered")
+            .count(),
         3,
         "one per registration"
     );
 
     for _ in 0..2 {
         app.client()
-            .follow(authed(pb::FollowRequest { user_id: bob.id.clone() }, &alice_token))
+            .follow(authed(
+                pb::FollowRequest {
+                    user_id: bob.id.clone(),
+                },
+                &alice_token,
+            ))
             .await
             .unwrap();
     }
@@ -42,11 +51,21 @@ async fn changes_write_their_events_and_repeats_write_none() {
             .unwrap();
     }
     app.client()
-        .unban_user(authed(pb::UnbanUserRequest { user_id: bob.id.clone() }, &moderator))
+        .unban_user(authed(
+            pb::UnbanUserRequest {
+                user_id: bob.id.clone(),
+            },
+            &moderator,
+        ))
         .await
         .unwrap();
     app.client()
-        .unfollow(authed(pb::UnfollowRequest { user_id: bob.id.clone() }, &alice_token))
+        .unfollow(authed(
+            pb::UnfollowRequest {
+                user_id: bob.id.clone(),
+            },
+            &alice_token,
+        ))
         .await
         .unwrap();
 
@@ -95,8 +114,14 @@ async fn outbox_depth_and_age_are_in_the_metrics() {
     loop {
         let metrics = app.metrics().await;
         if metrics.contains(r#"outbox_depth{destination="analytics"} 1"#) {
-            assert!(metrics.contains(r#"outbox_oldest_age_seconds{destination="analytics"}"#), "{metrics}");
-            assert!(metrics.contains(r#"outbox_delivery_failures_total{destination="analytics"}"#), "{metrics}");
+            assert!(
+                metrics.contains(r#"outbox_oldest_age_seconds{destination="analytics"}"#),
+                "{metrics}"
+            );
+            assert!(
+                metrics.contains(r#"outbox_delivery_failures_total{destination="analytics"}"#),
+                "{metrics}"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{metrics}");

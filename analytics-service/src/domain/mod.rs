@@ -22,7 +22,9 @@ impl Window {
     pub fn parse(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Result<Self, Vec<FieldViolation>> {
         match (start, end) {
             (Some(start), Some(end)) if start < end && end - start <= Duration::days(366) => Ok(Self { start, end }),
-            (Some(start), Some(end)) if start < end => Err(vec![violation("end_time", "the window is at most 366 days")]),
+            (Some(start), Some(end)) if start < end => {
+                Err(vec![violation("end_time", "the window is at most 366 days")])
+            }
             (Some(_), Some(_)) => Err(vec![violation("end_time", "must be after start_time")]),
             (start, end) => {
                 let mut violations = Vec::new();

@@ -188,7 +188,11 @@ impl AnalyticsService for AnalyticsApi {
             _ => return Err(Error::from(violation("granularity", "must be MINUTE, HOUR or DAY")).into()),
         };
         if (window.end - window.start).num_minutes() / granularity.minutes() > MAX_BUCKETS {
-            return Err(Error::from(violation("granularity", format!("the window would need over {MAX_BUCKETS} buckets"))).into());
+            return Err(Error::from(violation(
+                "granularity",
+                format!("the window would need over {MAX_BUCKETS} buckets"),
+            ))
+            .into());
         }
         let buckets = self.store.histogram(window, granularity).await?;
         Ok(Response::new(pb::GetActivityHistogramResponse {

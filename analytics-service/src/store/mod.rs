@@ -163,7 +163,9 @@ impl Store {
         .fetch_optional(self.ready()?)
         .await
         .map_err(classify)?;
-        let Some(row) = row else { return Ok(UserStats::default()) };
+        let Some(row) = row else {
+            return Ok(UserStats::default());
+        };
         Ok(UserStats {
             messages: get(&row, "message_count")?,
             comments: get(&row, "comment_count")?,
@@ -179,7 +181,9 @@ impl Store {
             .fetch_optional(self.ready()?)
             .await
             .map_err(classify)?;
-        let Some(row) = row else { return Ok(MessageStats::default()) };
+        let Some(row) = row else {
+            return Ok(MessageStats::default());
+        };
         Ok(MessageStats {
             author_id: row.try_get("author_id").map_err(internal)?,
             comments: get(&row, "comment_count")?,
@@ -266,12 +270,18 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
     let minute = event.occurred_at.timestamp().div_euclid(60);
     match &event.payload {
         Payload::UserRegistered { .. } => activity(tx, minute, A::UsersRegistered).await,
-        Payload::UserFollowed { follower_id, followee_id } => {
+        Payload::UserFollowed {
+            follower_id,
+            followee_id,
+        } => {
             user(tx, &follower_id.to_string(), U::Following, 1).await?;
             user(tx, &followee_id.to_string(), U::Followers, 1).await?;
             activity(tx, minute, A::Follows).await
         }
-        Payload::UserUnfollowed { follower_id, followee_id } => {
+        Payload::UserUnfollowed {
+            follower_id,
+            followee_id,
+        } => {
             user(tx, &follower_id.to_string(), U::Following, -1).await?;
             user(tx, &followee_id.to_string(), U::Followers, -1).await
         }
@@ -292,7 +302,14 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
         } => {
             user(tx, &author_id.to_string(), U::Comments, 1).await?;
             user(tx, &message_author_id.to_string(), U::CommentsReceived, 1).await?;
-            message(tx, &message_id.to_string(), Some(&message_author_id.to_string()), 1, false).await?;
+            message(
+                tx,
+                &message_id.to_string(),
+                Some(&message_author_id.to_string()),
+                1,
+                false,
+            )
+            .await?;
             activity(tx, minute, A::CommentsAdded).await
         }
         Payload::CommentDeleted {
@@ -303,7 +320,14 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
         } => {
             user(tx, &author_id.to_string(), U::Comments, -1).await?;
             user(tx, &message_author_id.to_string(), U::CommentsReceived, -1).await?;
-            message(tx, &message_id.to_string(), Some(&message_author_id.to_string()), -1, false).await
+            message(
+                tx,
+                &message_id.to_string(),
+                Some(&message_author_id.to_string()),
+                -1,
+                false,
+            )
+            .await
         }
         // Recorded for the record; no counter follows them.
         Payload::UserBanned { .. }
@@ -383,4 +407,3 @@ fn classify(err: sqlx::Error) -> Error {
         other => Error::Internal(anyhow::Error::new(other).context("querying SQLite")),
     }
 }
-

@@ -19,6 +19,11 @@ macro_rules! uuid_id {
             pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
                 validate::uuid(field, raw).map(Self)
             }
+
+            #[must_use]
+            pub fn as_uuid(self) -> Uuid {
+                self.0
+            }
         }
 
         impl From<Uuid> for $name {
@@ -108,6 +113,9 @@ pub struct Comment {
     pub id: CommentId,
     pub message_id: MessageId,
     pub author_id: UserId,
+    /// Who wrote the message, as message-service said when the comment was
+    /// accepted; carried into events so consumers need not ask.
+    pub message_author_id: UserId,
     pub body: Body,
 }
 

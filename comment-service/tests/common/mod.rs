@@ -168,6 +168,8 @@ impl TestApp {
             ),
             format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
             "--store-probe-interval=100ms".to_owned(),
+            // Deliveries stay in the outbox (port 1 refuses at once).
+            "--analytics-service-url=http://127.0.0.1:1".to_owned(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let config = Config::try_parse_from(args).expect("a valid configuration");
@@ -240,4 +242,29 @@ pub async fn keys(backing: &Backing) -> Vec<String> {
         .unwrap();
     keys.sort();
     keys
+}
+
+/// Event types waiting in the outbox stream, oldest first.
+pub async fn outbox(backing: &Backing) -> Vec<String> {
+    let client = redis::Client::open(backing.prefix.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{}outbox", backing.prefix.prefix()))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let json: String = entry.get("event").unwrap();
+            let event = service_kit::events::Event::from_json(&json).expect("an event the relay can read");
+            serde_json::to_value(&event.payload).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
 }

@@ -177,7 +177,11 @@ impl Store {
             .session(&mut session)
             .await
             .map_err(classify)?;
-        self.outbox.insert_one(entry).session(&mut session).await.map_err(classify)?;
+        self.outbox
+            .insert_one(entry)
+            .session(&mut session)
+            .await
+            .map_err(classify)?;
         session.commit_transaction().await.map_err(classify)
     }
 
@@ -244,7 +248,11 @@ impl Store {
             return Ok(false);
         };
         let entry = OutboxDoc::new(&event_for(&from_doc(deleted)?))?;
-        self.outbox.insert_one(entry).session(&mut session).await.map_err(classify)?;
+        self.outbox
+            .insert_one(entry)
+            .session(&mut session)
+            .await
+            .map_err(classify)?;
         session.commit_transaction().await.map_err(classify)?;
         Ok(true)
     }
@@ -311,7 +319,11 @@ impl Store {
             .filter_map(|id| MessageId::parse("_id", id).ok())
             .map(|id| OutboxDoc::new(&event_for(id)))
             .collect::<Result<Vec<_>>>()?;
-        self.outbox.insert_many(entries).session(&mut session).await.map_err(classify)?;
+        self.outbox
+            .insert_many(entries)
+            .session(&mut session)
+            .await
+            .map_err(classify)?;
         session.commit_transaction().await.map_err(classify)?;
         Ok(ids.len() as u64)
     }

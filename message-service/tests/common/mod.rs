@@ -355,7 +355,9 @@ impl TestApp {
     /// Event types waiting in the outbox, oldest first.
     pub async fn outbox(&self) -> Vec<String> {
         use futures::TryStreamExt as _;
-        let client = mongodb::Client::with_uri_str(self.mongo.uri()).await.expect("a MongoDB client");
+        let client = mongodb::Client::with_uri_str(self.mongo.uri())
+            .await
+            .expect("a MongoDB client");
         let docs: Vec<mongodb::bson::Document> = client
             .database(self.mongo.database())
             .collection::<mongodb::bson::Document>("outbox")
@@ -369,7 +371,10 @@ impl TestApp {
         docs.iter()
             .map(|d| {
                 let event = service_kit::events::Event::from_json(d.get_str("event").unwrap()).unwrap();
-                serde_json::to_value(&event.payload).unwrap()["type"].as_str().unwrap().to_owned()
+                serde_json::to_value(&event.payload).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
             })
             .collect()
     }

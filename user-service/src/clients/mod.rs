@@ -76,7 +76,11 @@ impl Destination for MessageVisibility {
             self.peer
                 .call(Idempotency::Idempotent, request, |channel, mut request| {
                     request.metadata_mut().insert("authorization", auth.clone());
-                    async move { MessageServiceClient::new(channel).set_user_messages_hidden(request).await }
+                    async move {
+                        MessageServiceClient::new(channel)
+                            .set_user_messages_hidden(request)
+                            .await
+                    }
                 })
                 .await?;
         }

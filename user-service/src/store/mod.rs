@@ -173,16 +173,19 @@ impl Store {
         if !row.try_get::<bool, _>("followee_ok").map_err(internal)? {
             return Err(Error::NotFound("no user has that id"));
         }
-        let inserted = sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(follower.as_uuid())
-            .bind(followee.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match &e {
-                // The followee was deleted between the check and the insert.
-                sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound("no user has that id"),
-                _ => classify(e),
-            })?;
+        let inserted =
+            sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(follower.as_uuid())
+                .bind(followee.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match &e {
+                    // The followee was deleted between the check and the insert.
+                    sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                        Error::NotFound("no user has that id")
+                    }
+                    _ => classify(e),
+                })?;
         if inserted.rows_affected() == 1 {
             write_event(&mut tx, event).await?;
         }
@@ -406,10 +409,11 @@ impl Outbox for PgOutbox {
     }
 
     async fn backlog(&self) -> anyhow::Result<Backlog> {
-        let row = sqlx::query("SELECT count(*) AS depth, min(occurred_at) AS oldest FROM outbox WHERE destination = $1")
-            .bind(self.destination)
-            .fetch_one(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT count(*) AS depth, min(occurred_at) AS oldest FROM outbox WHERE destination = $1")
+                .bind(self.destination)
+                .fetch_one(&self.pool)
+                .await?;
         let depth: i64 = row.try_get("depth")?;
         Ok(Backlog {
             depth: u64::try_from(depth).unwrap_or(0),

@@ -203,7 +203,9 @@ impl TestApp {
     /// Outbox rows per destination, and the event types waiting there.
     pub async fn outbox(&self) -> Vec<(String, String)> {
         use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect(&self.database_url).await.expect("connecting");
+        let mut conn = sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("connecting");
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT destination, event FROM outbox ORDER BY id")
             .fetch_all(&mut conn)
             .await
