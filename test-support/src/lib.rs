@@ -43,6 +43,7 @@ pub fn free_port() -> u16 {
 
 /// Runs `future` to completion on a runtime of its own, on a thread of its own:
 /// for clean-up in `Drop`, which may run inside or outside a runtime.
+#[cfg(any(feature = "postgres", feature = "mongodb", feature = "redis"))]
 pub(crate) fn block_on_fresh_runtime<F>(future: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
