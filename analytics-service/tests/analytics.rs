@@ -11,7 +11,12 @@ use uuid::Uuid;
 
 async fn user_stats(app: &TestApp, token: &str, user: Uuid) -> pb::GetUserStatsResponse {
     app.client()
-        .get_user_stats(authed(pb::GetUserStatsRequest { user_id: user.to_string() }, token))
+        .get_user_stats(authed(
+            pb::GetUserStatsRequest {
+                user_id: user.to_string(),
+            },
+            token,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -46,12 +51,26 @@ async fn events_build_user_and_message_stats_and_redelivery_counts_nothing_twice
     ];
     let first = app.client().record_events(ingest(&batch)).await.unwrap().into_inner();
     assert_eq!((first.accepted_count, first.duplicate_count), (6, 0));
-    let again = app.client().record_events(ingest(&batch[2..])).await.unwrap().into_inner();
-    assert_eq!((again.accepted_count, again.duplicate_count), (0, 4), "a redelivered batch");
+    let again = app
+        .client()
+        .record_events(ingest(&batch[2..]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.accepted_count, again.duplicate_count),
+        (0, 4),
+        "a redelivered batch"
+    );
 
     let a = user_stats(&app, &token, alice).await;
     assert_eq!(
-        (a.message_count, a.follower_count, a.comments_received_count, a.comment_count),
+        (
+            a.message_count,
+            a.follower_count,
+            a.comments_received_count,
+            a.comment_count
+        ),
         (1, 1, 2, 0),
         "a comment that arrived before its message still counts"
     );
@@ -59,7 +78,12 @@ async fn events_build_user_and_message_stats_and_redelivery_counts_nothing_twice
     assert_eq!((b.following_count, b.comment_count), (1, 2));
     let m = app
         .client()
-        .get_message_stats(authed(pb::GetMessageStatsRequest { message_id: message.to_string() }, &token))
+        .get_message_stats(authed(
+            pb::GetMessageStatsRequest {
+                message_id: message.to_string(),
+            },
+            &token,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -95,7 +119,10 @@ async fn top_messages_rank_comments_in_the_window_and_leave_deleted_messages_out
 
     let now = chrono::Utc::now().timestamp();
     let window = |start: i64, end: i64| pb::TopMessagesRequest {
-        start_time: Some(prost_types::Timestamp { seconds: start, nanos: 0 }),
+        start_time: Some(prost_types::Timestamp {
+            seconds: start,
+            nanos: 0,
+        }),
         end_time: Some(prost_types::Timestamp { seconds: end, nanos: 0 }),
         limit: 0,
     };
@@ -123,7 +150,9 @@ async fn the_activity_histogram_sums_per_bucket_for_moderators() {
     let app = TestApp::spawn(&backing).await;
     let mut events = Vec::new();
     for _ in 0..4 {
-        events.push(event(Payload::UserRegistered { user_id: Uuid::new_v4() }));
+        events.push(event(Payload::UserRegistered {
+            user_id: Uuid::new_v4(),
+        }));
     }
     events.push(event(Payload::MessagePosted {
         message_id: Uuid::now_v7(),
@@ -132,8 +161,14 @@ async fn the_activity_histogram_sums_per_bucket_for_moderators() {
     app.client().record_events(ingest(&events)).await.unwrap();
     let now = chrono::Utc::now().timestamp();
     let request = pb::GetActivityHistogramRequest {
-        start_time: Some(prost_types::Timestamp { seconds: now - 86_400, nanos: 0 }),
-        end_time: Some(prost_types::Timestamp { seconds: now + 60, nanos: 0 }),
+        start_time: Some(prost_types::Timestamp {
+            seconds: now - 86_400,
+            nanos: 0,
+        }),
+        end_time: Some(prost_types::Timestamp {
+            seconds: now + 60,
+            nanos: 0,
+        }),
         granularity: pb::Granularity::Hour.into(),
     };
     let buckets = app
@@ -145,7 +180,11 @@ async fn the_activity_histogram_sums_per_bucket_for_moderators() {
         .buckets;
     assert_eq!(buckets.len(), 1);
     assert_eq!((buckets[0].users_registered, buckets[0].messages_posted), (4, 1));
-    assert_eq!(buckets[0].start_time.unwrap().seconds % 3600, 0, "hour buckets start on the hour");
+    assert_eq!(
+        buckets[0].start_time.unwrap().seconds % 3600,
+        0,
+        "hour buckets start on the hour"
+    );
 
     let status = app
         .client()
@@ -179,7 +218,9 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
     let backing = Backing::new();
     let app = TestApp::spawn(&backing).await;
     let token = backing.token(Role::Admin);
-    let good = event(Payload::UserRegistered { user_id: Uuid::new_v4() });
+    let good = event(Payload::UserRegistered {
+        user_id: Uuid::new_v4(),
+    });
 
     let status = app.client().record_events(ingest(&[])).await.unwrap_err();
     assert_eq!(violated_fields(&status), ["events"]);
@@ -192,7 +233,10 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
     let mut no_payload = good.to_pb();
     no_payload.payload = None;
     no_payload.event_id = Uuid::new_v4().to_string();
-    let mut bad_ref = event(Payload::UserRegistered { user_id: Uuid::new_v4() }).to_pb();
+    let mut bad_ref = event(Payload::UserRegistered {
+        user_id: Uuid::new_v4(),
+    })
+    .to_pb();
     if let Some(chirp_proto::events::v1::event::Payload::UserRegistered(p)) = bad_ref.payload.as_mut() {
         p.user_id = "x".into();
     }
@@ -204,7 +248,10 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
         ["events[1].event_id", "events[2].payload", "events[3].user_id"]
     );
     let recorded = app.client().record_events(ingest(&[good])).await.unwrap().into_inner();
-    assert_eq!(recorded.accepted_count, 1, "the rejected batch recorded nothing, not even its good event");
+    assert_eq!(
+        recorded.accepted_count, 1,
+        "the rejected batch recorded nothing, not even its good event"
+    );
 
     let status = app
         .client()
@@ -214,7 +261,12 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
     assert_eq!(violated_fields(&status), ["user_id"]);
     let status = app
         .client()
-        .get_message_stats(authed(pb::GetMessageStatsRequest { message_id: String::new() }, &token))
+        .get_message_stats(authed(
+            pb::GetMessageStatsRequest {
+                message_id: String::new(),
+            },
+            &token,
+        ))
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["message_id"]);
@@ -242,7 +294,10 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
             .unwrap_err();
         assert_eq!(violated_fields(&status), fields, "{start:?} {end:?} {limit}");
     }
-    for (granularity, start) in [(pb::Granularity::Unspecified, now - 60), (pb::Granularity::Minute, now - 30 * 86_400)] {
+    for (granularity, start) in [
+        (pb::Granularity::Unspecified, now - 60),
+        (pb::Granularity::Minute, now - 30 * 86_400),
+    ] {
         let status = app
             .client()
             .get_activity_histogram(authed(
@@ -263,7 +318,9 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
 async fn ingestion_needs_the_ingest_token_and_reads_need_a_user_token() {
     let backing = Backing::new();
     let app = TestApp::spawn(&backing).await;
-    let batch = [event(Payload::UserRegistered { user_id: Uuid::new_v4() })];
+    let batch = [event(Payload::UserRegistered {
+        user_id: Uuid::new_v4(),
+    })];
     let mut no_token = ingest(&batch);
     no_token.metadata_mut().remove("x-chirp-ingest-token");
     let mut wrong = ingest(&batch);
@@ -273,8 +330,10 @@ async fn ingestion_needs_the_ingest_token_and_reads_need_a_user_token() {
     let user_token_instead = {
         let mut r = ingest(&batch);
         r.metadata_mut().remove("x-chirp-ingest-token");
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {}", backing.token(Role::Admin)).parse().unwrap());
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", backing.token(Role::Admin)).parse().unwrap(),
+        );
         r
     };
     for request in [no_token, wrong, user_token_instead] {

@@ -5,13 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use chirp_mesh_tests::{wait_for, Mesh};
+use chirp_mesh_tests::{Mesh, Service};
 use chirp_proto::{comment::v1 as cpb, message::v1 as mpb};
 use test_support::grpc::{authed, with_deadline};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-const COMMENT_SERVICE: &str = "chirp.comment.v1.CommentService";
 
 async fn get(mesh: &Mesh, id: &str) -> (mpb::EnrichedMessage, Duration) {
     let started = Instant::now();
@@ -73,7 +71,7 @@ async fn get_message_shows_real_comments_degrades_while_redis_is_down_and_recove
     assert_eq!(message.message.unwrap().author_id, alice);
 
     mesh.comment_redis.stop();
-    wait_for(mesh.comment_addr, COMMENT_SERVICE, ServingStatus::NotServing).await;
+    mesh.wait_for(Service::Comment, ServingStatus::NotServing).await;
     for _ in 0..3 {
         let (message, elapsed) = get(&mesh, &posted.id).await;
         assert_eq!(message.message.unwrap().body, "comment on me");
@@ -95,7 +93,7 @@ async fn get_message_shows_real_comments_degrades_while_redis_is_down_and_recove
     assert_eq!(status.code(), Code::Unavailable);
 
     mesh.comment_redis.start().expect("Redis starts again");
-    wait_for(mesh.comment_addr, COMMENT_SERVICE, ServingStatus::Serving).await;
+    mesh.wait_for(Service::Comment, ServingStatus::Serving).await;
     // message-service's circuit breaker to comment-service opened during the
     // outage; it lets a probe through after its cool-down (2 s), so the
     // comments come back within a few seconds, with no restart.

@@ -61,7 +61,10 @@ impl TestApp {
             "analytics-service".to_owned(),
             format!("--database-url={}", backing.file.url()),
             format!("--ingest-token={INGEST_TOKEN}"),
-            format!("--jwt-public-key-file={}", backing.key_dir.path().join("public.pem").display()),
+            format!(
+                "--jwt-public-key-file={}",
+                backing.key_dir.path().join("public.pem").display()
+            ),
             "--store-probe-interval=100ms".to_owned(),
         ])
         .expect("a valid configuration");
@@ -89,7 +92,9 @@ impl TestApp {
     }
 
     pub async fn health(&self) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest { service: SERVICE.into() });
+        let mut request = Request::new(HealthCheckRequest {
+            service: SERVICE.into(),
+        });
         request.set_timeout(Duration::from_secs(1));
         let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
         ServingStatus::try_from(reply.into_inner().status).ok()
