@@ -173,7 +173,7 @@ async fn the_activity_histogram_sums_per_bucket_for_moderators() {
     };
     let buckets = app
         .client()
-        .get_activity_histogram(authed(request.clone(), &backing.token(Role::Moderator)))
+        .get_activity_histogram(authed(request, &backing.token(Role::Moderator)))
         .await
         .unwrap()
         .into_inner()

@@ -102,7 +102,7 @@ async fn every_acknowledged_write_is_counted_exactly_once_through_an_analytics_o
                 truth.bump(&people[a].id, FOLLOWING, -1);
                 truth.bump(&people[b].id, FOLLOWERS, -1);
             }
-            3 | 4 | 5 => {
+            3..=5 => {
                 let posted = mesh
                     .messages_v1()
                     .post_message(authed(
