@@ -56,6 +56,7 @@ pub async fn run(
         Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
     let health = Health::new();
     let registry = prometheus::Registry::new();
+    service_kit::client::register_metrics(&registry)?;
     let _relay = relay::spawn(
         RelayConfig::new("analytics"),
         store.outbox(),

@@ -63,6 +63,7 @@ pub async fn run(
         .await
         .context("MONGODB_URI")?;
     let registry = prometheus::Registry::new();
+    service_kit::client::register_metrics(&registry)?;
     let _relay = relay::spawn(
         RelayConfig::new(store::ANALYTICS),
         store.outbox(),

@@ -25,11 +25,34 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus::{IntGaugeVec, Opts, Registry};
 use rand::Rng as _;
 use tonic::{transport::Channel, Code, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::context::{self, REQUEST_ID_HEADER};
+
+/// `peer_circuit_state{peer}`: 0 closed, 1 half-open, 2 open, as of the
+/// last call. One gauge for the process, shared by every [`Peer`].
+fn circuit_gauge() -> &'static IntGaugeVec {
+    static GAUGE: std::sync::OnceLock<IntGaugeVec> = std::sync::OnceLock::new();
+    GAUGE.get_or_init(|| {
+        IntGaugeVec::new(
+            Opts::new("peer_circuit_state", "Circuit breaker per peer: 0 closed, 1 half-open, 2 open"),
+            &["peer"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name and labels are valid"))
+    })
+}
+
+/// Adds the client stack's metrics to a service's registry.
+///
+/// # Errors
+/// When they are registered already.
+pub fn register_metrics(registry: &Registry) -> anyhow::Result<()> {
+    registry.register(Box::new(circuit_gauge().clone()))?;
+    Ok(())
+}
 
 /// Whether a call may be sent twice with the same effect as once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +206,16 @@ impl Peer {
                 ))),
             };
             let failed = matches!(&result, Err(s) if counts_as_failure(s.code()));
-            self.lock_breaker().record(!failed, Instant::now());
+            let state = {
+                let mut breaker = self.lock_breaker();
+                breaker.record(!failed, Instant::now());
+                breaker.state(Instant::now())
+            };
+            circuit_gauge().with_label_values(&[self.config.name]).set(match state {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            });
             let status = match result {
                 Ok(response) => return Ok(response),
                 Err(status) => status,

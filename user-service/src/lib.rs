@@ -75,6 +75,7 @@ pub async fn run(
 
     let health = Health::new();
     let registry = prometheus::Registry::new();
+    service_kit::client::register_metrics(&registry)?;
     let _monitor = {
         let users = users.clone();
         let prepared = Arc::new(tokio::sync::OnceCell::new());

@@ -1,0 +1,52 @@
+//! The control socket of a running `chirp up`: one line in, one JSON line
+//! out. `chaos` and `status` talk to it; `up` serves it.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+};
+
+use crate::layout::Part;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartState {
+    pub part: Part,
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Where it listens (`host:port`), or the external URL it stands for.
+    pub address: String,
+    /// Run by `chirp up` (false when an external store URL was given).
+    pub managed: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub message: String,
+    pub parts: Vec<PartState>,
+    pub port_base: u16,
+}
+
+/// Sends one command to the `chirp up` using `data_dir`.
+///
+/// # Errors
+/// When no `chirp up` runs there, or it refuses the command.
+pub async fn send(data_dir: &Path, command: &str) -> anyhow::Result<Reply> {
+    let socket = crate::layout::control_socket(data_dir);
+    let stream = UnixStream::connect(&socket)
+        .await
+        .with_context(|| format!("no `chirp up` is running with data dir {}", data_dir.display()))?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let reply: Reply = serde_json::from_str(&line).context("a malformed reply from `chirp up`")?;
+    if !reply.ok {
+        anyhow::bail!("{}", reply.message);
+    }
+    Ok(reply)
+}

@@ -1,0 +1,228 @@
+//! The chirp CLI. `chirp up` runs the whole mesh on this machine; the other
+//! commands talk to it as a user or an operator would.
+//!
+//! Exit codes: 0 success, 1 any other failure, 2 bad usage, 3 not
+//! authenticated or not allowed, 4 not found, 5 a service is unavailable or
+//! too slow, 6 invalid input.
+
+mod client;
+mod control;
+mod layout;
+mod seed;
+mod status;
+mod up;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use layout::{Part, Ports};
+
+#[derive(Parser)]
+#[command(name = "chirp", version, about = "Chirp: the Database-per-Service pattern, runnable")]
+struct Cli {
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// First port of the mesh's block (services on base+1..base+4)
+    #[arg(long, global = true, env = "CHIRP_PORT_BASE", default_value_t = layout::DEFAULT_PORT_BASE)]
+    port_base: u16,
+
+    /// Where `chirp up` keeps its stores, keys and control socket
+    /// [default: the user's data directory, then chirp]
+    #[arg(long, global = true, env = "CHIRP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Api {
+    V1,
+    V2,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the four stores and four services, seed demo data, stream logs;
+    /// Ctrl-C stops everything. DATABASE_URL, REDIS_URL and MONGODB_URI use
+    /// external stores instead of private ones
+    Up {
+        /// Do not write demo data
+        #[arg(long)]
+        no_seed: bool,
+    },
+    /// Health of every service and store, circuit breakers, outbox depths
+    Status,
+    /// Stop or start a part of a running `chirp up`
+    Chaos {
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        /// postgres, mongodb, redis, user-service, message-service,
+        /// comment-service or analytics-service
+        part: String,
+    },
+    /// Create an account
+    Register {
+        username: String,
+        #[arg(long, env = "CHIRP_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// Log in; the token is kept in the user's config directory
+    Login {
+        username: String,
+        #[arg(long, env = "CHIRP_PASSWORD", hide_env_values = true, default_value = up::DEMO_PASSWORD)]
+        password: String,
+    },
+    /// Post a message
+    Post { body: String },
+    /// Show one message with its author and comments
+    Get {
+        message_id: String,
+        #[arg(long, value_enum, default_value_t = Api::V2)]
+        api: Api,
+    },
+    /// Your home timeline
+    Timeline {
+        #[arg(long, value_enum, default_value_t = Api::V2)]
+        api: Api,
+        #[arg(long, default_value_t = 20)]
+        page_size: i32,
+    },
+    /// Comment on a message
+    Comment { message_id: String, body: String },
+    /// Follow a user (id, or the username of someone you follow or who follows you)
+    Follow { user: String },
+    /// Ban a user (moderators and admins)
+    Ban {
+        user: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Engagement numbers of a user (yourself by default)
+    Stats { user: Option<String> },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ports = Ports { base: cli.port_base };
+    let data_dir = layout::data_dir(cli.data_dir.as_deref());
+    let client = client::Client::new(ports, cli.json);
+    let result = match cli.command {
+        Command::Up { no_seed } => {
+            up::run(up::UpArgs {
+                data_dir,
+                ports,
+                seed: !no_seed,
+            })
+            .await
+        }
+        Command::Status => print_status(&data_dir, cli.json).await,
+        Command::Chaos { action, part } => chaos(&data_dir, &action, &part, cli.json).await,
+        Command::Register {
+            username,
+            password,
+            display_name,
+        } => client.register(&username, &password, display_name.as_deref()).await,
+        Command::Login { username, password } => client.login(&username, &password).await,
+        Command::Post { body } => client.post(&body).await,
+        Command::Get { message_id, api } => client.get(&message_id, matches!(api, Api::V1)).await,
+        Command::Timeline { api, page_size } => client.timeline(matches!(api, Api::V1), page_size).await,
+        Command::Comment { message_id, body } => client.comment(&message_id, &body).await,
+        Command::Follow { user } => client.follow(&user).await,
+        Command::Ban { user, reason } => client.ban(&user, &reason).await,
+        Command::Stats { user } => client.stats(user.as_deref()).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("chirp: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    use tonic::Code;
+    match err.downcast_ref::<tonic::Status>().map(tonic::Status::code) {
+        Some(Code::Unauthenticated | Code::PermissionDenied) => 3,
+        Some(Code::NotFound) => 4,
+        Some(Code::Unavailable | Code::DeadlineExceeded) => 5,
+        Some(Code::InvalidArgument) => 6,
+        _ => 1,
+    }
+}
+
+async fn chaos(data_dir: &std::path::Path, action: &str, part: &str, json: bool) -> anyhow::Result<()> {
+    let part = Part::parse(part).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown part `{part}`: one of {}",
+            Part::ALL.map(Part::name).join(", ")
+        )
+    })?;
+    let reply = control::send(data_dir, &format!("{action} {}", part.name())).await?;
+    if json {
+        println!("{}", serde_json::json!({"ok": true, "message": reply.message}));
+    } else {
+        println!("{}", reply.message);
+    }
+    Ok(())
+}
+
+async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let processes = control::send(data_dir, "ps").await?;
+    // The running mesh knows its own ports, whatever this command was given.
+    let ports = Ports {
+        base: processes.port_base,
+    };
+    let mut reports = Vec::new();
+    for part in Part::SERVICES {
+        reports.push(status::report(ports, part).await);
+    }
+    if json {
+        println!("{}", serde_json::json!({"parts": processes.parts, "services": reports}));
+        return Ok(());
+    }
+    println!("{:<18} {:<8} {:<8} {}", "PART", "PROCESS", "PID", "ADDRESS");
+    for p in &processes.parts {
+        println!(
+            "{:<18} {:<8} {:<8} {}",
+            p.part.name(),
+            if p.running { "running" } else { "stopped" },
+            p.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
+            p.address
+        );
+    }
+    println!();
+    println!("{:<18} {:<12} {:<8} {:<40} {}", "SERVICE", "API", "STORE", "CIRCUITS", "OUTBOX");
+    for r in &reports {
+        let yes_no = |v: Option<bool>, yes: &str, no: &str| match v {
+            Some(true) => yes.to_owned(),
+            Some(false) => no.to_owned(),
+            None => "unreachable".to_owned(),
+        };
+        let circuits = if r.circuits.is_empty() {
+            "-".to_owned()
+        } else {
+            r.circuits.iter().map(|(p, s)| format!("{p}={s}")).collect::<Vec<_>>().join(" ")
+        };
+        let outbox = if r.outbox.is_empty() {
+            "-".to_owned()
+        } else {
+            r.outbox.iter().map(|(d, n)| format!("{d}={n}")).collect::<Vec<_>>().join(" ")
+        };
+        println!(
+            "{:<18} {:<12} {:<8} {:<40} {}",
+            r.service,
+            yes_no(r.serving, "SERVING", "NOT_SERVING"),
+            yes_no(r.store_up, "up", "down"),
+            circuits,
+            outbox
+        );
+    }
+    Ok(())
+}

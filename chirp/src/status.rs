@@ -1,0 +1,107 @@
+//! `chirp status`: every part of a running mesh, and what the services say
+//! about themselves (health, store, circuit breakers, outbox depths).
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+use crate::layout::{Part, Ports};
+
+/// Whether a service's API is SERVING; `None` when it cannot be asked.
+pub async fn health(ports: Ports, part: Part) -> Option<bool> {
+    let service = part.grpc_service()?;
+    let channel = Channel::from_shared(ports.url(part))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    let mut request = tonic::Request::new(HealthCheckRequest { service: service.into() });
+    request.set_timeout(Duration::from_secs(1));
+    let reply = HealthClient::new(channel).check(request).await.ok()?;
+    Some(reply.into_inner().status == ServingStatus::Serving as i32)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceReport {
+    pub service: &'static str,
+    pub serving: Option<bool>,
+    /// `store_up` from its metrics.
+    pub store_up: Option<bool>,
+    /// `peer_circuit_state` per peer: closed, half-open or open.
+    pub circuits: Vec<(String, &'static str)>,
+    /// `outbox_depth` per destination.
+    pub outbox: Vec<(String, i64)>,
+}
+
+/// What a service's `/metrics` says, fetched with a bare HTTP/1.1 GET.
+async fn metrics(ports: Ports, part: Part) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports.metrics(part))).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+}
+
+/// `name{label="value"} number` lines of one metric.
+fn samples(text: &str, metric: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|line| line.starts_with(metric) && !line.starts_with('#'))
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            let label = key
+                .split_once('"')
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(label, _)| label.to_owned())
+                .unwrap_or_default();
+            let name = key.split('{').next()?;
+            (name == metric).then_some(())?;
+            Some((label, value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub async fn report(ports: Ports, part: Part) -> ServiceReport {
+    let (serving, text) = tokio::join!(health(ports, part), metrics(ports, part));
+    let text = text.unwrap_or_default();
+    ServiceReport {
+        service: part.name(),
+        serving,
+        store_up: samples(&text, "store_up").first().map(|(_, v)| *v > 0.0),
+        circuits: samples(&text, "peer_circuit_state")
+            .into_iter()
+            .map(|(peer, v)| {
+                let state = match v as i64 {
+                    0 => "closed",
+                    1 => "half-open",
+                    _ => "open",
+                };
+                (peer, state)
+            })
+            .collect(),
+        #[allow(clippy::cast_possible_truncation)]
+        outbox: samples(&text, "outbox_depth")
+            .into_iter()
+            .map(|(destination, v)| (destination, v as i64))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_samples_are_read_by_name_and_label() {
+        let text = "# HELP outbox_depth x\noutbox_depth{destination=\"analytics\"} 3\noutbox_depth_other 9\nstore_up 1\n";
+        assert_eq!(samples(text, "outbox_depth"), [("analytics".to_owned(), 3.0)]);
+        assert_eq!(samples(text, "store_up"), [(String::new(), 1.0)]);
+    }
+}

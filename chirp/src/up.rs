@@ -1,0 +1,572 @@
+//! `chirp up`: the four stores and the four services on this machine, from
+//! local binaries, no Docker. Stores are private processes under the data
+//! directory (or external ones, where `DATABASE_URL`, `REDIS_URL`,
+//! `MONGODB_URI` say); services are the binaries next to `chirp`.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpStream, UnixListener},
+    process::{Child, Command},
+    sync::Mutex,
+};
+
+use crate::{
+    control::{PartState, Reply},
+    layout::{self, Part, Ports},
+};
+
+/// Version of SecantusDB's server that serves MongoDB locally.
+const SECANTUS_VERSION: &str = "0.5.3-beta.196";
+pub const ADMIN: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "chirp-admin-password";
+pub const DEMO_PASSWORD: &str = "chirp-demo-password";
+
+#[derive(Clone, Debug)]
+pub struct UpArgs {
+    pub data_dir: PathBuf,
+    pub ports: Ports,
+    pub seed: bool,
+}
+
+/// Stores given from outside, not run by `chirp up`.
+#[derive(Clone, Debug, Default)]
+struct External {
+    postgres: Option<String>,
+    redis: Option<String>,
+    mongodb: Option<String>,
+}
+
+impl External {
+    fn from_env() -> Self {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Self {
+            postgres: var("DATABASE_URL"),
+            redis: var("REDIS_URL"),
+            mongodb: var("MONGODB_URI"),
+        }
+    }
+
+    fn url(&self, part: Part) -> Option<&str> {
+        match part {
+            Part::Postgres => self.postgres.as_deref(),
+            Part::Redis => self.redis.as_deref(),
+            Part::Mongodb => self.mongodb.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+struct Supervisor {
+    args: UpArgs,
+    external: External,
+    bin_dir: PathBuf,
+    children: HashMap<Part, Child>,
+    ingest_token: String,
+}
+
+/// Runs the mesh until SIGINT or SIGTERM, then stops everything it started.
+///
+/// # Errors
+/// When a store or service cannot start.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let socket = layout::control_socket(&args.data_dir);
+    if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        bail!("`chirp up` is already running with data dir {}", args.data_dir.display());
+    }
+    for dir in ["run", "keys", "postgres", "redis", "mongodb"] {
+        std::fs::create_dir_all(args.data_dir.join(dir))?;
+    }
+    let external = External::from_env();
+    if external.postgres.is_none() && postgres_user()?.is_some() {
+        reachable_by_others(&args.data_dir)?;
+    }
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("the chirp binary has no directory")?
+        .to_path_buf();
+    preflight(&external, &bin_dir)?;
+    let ingest_token = read_or_create(&args.data_dir.join("keys").join("ingest-token"), || {
+        Ok(uuid::Uuid::new_v4().simple().to_string())
+    })?;
+    read_or_create(&args.data_dir.join("keys").join("signing.pem"), service_kit::auth::TokenSigner::generate_pem)?;
+
+    let supervisor = Arc::new(Mutex::new(Supervisor {
+        args: args.clone(),
+        external,
+        bin_dir,
+        children: HashMap::new(),
+        ingest_token,
+    }));
+    let started = async {
+        for part in Part::ALL {
+            supervisor.lock().await.start(part).await?;
+        }
+        for part in Part::SERVICES {
+            wait_serving(args.ports, part, Duration::from_secs(90)).await?;
+        }
+        anyhow::Ok(())
+    };
+    let outcome = tokio::select! {
+        result = started => result,
+        () = service_kit::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(err) = outcome {
+        supervisor.lock().await.stop_all().await;
+        return Err(err);
+    }
+
+    let seeded = args.data_dir.join("seeded");
+    if args.seed && !seeded.exists() {
+        if let Err(err) = crate::seed::seed(args.ports).await {
+            supervisor.lock().await.stop_all().await;
+            return Err(err.context("seeding demo data"));
+        }
+        std::fs::write(&seeded, "demo data written\n")?;
+    }
+    print_banner(&args);
+
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let control = tokio::spawn(serve_control(listener, supervisor.clone()));
+    service_kit::server::shutdown_signal().await;
+    println!("[chirp] stopping…");
+    control.abort();
+    let _ = std::fs::remove_file(&socket);
+    supervisor.lock().await.stop_all().await;
+    println!("[chirp] stopped");
+    Ok(())
+}
+
+/// As root, PostgreSQL runs as `postgres`, which must be able to walk down
+/// to the data directory.
+fn reachable_by_others(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.canonicalize()?;
+    for ancestor in dir.ancestors() {
+        let mode = std::fs::metadata(ancestor)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            bail!(
+                "{} is not reachable by the postgres user ({} is mode {:o}); \
+                 pick a --data-dir outside it, e.g. /var/lib/chirp",
+                dir.display(),
+                ancestor.display(),
+                mode & 0o777
+            );
+        }
+    }
+    Ok(())
+}
+
+fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        return Ok(existing.trim().to_owned());
+    }
+    let value = make()?;
+    std::fs::write(path, &value)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(value)
+}
+
+/// Finds every binary first, so a missing one is named before anything runs.
+fn preflight(external: &External, bin_dir: &Path) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if external.postgres.is_none() && pg_binary("initdb").is_none() {
+        missing.push("PostgreSQL server (initdb, postgres): apt-get install postgresql".to_owned());
+    }
+    if external.redis.is_none() && which("redis-server").is_none() {
+        missing.push("redis-server: apt-get install redis-server".to_owned());
+    }
+    if external.mongodb.is_none() && which("secantusd-rs").is_none() {
+        missing.push(format!(
+            "secantusd-rs (MongoDB wire protocol): apt-get install cmake && \
+             cargo install secantus-mdb --version {SECANTUS_VERSION} --ignore-rust-version"
+        ));
+    }
+    for part in Part::SERVICES {
+        if !bin_dir.join(part.name()).is_file() {
+            missing.push(format!(
+                "{} binary next to chirp in {}: cargo build --workspace",
+                part.name(),
+                bin_dir.display()
+            ));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("missing:\n  - {}", missing.join("\n  - "))
+    }
+}
+
+impl Supervisor {
+    fn database_urls(&self) -> (String, String, String) {
+        let ports = self.args.ports;
+        let postgres = self.external.postgres.clone().unwrap_or_else(|| {
+            format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres))
+        });
+        let redis = self
+            .external
+            .redis
+            .clone()
+            .unwrap_or_else(|| format!("redis://127.0.0.1:{}", ports.of(Part::Redis)));
+        let mongodb = self.external.mongodb.clone().unwrap_or_else(|| {
+            format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb))
+        });
+        (postgres, redis, mongodb)
+    }
+
+    async fn start(&mut self, part: Part) -> anyhow::Result<()> {
+        if self.children.contains_key(&part) || self.external.url(part).is_some() {
+            return Ok(());
+        }
+        let ports = self.args.ports;
+        let data = self.args.data_dir.clone();
+        let port = ports.of(part).to_string();
+        let (postgres_url, redis_url, mongodb_uri) = self.database_urls();
+        let mut run_as = None;
+        let mut command = match part {
+            Part::Postgres => {
+                let dir = data.join("postgres");
+                run_as = postgres_user()?;
+                if let Some(user) = run_as {
+                    std::os::unix::fs::chown(&dir, Some(user.0), Some(user.1))?;
+                }
+                if !dir.join("cluster").join("PG_VERSION").exists() {
+                    let initdb = pg_binary("initdb").context("initdb not found")?;
+                    let mut init = Command::new(initdb);
+                    init.args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "-D"])
+                        .arg(dir.join("cluster"))
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped());
+                    set_user(&mut init, run_as);
+                    let output = init.output().await?;
+                    if !output.status.success() {
+                        bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+                    }
+                }
+                let mut c = Command::new(pg_binary("postgres").context("postgres not found")?);
+                c.arg("-D")
+                    .arg(dir.join("cluster"))
+                    .args(["-p", &port, "-c", "listen_addresses=127.0.0.1"])
+                    .arg("-c")
+                    .arg(format!("unix_socket_directories={}", dir.display()));
+                c
+            }
+            Part::Redis => {
+                let mut c = Command::new("redis-server");
+                // AOF: an acknowledged comment survives a restart.
+                c.args(["--port", &port, "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+                    .arg("--dir")
+                    .arg(data.join("redis"));
+                c
+            }
+            Part::Mongodb => {
+                let mut c = Command::new("secantusd-rs");
+                c.args(["--port", &port, "--cache-size", "256M", "--log-level", "WARNING"])
+                    .arg("--storage-path")
+                    .arg(data.join("mongodb"));
+                c
+            }
+            service => {
+                let mut c = Command::new(self.bin_dir.join(service.name()));
+                c.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                    .env("METRICS_ADDR", format!("127.0.0.1:{}", ports.metrics(service)))
+                    .env("LOG_FORMAT", "pretty")
+                    .env("NO_COLOR", "1")
+                    .env("INGEST_TOKEN", &self.ingest_token)
+                    .env("USER_SERVICE_URL", ports.url(Part::UserService))
+                    .env("MESSAGE_SERVICE_URL", ports.url(Part::MessageService))
+                    .env("COMMENT_SERVICE_URL", ports.url(Part::CommentService))
+                    .env("ANALYTICS_SERVICE_URL", ports.url(Part::AnalyticsService))
+                    // Each service is given only its own store's settings.
+                    .env_remove("DATABASE_URL")
+                    .env_remove("REDIS_URL")
+                    .env_remove("MONGODB_URI");
+                match service {
+                    Part::UserService => {
+                        c.env("DATABASE_URL", &postgres_url)
+                            .env("JWT_SIGNING_KEY_FILE", data.join("keys").join("signing.pem"))
+                            .env("ADMIN_USERNAME", ADMIN)
+                            .env("ADMIN_PASSWORD", ADMIN_PASSWORD);
+                    }
+                    Part::MessageService => {
+                        c.env("MONGODB_URI", &mongodb_uri);
+                    }
+                    Part::CommentService => {
+                        c.env("REDIS_URL", &redis_url);
+                    }
+                    _ => {
+                        c.env("DATABASE_URL", format!("sqlite://{}", data.join("analytics.db").display()));
+                    }
+                }
+                c
+            }
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        set_user(&mut command, run_as);
+        let mut child = command.spawn().with_context(|| format!("starting {}", part.name()))?;
+        stream_logs(part.name(), &mut child);
+        if !part.is_service() {
+            wait_listening(ports.of(part), &mut child, part).await?;
+        }
+        if part == Part::Postgres {
+            wait_postgres(ports.of(part)).await?;
+            create_database(ports.of(part)).await?;
+        }
+        println!("[chirp] {} started (pid {})", part.name(), child.id().unwrap_or(0));
+        self.children.insert(part, child);
+        Ok(())
+    }
+
+    async fn stop(&mut self, part: Part) {
+        let Some(mut child) = self.children.remove(&part) else { return };
+        let signal = if part == Part::Postgres { libc::SIGINT } else { libc::SIGTERM };
+        if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: the pid is our own child's, not yet reaped.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+        println!("[chirp] {} stopped", part.name());
+    }
+
+    async fn stop_all(&mut self) {
+        for part in Part::ALL.into_iter().rev() {
+            self.stop(part).await;
+        }
+    }
+
+    fn states(&mut self) -> Vec<PartState> {
+        let ports = self.args.ports;
+        Part::ALL
+            .into_iter()
+            .map(|part| {
+                let external = self.external.url(part).map(str::to_owned);
+                let child = self.children.get_mut(&part);
+                let running = child.is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                PartState {
+                    part,
+                    running: running || external.is_some(),
+                    pid: self.children.get(&part).and_then(Child::id),
+                    address: external.clone().unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(part))),
+                    managed: external.is_none(),
+                }
+            })
+            .collect()
+    }
+}
+
+async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let mut words = line.split_whitespace();
+            let mut sup = supervisor.lock().await;
+            let (ok, message) = match (words.next(), words.next().and_then(Part::parse)) {
+                (Some("ps"), _) => (true, String::new()),
+                (Some("stop"), Some(part)) if sup.external.url(part).is_none() => {
+                    sup.stop(part).await;
+                    (true, format!("{} stopped", part.name()))
+                }
+                (Some("start"), Some(part)) if sup.external.url(part).is_none() => match sup.start(part).await {
+                    Ok(()) => (true, format!("{} started", part.name())),
+                    Err(err) => (false, format!("{err:#}")),
+                },
+                (Some("stop" | "start"), Some(part)) => (false, format!("{} is external; chirp does not run it", part.name())),
+                _ => (false, format!("unknown command: {}", line.trim())),
+            };
+            let reply = Reply {
+                ok,
+                message,
+                parts: sup.states(),
+                port_base: sup.args.ports.base,
+            };
+            drop(sup);
+            if let Ok(json) = serde_json::to_string(&reply) {
+                let _ = write.write_all(format!("{json}\n").as_bytes()).await;
+            }
+        });
+    }
+}
+
+/// Prints a child's output line by line, prefixed with its name.
+fn stream_logs(name: &'static str, child: &mut Child) {
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("[{name}] {line}");
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("[{name}] {line}");
+            }
+        });
+    }
+}
+
+async fn wait_listening(port: u16, child: &mut Child, part: Part) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited before listening ({status}); its log is above", part.name());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{} is not listening on port {port} after 30 s", part.name())
+}
+
+async fn wait_postgres(port: u16) -> anyhow::Result<()> {
+    let pg_isready = pg_binary("pg_isready").context("pg_isready not found")?;
+    for _ in 0..600 {
+        let ready = Command::new(&pg_isready)
+            .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if ready {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("PostgreSQL does not accept sessions after 30 s")
+}
+
+async fn create_database(port: u16) -> anyhow::Result<()> {
+    let createdb = pg_binary("createdb").context("createdb not found")?;
+    let output = Command::new(createdb)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "chirp_users"])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() || stderr.contains("already exists") {
+        Ok(())
+    } else {
+        bail!("createdb failed: {stderr}")
+    }
+}
+
+/// Waits until a service's API reports SERVING.
+///
+/// # Errors
+/// When it does not within `timeout`.
+pub async fn wait_serving(ports: Ports, part: Part, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while crate::status::health(ports, part).await != Some(true) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{} is not SERVING after {timeout:?}; its log is above", part.name());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn print_banner(args: &UpArgs) {
+    let p = args.ports;
+    println!(
+        "
+[chirp] the mesh is up (data in {data})
+[chirp]   user-service       127.0.0.1:{u}   metrics http://127.0.0.1:{um}/metrics
+[chirp]   message-service    127.0.0.1:{m}   metrics http://127.0.0.1:{mm}/metrics
+[chirp]   comment-service    127.0.0.1:{c}   metrics http://127.0.0.1:{cm}/metrics
+[chirp]   analytics-service  127.0.0.1:{a}   metrics http://127.0.0.1:{am}/metrics
+[chirp] demo users: alice, bob, carol (moderator), password {DEMO_PASSWORD}; admin: {ADMIN} / {ADMIN_PASSWORD}
+[chirp] try:
+  grpcurl -plaintext 127.0.0.1:{u} list
+  TOKEN=$(grpcurl -plaintext -d '{{\"username\":\"alice\",\"password\":\"{DEMO_PASSWORD}\"}}' 127.0.0.1:{u} chirp.user.v1.UserService/Login | jq -r .accessToken)
+  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{}}' 127.0.0.1:{m} chirp.message.v2.MessageService/HomeTimeline
+  chirp login alice && chirp timeline --api v2
+  chirp chaos stop redis   # then: chirp status, chirp timeline, chirp chaos start redis
+[chirp] Ctrl-C stops everything.
+",
+        data = args.data_dir.display(),
+        u = p.of(Part::UserService),
+        m = p.of(Part::MessageService),
+        c = p.of(Part::CommentService),
+        a = p.of(Part::AnalyticsService),
+        um = p.metrics(Part::UserService),
+        mm = p.metrics(Part::MessageService),
+        cm = p.metrics(Part::CommentService),
+        am = p.metrics(Part::AnalyticsService),
+    );
+}
+
+/// postgres refuses to run as root; when chirp is root, it runs as `postgres`.
+fn postgres_user() -> anyhow::Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = std::ffi::CString::new("postgres")?;
+    // SAFETY: getpwnam returns null or a pointer to a static record, read at once.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        bail!("running as root, and there is no `postgres` user to run PostgreSQL as");
+    }
+    // SAFETY: non-null, points to a valid passwd record.
+    let entry = unsafe { &*entry };
+    Ok(Some((entry.pw_uid, entry.pw_gid)))
+}
+
+fn set_user(command: &mut Command, run_as: Option<(u32, u32)>) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some((uid, gid)) = run_as {
+                if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // If chirp dies without stopping its children, they die with it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn pg_binary(name: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin").join(name)).collect())
+        .unwrap_or_default();
+    found.retain(|p| p.is_file());
+    found.sort();
+    found.pop().or_else(|| which(name))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
