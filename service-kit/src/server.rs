@@ -160,7 +160,10 @@ pub async fn serve(
         .add_routes(routes);
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = server.serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+    // Nagle's algorithm would hold small replies back ~40 ms waiting for the
+    // client's delayed ACK; gRPC replies are small and latency-bound.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = server.serve_with_incoming_shutdown(incoming, async {
         drop(drain_rx.await);
     });
     tokio::pin!(server);
