@@ -1,11 +1,20 @@
 # The two commands a newcomer needs; see README.md.
 
-.PHONY: test build
+.PHONY: up test build deps
+
+# Installs what is missing, builds, and starts the whole mesh with demo data
+# (Ctrl-C stops everything).
+up: deps
+	cargo build --workspace --release --locked
+	./target/release/chirp up
 
 # Every test in the workspace: unit tests, services against real stores,
-# outages with private store processes.
+# outages with private store processes, the whole mesh through `chirp up`.
 test:
 	cargo test --workspace --all-features --locked
 
 build:
 	cargo build --workspace --release --locked
+
+deps:
+	bash scripts/install-deps
