@@ -66,7 +66,13 @@ fn show(json_mode: bool, value: &serde_json::Value, rows: &[Vec<String>]) {
     }
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..width)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for row in rows {
         let line: Vec<String> = row
@@ -141,7 +147,8 @@ impl Client {
     }
 
     pub async fn post(&self, body: &str) -> anyhow::Result<()> {
-        let mut client = m2::message_service_client::MessageServiceClient::new(channel(self.ports, Part::MessageService)?);
+        let mut client =
+            m2::message_service_client::MessageServiceClient::new(channel(self.ports, Part::MessageService)?);
         let message = client
             .post_message(authed(m2::PostMessageRequest { body: body.into() })?)
             .await?
@@ -226,8 +233,16 @@ impl Client {
                 let c = e.comments.clone().unwrap_or_default();
                 vec![
                     m.create_time.to_string(),
-                    if a.status == m1::PartStatus::Ok as i32 { a.username } else { format!("[{}]", status(a.status)) },
-                    if c.status == m1::PartStatus::Ok as i32 { format!("{} comments", c.count) } else { "[comments unavailable]".into() },
+                    if a.status == m1::PartStatus::Ok as i32 {
+                        a.username
+                    } else {
+                        format!("[{}]", status(a.status))
+                    },
+                    if c.status == m1::PartStatus::Ok as i32 {
+                        format!("{} comments", c.count)
+                    } else {
+                        "[comments unavailable]".into()
+                    },
                     m.id,
                     m.body,
                 ]
@@ -268,8 +283,16 @@ impl Client {
                 let c = e.comments.clone().unwrap_or_default();
                 vec![
                     m.create_time,
-                    if a.status == m2::PartStatus::Ok as i32 { a.username } else { format!("[{}]", status(a.status)) },
-                    if c.status == m2::PartStatus::Ok as i32 { format!("{} comments", c.count) } else { "[comments unavailable]".into() },
+                    if a.status == m2::PartStatus::Ok as i32 {
+                        a.username
+                    } else {
+                        format!("[{}]", status(a.status))
+                    },
+                    if c.status == m2::PartStatus::Ok as i32 {
+                        format!("{} comments", c.count)
+                    } else {
+                        "[comments unavailable]".into()
+                    },
                     m.id,
                     m.body,
                 ]
@@ -288,16 +311,26 @@ impl Client {
             .into_inner()
             .comment
             .unwrap_or_default();
-        show(self.json, &json!({"id": comment.id}), &[vec!["commented".into(), comment.id]]);
+        show(
+            self.json,
+            &json!({"id": comment.id}),
+            &[vec!["commented".into(), comment.id]],
+        );
         Ok(())
     }
 
     pub async fn follow(&self, user: &str) -> anyhow::Result<()> {
         let user_id = self.resolve(user).await?;
         self.users()?
-            .follow(authed(upb::FollowRequest { user_id: user_id.clone() })?)
+            .follow(authed(upb::FollowRequest {
+                user_id: user_id.clone(),
+            })?)
             .await?;
-        show(self.json, &json!({"followed": user_id}), &[vec!["following".into(), user.into(), user_id]]);
+        show(
+            self.json,
+            &json!({"followed": user_id}),
+            &[vec!["following".into(), user.into(), user_id]],
+        );
         Ok(())
     }
 
@@ -327,7 +360,9 @@ impl Client {
             None => load_session()?.user_id,
         };
         let stats = AnalyticsServiceClient::new(channel(self.ports, Part::AnalyticsService)?)
-            .get_user_stats(authed(GetUserStatsRequest { user_id: user_id.clone() })?)
+            .get_user_stats(authed(GetUserStatsRequest {
+                user_id: user_id.clone(),
+            })?)
             .await?
             .into_inner();
         show(

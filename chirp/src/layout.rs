@@ -34,7 +34,12 @@ impl Part {
         Self::CommentService,
         Self::AnalyticsService,
     ];
-    pub const SERVICES: [Self; 4] = [Self::UserService, Self::MessageService, Self::CommentService, Self::AnalyticsService];
+    pub const SERVICES: [Self; 4] = [
+        Self::UserService,
+        Self::MessageService,
+        Self::CommentService,
+        Self::AnalyticsService,
+    ];
 
     #[must_use]
     pub fn name(self) -> &'static str {

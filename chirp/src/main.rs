@@ -158,12 +158,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 async fn chaos(data_dir: &std::path::Path, action: &str, part: &str, json: bool) -> anyhow::Result<()> {
-    let part = Part::parse(part).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown part `{part}`: one of {}",
-            Part::ALL.map(Part::name).join(", ")
-        )
-    })?;
+    let part = Part::parse(part)
+        .ok_or_else(|| anyhow::anyhow!("unknown part `{part}`: one of {}", Part::ALL.map(Part::name).join(", ")))?;
     let reply = control::send(data_dir, &format!("{action} {}", part.name())).await?;
     if json {
         println!("{}", serde_json::json!({"ok": true, "message": reply.message}));
@@ -187,7 +183,7 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
         println!("{}", serde_json::json!({"parts": processes.parts, "services": reports}));
         return Ok(());
     }
-    println!("{:<18} {:<8} {:<8} {}", "PART", "PROCESS", "PID", "ADDRESS");
+    println!("{:<18} {:<8} {:<8} ADDRESS", "PART", "PROCESS", "PID");
     for p in &processes.parts {
         println!(
             "{:<18} {:<8} {:<8} {}",
@@ -198,7 +194,10 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
         );
     }
     println!();
-    println!("{:<18} {:<12} {:<8} {:<40} {}", "SERVICE", "API", "STORE", "CIRCUITS", "OUTBOX");
+    println!(
+        "{:<18} {:<12} {:<8} {:<40} OUTBOX",
+        "SERVICE", "API", "STORE", "CIRCUITS"
+    );
     for r in &reports {
         let yes_no = |v: Option<bool>, yes: &str, no: &str| match v {
             Some(true) => yes.to_owned(),
@@ -208,12 +207,20 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
         let circuits = if r.circuits.is_empty() {
             "-".to_owned()
         } else {
-            r.circuits.iter().map(|(p, s)| format!("{p}={s}")).collect::<Vec<_>>().join(" ")
+            r.circuits
+                .iter()
+                .map(|(p, s)| format!("{p}={s}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let outbox = if r.outbox.is_empty() {
             "-".to_owned()
         } else {
-            r.outbox.iter().map(|(d, n)| format!("{d}={n}")).collect::<Vec<_>>().join(" ")
+            r.outbox
+                .iter()
+                .map(|(d, n)| format!("{d}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         println!(
             "{:<18} {:<12} {:<8} {:<40} {}",

@@ -18,7 +18,9 @@ fn channel(ports: Ports, part: Part) -> anyhow::Result<Channel> {
 
 fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
     Ok(request)
 }
 
@@ -37,7 +39,11 @@ pub async fn seed(ports: Ports) -> anyhow::Result<()> {
 
     let mut ids = Vec::new();
     let mut tokens = Vec::new();
-    for (name, display) in [("alice", "Alice Liddell"), ("bob", "Bob the Builder"), ("carol", "Carol Danvers")] {
+    for (name, display) in [
+        ("alice", "Alice Liddell"),
+        ("bob", "Bob the Builder"),
+        ("carol", "Carol Danvers"),
+    ] {
         let user = users
             .register(upb::RegisterRequest {
                 username: name.into(),
@@ -50,7 +56,11 @@ pub async fn seed(ports: Ports) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no user in the reply"))?;
         ids.push(user.id);
     }
-    let admin = users.login(login(ADMIN, ADMIN_PASSWORD)).await?.into_inner().access_token;
+    let admin = users
+        .login(login(ADMIN, ADMIN_PASSWORD))
+        .await?
+        .into_inner()
+        .access_token;
     users
         .set_role(authed(
             upb::SetRoleRequest {
@@ -65,14 +75,28 @@ pub async fn seed(ports: Ports) -> anyhow::Result<()> {
     }
     for (who, whom) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
         users
-            .follow(authed(upb::FollowRequest { user_id: ids[whom].clone() }, &tokens[who])?)
+            .follow(authed(
+                upb::FollowRequest {
+                    user_id: ids[whom].clone(),
+                },
+                &tokens[who],
+            )?)
             .await?;
     }
     let posts = [
-        (0, "Curiouser and curiouser! Chirp keeps each service's data in its own store."),
+        (
+            0,
+            "Curiouser and curiouser! Chirp keeps each service's data in its own store.",
+        ),
         (1, "Can we fix it? Yes: stop a store and watch only its owner degrade."),
-        (2, "Moderating with a ban: comments purged, messages hidden, even if a service is down."),
-        (0, "Timestamps are Unix seconds in v1 and RFC 3339 in v2, from one collection."),
+        (
+            2,
+            "Moderating with a ban: comments purged, messages hidden, even if a service is down.",
+        ),
+        (
+            0,
+            "Timestamps are Unix seconds in v1 and RFC 3339 in v2, from one collection.",
+        ),
     ];
     let mut posted = Vec::new();
     for (who, body) in posts {
@@ -84,7 +108,11 @@ pub async fn seed(ports: Ports) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no message in the reply"))?;
         posted.push(message.id);
     }
-    for (who, on, body) in [(1, 0, "Welcome to Chirp!"), (2, 0, "Nice."), (0, 1, "Can we? Yes we can.")] {
+    for (who, on, body) in [
+        (1, 0, "Welcome to Chirp!"),
+        (2, 0, "Nice."),
+        (0, 1, "Can we? Yes we can."),
+    ] {
         comments
             .add_comment(authed(
                 AddCommentRequest {

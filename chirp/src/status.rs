@@ -16,7 +16,9 @@ pub async fn health(ports: Ports, part: Part) -> Option<bool> {
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .connect_lazy();
-    let mut request = tonic::Request::new(HealthCheckRequest { service: service.into() });
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.into(),
+    });
     request.set_timeout(Duration::from_secs(1));
     let reply = HealthClient::new(channel).check(request).await.ok()?;
     Some(reply.into_inner().status == ServingStatus::Serving as i32)
@@ -38,7 +40,9 @@ pub struct ServiceReport {
 async fn metrics(ports: Ports, part: Part) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports.metrics(part))).await.ok()?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports.metrics(part)))
+            .await
+            .ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .await
@@ -100,7 +104,8 @@ mod tests {
 
     #[test]
     fn metric_samples_are_read_by_name_and_label() {
-        let text = "# HELP outbox_depth x\noutbox_depth{destination=\"analytics\"} 3\noutbox_depth_other 9\nstore_up 1\n";
+        let text =
+            "# HELP outbox_depth x\noutbox_depth{destination=\"analytics\"} 3\noutbox_depth_other 9\nstore_up 1\n";
         assert_eq!(samples(text, "outbox_depth"), [("analytics".to_owned(), 3.0)]);
         assert_eq!(samples(text, "store_up"), [(String::new(), 1.0)]);
     }

@@ -81,7 +81,10 @@ struct Supervisor {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let socket = layout::control_socket(&args.data_dir);
     if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
-        bail!("`chirp up` is already running with data dir {}", args.data_dir.display());
+        bail!(
+            "`chirp up` is already running with data dir {}",
+            args.data_dir.display()
+        );
     }
     for dir in ["run", "keys", "postgres", "redis", "mongodb"] {
         std::fs::create_dir_all(args.data_dir.join(dir))?;
@@ -98,7 +101,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ingest_token = read_or_create(&args.data_dir.join("keys").join("ingest-token"), || {
         Ok(uuid::Uuid::new_v4().simple().to_string())
     })?;
-    read_or_create(&args.data_dir.join("keys").join("signing.pem"), service_kit::auth::TokenSigner::generate_pem)?;
+    read_or_create(
+        &args.data_dir.join("keys").join("signing.pem"),
+        service_kit::auth::TokenSigner::generate_pem,
+    )?;
 
     let supervisor = Arc::new(Mutex::new(Supervisor {
         args: args.clone(),
@@ -210,17 +216,21 @@ fn preflight(external: &External, bin_dir: &Path) -> anyhow::Result<()> {
 impl Supervisor {
     fn database_urls(&self) -> (String, String, String) {
         let ports = self.args.ports;
-        let postgres = self.external.postgres.clone().unwrap_or_else(|| {
-            format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres))
-        });
+        let postgres = self
+            .external
+            .postgres
+            .clone()
+            .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres)));
         let redis = self
             .external
             .redis
             .clone()
             .unwrap_or_else(|| format!("redis://127.0.0.1:{}", ports.of(Part::Redis)));
-        let mongodb = self.external.mongodb.clone().unwrap_or_else(|| {
-            format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb))
-        });
+        let mongodb = self
+            .external
+            .mongodb
+            .clone()
+            .unwrap_or_else(|| format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb)));
         (postgres, redis, mongodb)
     }
 
@@ -264,9 +274,18 @@ impl Supervisor {
             Part::Redis => {
                 let mut c = Command::new("redis-server");
                 // AOF: an acknowledged comment survives a restart.
-                c.args(["--port", &port, "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
-                    .arg("--dir")
-                    .arg(data.join("redis"));
+                c.args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                ])
+                .arg("--dir")
+                .arg(data.join("redis"));
                 c
             }
             Part::Mongodb => {
@@ -305,7 +324,10 @@ impl Supervisor {
                         c.env("REDIS_URL", &redis_url);
                     }
                     _ => {
-                        c.env("DATABASE_URL", format!("sqlite://{}", data.join("analytics.db").display()));
+                        c.env(
+                            "DATABASE_URL",
+                            format!("sqlite://{}", data.join("analytics.db").display()),
+                        );
                     }
                 }
                 c
@@ -332,15 +354,24 @@ impl Supervisor {
     }
 
     async fn stop(&mut self, part: Part) {
-        let Some(mut child) = self.children.remove(&part) else { return };
-        let signal = if part == Part::Postgres { libc::SIGINT } else { libc::SIGTERM };
+        let Some(mut child) = self.children.remove(&part) else {
+            return;
+        };
+        let signal = if part == Part::Postgres {
+            libc::SIGINT
+        } else {
+            libc::SIGTERM
+        };
         if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
             // SAFETY: the pid is our own child's, not yet reaped.
             unsafe {
                 libc::kill(pid, signal);
             }
         }
-        if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_err()
+        {
             let _ = child.kill().await;
         }
         println!("[chirp] {} stopped", part.name());
@@ -364,7 +395,9 @@ impl Supervisor {
                     part,
                     running: running || external.is_some(),
                     pid: self.children.get(&part).and_then(Child::id),
-                    address: external.clone().unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(part))),
+                    address: external
+                        .clone()
+                        .unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(part))),
                     managed: external.is_none(),
                 }
             })
@@ -374,7 +407,9 @@ impl Supervisor {
 
 async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let supervisor = supervisor.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -394,7 +429,9 @@ async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>
                     Ok(()) => (true, format!("{} started", part.name())),
                     Err(err) => (false, format!("{err:#}")),
                 },
-                (Some("stop" | "start"), Some(part)) => (false, format!("{} is external; chirp does not run it", part.name())),
+                (Some("stop" | "start"), Some(part)) => {
+                    (false, format!("{} is external; chirp does not run it", part.name()))
+                }
                 _ => (false, format!("unknown command: {}", line.trim())),
             };
             let reply = Reply {
@@ -463,7 +500,15 @@ async fn wait_postgres(port: u16) -> anyhow::Result<()> {
 async fn create_database(port: u16) -> anyhow::Result<()> {
     let createdb = pg_binary("createdb").context("createdb not found")?;
     let output = Command::new(createdb)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "chirp_users"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "chirp_users",
+        ])
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -556,7 +601,12 @@ fn set_user(command: &mut Command, run_as: Option<(u32, u32)>) {
 
 fn pg_binary(name: &str) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin").join(name)).collect())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
         .unwrap_or_default();
     found.retain(|p| p.is_file());
     found.sort();

@@ -82,7 +82,10 @@ impl Up {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !std::fs::read_to_string(&up.log).unwrap_or_default().contains("the mesh is up") {
+        while !std::fs::read_to_string(&up.log)
+            .unwrap_or_default()
+            .contains("the mesh is up")
+        {
             assert!(Instant::now() < deadline, "chirp up did not come up:\n{}", up.tail());
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -185,8 +188,16 @@ impl fmt::Display for Outcome {
 }
 
 const RPCS: [&str; 10] = [
-    "GetUser", "Login", "Follow", "PostMessage", "GetMessage", "HomeTimeline", "AddComment", "ListComments",
-    "CountComments", "GetUserStats",
+    "GetUser",
+    "Login",
+    "Follow",
+    "PostMessage",
+    "GetMessage",
+    "HomeTimeline",
+    "AddComment",
+    "ListComments",
+    "CountComments",
+    "GetUserStats",
 ];
 
 /// The expectation table: for each stopped part, each RPC's outcome.
@@ -243,7 +254,12 @@ async fn row(up: &Up, world: &mut World) -> Vec<(Result<Outcome, String>, Durati
     }
     let mut c = users.clone();
     let _ = cell!(
-        c.get_user(with_deadline(upb::GetUserRequest { user_id: world.alice.clone() }, DEADLINE)),
+        c.get_user(with_deadline(
+            upb::GetUserRequest {
+                user_id: world.alice.clone()
+            },
+            DEADLINE
+        )),
         |_| false
     );
     let mut login = with_deadline(
@@ -257,11 +273,21 @@ async fn row(up: &Up, world: &mut World) -> Vec<(Result<Outcome, String>, Durati
     let mut c = users.clone();
     let _ = cell!(c.login(login), |_| false);
     let mut c = users.clone();
-    let mut follow = authed(upb::FollowRequest { user_id: world.carol.clone() }, &token);
+    let mut follow = authed(
+        upb::FollowRequest {
+            user_id: world.carol.clone(),
+        },
+        &token,
+    );
     follow.set_timeout(DEADLINE);
     let _ = cell!(c.follow(follow), |_| false);
     let mut c = messages.clone();
-    let mut post = authed(m1::PostMessageRequest { body: "written during the matrix".into() }, &token);
+    let mut post = authed(
+        m1::PostMessageRequest {
+            body: "written during the matrix".into(),
+        },
+        &token,
+    );
     post.set_timeout(DEADLINE);
     if let Ok(reply) = cell!(c.post_message(post), |_| false) {
         world.posted.push(reply.into_inner().message.unwrap_or_default().id);
@@ -269,7 +295,12 @@ async fn row(up: &Up, world: &mut World) -> Vec<(Result<Outcome, String>, Durati
     let part_down = |s: i32| s != m1::PartStatus::Ok as i32;
     let mut c = messages.clone();
     let _ = cell!(
-        c.get_message(with_deadline(m1::GetMessageRequest { message_id: world.message.clone() }, DEADLINE)),
+        c.get_message(with_deadline(
+            m1::GetMessageRequest {
+                message_id: world.message.clone()
+            },
+            DEADLINE
+        )),
         |r: &tonic::Response<m1::GetMessageResponse>| {
             let m = r.get_ref().message.clone().unwrap_or_default();
             part_down(m.author.unwrap_or_default().status) || part_down(m.comments.unwrap_or_default().status)
@@ -284,7 +315,9 @@ async fn row(up: &Up, world: &mut World) -> Vec<(Result<Outcome, String>, Durati
         &token,
     );
     timeline.set_timeout(DEADLINE);
-    let _ = cell!(c.home_timeline(timeline), |r: &tonic::Response<m2::HomeTimelineResponse>| {
+    let _ = cell!(c.home_timeline(timeline), |r: &tonic::Response<
+        m2::HomeTimelineResponse,
+    >| {
         let r = r.get_ref();
         r.degraded
             || r.messages.iter().any(|m| {
@@ -326,7 +359,12 @@ async fn row(up: &Up, world: &mut World) -> Vec<(Result<Outcome, String>, Durati
         |_| false
     );
     let mut c = analytics.clone();
-    let mut stats = authed(GetUserStatsRequest { user_id: world.alice.clone() }, &token);
+    let mut stats = authed(
+        GetUserStatsRequest {
+            user_id: world.alice.clone(),
+        },
+        &token,
+    );
     stats.set_timeout(DEADLINE);
     let _ = cell!(c.get_user_stats(stats), |_| false);
     cells
@@ -351,7 +389,11 @@ async fn converge(up: &Up, world: &mut World) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the mesh did not converge within 45 s: {status}\n{}", up.tail());
+        assert!(
+            Instant::now() < deadline,
+            "the mesh did not converge within 45 s: {status}\n{}",
+            up.tail()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -466,7 +508,12 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
     converge(&up, &mut world).await;
 
     let mut table = String::new();
-    let _ = writeln!(table, "{:<18} {}", "stopped \\ rpc", RPCS.map(|r| format!("{r:<17}")).join(""));
+    let _ = writeln!(
+        table,
+        "{:<18} {}",
+        "stopped \\ rpc",
+        RPCS.map(|r| format!("{r:<17}")).join("")
+    );
     let mut failures = Vec::new();
     for part in [
         "postgres",
@@ -515,16 +562,32 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
             .await
             .unwrap_or_else(|s| panic!("acknowledged post {id} is gone: {s:?}"));
     }
-    let stats = AnalyticsServiceClient::new(up.channel(4))
-        .get_user_stats(authed(GetUserStatsRequest { user_id: world.alice.clone() }, &world.alice_token))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        stats.message_count as usize,
-        2 + world.posted.len(),
-        "alice's two seeded messages and every acknowledged post"
-    );
+    // The last row's events may still be on their way: analytics is
+    // eventually consistent, so wait (boundedly) for it to agree.
+    let expected_messages = 2 + world.posted.len() as i64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = AnalyticsServiceClient::new(up.channel(4))
+            .get_user_stats(authed(
+                GetUserStatsRequest {
+                    user_id: world.alice.clone(),
+                },
+                &world.alice_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if stats.message_count == expected_messages {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "analytics counts {} messages of alice's, expected the two seeded and every acknowledged post: {}",
+            stats.message_count,
+            expected_messages
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // `chirp status` names every part; stopping stops every process.
     let status = up.status();
@@ -539,9 +602,16 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
     let up = Up::start(data.path(), base);
     let (code, out) = up.run(&["login", "alice"]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = up.run(&["stats", "--json"]);
-    assert_eq!(code, 0, "{out}");
-    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(stats["messages"].as_u64(), Some(2 + world.posted.len() as u64), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out) = up.run(&["stats", "--json"]);
+        assert_eq!(code, 0, "{out}");
+        let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        if stats["messages"].as_i64() == Some(expected_messages) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after the restart: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     up.stop();
 }

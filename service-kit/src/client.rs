@@ -38,7 +38,10 @@ fn circuit_gauge() -> &'static IntGaugeVec {
     static GAUGE: std::sync::OnceLock<IntGaugeVec> = std::sync::OnceLock::new();
     GAUGE.get_or_init(|| {
         IntGaugeVec::new(
-            Opts::new("peer_circuit_state", "Circuit breaker per peer: 0 closed, 1 half-open, 2 open"),
+            Opts::new(
+                "peer_circuit_state",
+                "Circuit breaker per peer: 0 closed, 1 half-open, 2 open",
+            ),
             &["peer"],
         )
         .unwrap_or_else(|_| unreachable!("the metric's name and labels are valid"))
