@@ -1,6 +1,6 @@
 # The two commands a newcomer needs; see README.md.
 
-.PHONY: up test build deps
+.PHONY: up test build deps proto-baseline
 
 # Installs what is missing, builds, and starts the whole mesh with demo data
 # (Ctrl-C stops everything).
@@ -18,3 +18,8 @@ build:
 
 deps:
 	bash scripts/install-deps
+
+# Records the current contracts as the released baseline that CI's
+# `buf breaking` compares against. Run it on purpose, when releasing.
+proto-baseline:
+	cd proto && buf build -o baseline.binpb
