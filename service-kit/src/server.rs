@@ -254,6 +254,38 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// `<binary> healthcheck`: asks the service listening on `LISTEN_ADDR` (or
+/// `default_port` on localhost) whether `service` is SERVING; exit code 0 if
+/// so. For container healthchecks where no other gRPC client is at hand.
+pub async fn healthcheck(service: &str, default_port: u16) -> std::process::ExitCode {
+    let port = std::env::var("LISTEN_ADDR")
+        .ok()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map_or(default_port, |a| a.port());
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .ok()?;
+        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        let reply = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(request)
+            .await
+            .ok()?;
+        Some(reply.into_inner().status == ServingStatus::Serving as i32)
+    };
+    if check.await == Some(true) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 /// Binds a listener, naming the address in the error.
 ///
 /// # Errors
