@@ -16,7 +16,7 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
-    client::{Peer, PeerConfig},
+    client::{peer, DEFAULT_CALL_TIMEOUT},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -36,39 +36,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let verifier = Arc::new(match &config.jwt_public_key_file {
         Some(path) => TokenVerifier::from_pem_file(path)?,
-        None => TokenVerifier::from_user_service(Arc::new(
-            Peer::connect_lazy(PeerConfig::new("user-service", &config.user_service_url))
-                .context("USER_SERVICE_URL")?,
-        )),
+        None => TokenVerifier::from_user_service(peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?),
     });
     let status = StoreStatus::new();
     let store = Store::connect_lazy(&config.database_url, status.clone()).context("DATABASE_URL")?;
 
     let health = Health::new();
     let registry = prometheus::Registry::new();
-    let _monitor = {
-        let store = store.clone();
-        let migrated = Arc::new(tokio::sync::OnceCell::new());
-        StoreMonitor::spawn(
-            "sqlite",
-            health.clone(),
-            &registry,
-            vec![SERVICE_NAME],
-            config.store_probe_interval,
-            status,
-            move || {
-                let store = store.clone();
-                let migrated = migrated.clone();
-                async move {
-                    migrated
-                        .get_or_try_init(|| store.migrate())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("migrating SQLite: {e:#?}"))?;
-                    store.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
-                }
-            },
-        )?
-    };
+    let _monitor = StoreMonitor::watch(
+        "sqlite",
+        health.clone(),
+        &registry,
+        vec![SERVICE_NAME],
+        config.store_probe_interval,
+        status,
+        Arc::new(store.clone()),
+    )?;
 
     let api = grpc::AnalyticsApi::new(store, verifier, config.ingest_token.clone());
     let routes = tonic::service::Routes::new(grpc::AnalyticsServiceServer::new(api));

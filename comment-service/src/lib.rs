@@ -18,7 +18,6 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
-    client::{Peer, PeerConfig},
     relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
@@ -38,13 +37,7 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
-        let mut peer = PeerConfig::new(name, url);
-        peer.call_timeout = config.peer_timeout;
-        Ok(Arc::new(
-            Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?,
-        ))
-    };
+    let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let verifier = Arc::new(match &config.jwt_public_key_file {
         Some(path) => TokenVerifier::from_pem_file(path)?,
         None => TokenVerifier::from_user_service(peer("user-service", &config.user_service_url)?),
@@ -67,29 +60,15 @@ pub async fn run(
         RelayMetrics::register(&registry)?,
     );
     let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
-    let _monitor = {
-        let comments = comments.clone();
-        let prepared = Arc::new(tokio::sync::OnceCell::new());
-        StoreMonitor::spawn(
-            "redis",
-            health.clone(),
-            &registry,
-            vec![SERVICE_NAME],
-            config.store_probe_interval,
-            status,
-            move || {
-                let comments = comments.clone();
-                let prepared = prepared.clone();
-                async move {
-                    prepared
-                        .get_or_try_init(|| comments.prepare_store())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("preparing Redis: {e:#?}"))?;
-                    comments.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
-                }
-            },
-        )?
-    };
+    let _monitor = StoreMonitor::watch(
+        "redis",
+        health.clone(),
+        &registry,
+        vec![SERVICE_NAME],
+        config.store_probe_interval,
+        status,
+        comments.clone(),
+    )?;
 
     let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(
         comments, verifier,

@@ -134,3 +134,13 @@ impl Comments {
         self.store.purge(user, PRODUCER).await
     }
 }
+
+impl service_kit::store::Probe for Comments {
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(self.prepare_store().await?)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(Comments::ping(self).await?)
+    }
+}

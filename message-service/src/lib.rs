@@ -19,7 +19,6 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
-    client::{Peer, PeerConfig},
     relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
@@ -44,13 +43,7 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
-        let mut peer = PeerConfig::new(name, url);
-        peer.call_timeout = config.peer_timeout;
-        Ok(Arc::new(
-            Peer::connect_lazy(peer).with_context(|| format!("{name} URL"))?,
-        ))
-    };
+    let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;
     let verifier = Arc::new(match &config.jwt_public_key_file {
@@ -88,29 +81,15 @@ pub async fn run(
 
     let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];
     let health = Health::new();
-    let _monitor = {
-        let messages = messages.clone();
-        let prepared = Arc::new(tokio::sync::OnceCell::new());
-        StoreMonitor::spawn(
-            "mongodb",
-            health.clone(),
-            &registry,
-            apis.clone(),
-            config.store_probe_interval,
-            status,
-            move || {
-                let messages = messages.clone();
-                let prepared = prepared.clone();
-                async move {
-                    prepared
-                        .get_or_try_init(|| messages.prepare_store())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("preparing MongoDB: {e:#?}"))?;
-                    messages.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
-                }
-            },
-        )?
-    };
+    let _monitor = StoreMonitor::watch(
+        "mongodb",
+        health.clone(),
+        &registry,
+        apis.clone(),
+        config.store_probe_interval,
+        status,
+        messages.clone(),
+    )?;
 
     let shared = Arc::new(grpc::Shared { messages, verifier });
     let routes = tonic::service::Routes::new(grpc::v1::MessageServiceServer::new(grpc::v1::Api(shared.clone())))

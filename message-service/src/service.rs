@@ -288,3 +288,13 @@ impl Messages {
         self.store.set_hidden(author, hidden, changed).await
     }
 }
+
+impl service_kit::store::Probe for Messages {
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(self.prepare_store().await?)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(Messages::ping(self).await?)
+    }
+}

@@ -8,7 +8,6 @@ mod common;
 use chirp_proto::{comment::v1 as cpb, message::v1, message::v2, user::v1 as upb};
 use common::TestApp;
 use mongodb::bson::{doc, DateTime as BsonDateTime};
-use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 
 const MESSAGE: &str = "01a2123e-e1d7-7489-9b42-03c56234c621";

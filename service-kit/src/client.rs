@@ -91,13 +91,30 @@ impl PeerConfig {
             name,
             url: url.into(),
             connect_timeout: Duration::from_millis(500),
-            call_timeout: Duration::from_millis(300),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             max_retries: 2,
             backoff_base: Duration::from_millis(10),
             max_concurrency: 256,
             breaker: BreakerConfig::default(),
         }
     }
+}
+
+/// Deadline of one call to a peer unless configured otherwise: a few hundred
+/// milliseconds, far above a healthy peer's answer, far below a user's
+/// patience.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// A shared [`Peer`] at `url` with the default stack and `call_timeout`.
+///
+/// # Errors
+/// When the URL is not a valid endpoint (the error names the peer).
+pub fn peer(name: &'static str, url: &str, call_timeout: Duration) -> anyhow::Result<Arc<Peer>> {
+    let mut config = PeerConfig::new(name, url);
+    config.call_timeout = call_timeout;
+    Peer::connect_lazy(config)
+        .map(Arc::new)
+        .map_err(|e| anyhow::anyhow!("{name} URL {url:?}: {e}"))
 }
 
 /// A peer service and the state of calls to it.

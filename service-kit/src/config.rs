@@ -53,6 +53,22 @@ pub struct CommonArgs {
     pub drain_timeout: Duration,
 }
 
+impl CommonArgs {
+    /// `LISTEN_ADDR`, or all interfaces on the service's own port.
+    #[must_use]
+    pub fn listen_addr(&self, default_port: u16) -> SocketAddr {
+        self.listen_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+
+    /// `METRICS_ADDR`, or all interfaces on the service's metrics port.
+    #[must_use]
+    pub fn metrics_addr(&self, default_port: u16) -> SocketAddr {
+        self.metrics_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+}
+
 /// Parses durations such as `250ms`, `5s`, `2m`, as configuration writes them.
 ///
 /// # Errors

@@ -37,6 +37,15 @@ impl StoreStatus {
     }
 }
 
+/// What a store monitor asks of a service's store.
+pub trait Probe: Send + Sync + 'static {
+    /// Makes the store usable (migrations, indexes, schema version); runs
+    /// until it succeeds once in the life of the process.
+    fn prepare(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Whether the store answers now.
+    fn ping(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
 /// A running store monitor; aborted when dropped.
 pub struct StoreMonitor {
     task: JoinHandle<()>,
@@ -49,6 +58,34 @@ impl Drop for StoreMonitor {
 }
 
 impl StoreMonitor {
+    /// [`StoreMonitor::spawn`] for a [`Probe`]: prepares the store on the
+    /// first probe that reaches it, then pings.
+    ///
+    /// # Errors
+    /// When the `store_up` gauge cannot be registered.
+    pub fn watch<P: Probe>(
+        store: &'static str,
+        health: Health,
+        registry: &Registry,
+        api_services: Vec<&'static str>,
+        interval: Duration,
+        status: StoreStatus,
+        probe: Arc<P>,
+    ) -> anyhow::Result<Self> {
+        let prepared = Arc::new(tokio::sync::OnceCell::new());
+        Self::spawn(store, health, registry, api_services, interval, status, move || {
+            let probe = probe.clone();
+            let prepared = prepared.clone();
+            async move {
+                prepared
+                    .get_or_try_init(|| probe.prepare())
+                    .await
+                    .map_err(|e| e.context(format!("preparing {store}")))?;
+                probe.ping().await
+            }
+        })
+    }
+
     /// Probes the store every `interval`, records the result in `status` (each probe bounded by the same
     /// interval, at least a second) and sets the health of `api_services`.
     ///

@@ -78,15 +78,11 @@ pub const DEFAULT_METRICS_PORT: u16 = 9451;
 impl Config {
     #[must_use]
     pub fn listen_addr(&self) -> SocketAddr {
-        self.common
-            .listen_addr
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))
+        self.common.listen_addr(DEFAULT_PORT)
     }
 
     #[must_use]
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.common
-            .metrics_addr
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_METRICS_PORT)))
+        self.common.metrics_addr(DEFAULT_METRICS_PORT)
     }
 }

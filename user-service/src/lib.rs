@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use chirp_proto::user::v1::user_service_server::SERVICE_NAME;
 use service_kit::{
     auth::TokenSigner,
-    client::{Peer, PeerConfig},
+    client::DEFAULT_CALL_TIMEOUT,
     relay::{self, Analytics, RelayConfig, RelayMetrics},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
@@ -76,37 +76,19 @@ pub async fn run(
     let health = Health::new();
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let _monitor = {
-        let users = users.clone();
-        let prepared = Arc::new(tokio::sync::OnceCell::new());
-        StoreMonitor::spawn(
-            "postgresql",
-            health.clone(),
-            &registry,
-            vec![SERVICE_NAME],
-            config.store_probe_interval,
-            status,
-            move || {
-                let users = users.clone();
-                let prepared = prepared.clone();
-                async move {
-                    prepared
-                        .get_or_try_init(|| users.prepare_store())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("preparing the database: {e:#?}"))?;
-                    users.ping().await.map_err(|e| anyhow::anyhow!("{e:#?}"))
-                }
-            },
-        )?
-    };
+    let _monitor = StoreMonitor::watch(
+        "postgresql",
+        health.clone(),
+        &registry,
+        vec![SERVICE_NAME],
+        config.store_probe_interval,
+        status,
+        users.clone(),
+    )?;
 
     // One relay per destination, so a destination that is down holds back
     // only its own deliveries.
-    let peer = |name: &'static str, url: &str| -> anyhow::Result<Arc<Peer>> {
-        Ok(Arc::new(
-            Peer::connect_lazy(PeerConfig::new(name, url)).with_context(|| format!("{name} URL"))?,
-        ))
-    };
+    let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, DEFAULT_CALL_TIMEOUT);
     let relay_metrics = RelayMetrics::register(&registry)?;
     let _relays = [
         relay::spawn(

@@ -259,3 +259,13 @@ impl Users {
         })
     }
 }
+
+impl service_kit::store::Probe for Users {
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(self.prepare_store().await?)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(Users::ping(self).await?)
+    }
+}

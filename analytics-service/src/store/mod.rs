@@ -407,3 +407,13 @@ fn classify(err: sqlx::Error) -> Error {
         other => Error::Internal(anyhow::Error::new(other).context("querying SQLite")),
     }
 }
+
+impl service_kit::store::Probe for Store {
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(self.migrate().await?)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        Ok(Store::ping(self).await?)
+    }
+}
