@@ -37,6 +37,49 @@ fn load_session() -> anyhow::Result<Session> {
     Ok(serde_json::from_str(&text)?)
 }
 
+const OK: &str = "PART_STATUS_OK";
+
+/// A message as shown, whichever API version it came from: the two differ
+/// only in how the time is written.
+struct Shown {
+    id: String,
+    author_id: String,
+    body: String,
+    time: serde_json::Value,
+    author_status: &'static str,
+    username: String,
+    comments_status: &'static str,
+    count: i64,
+    preview: Vec<String>,
+}
+
+macro_rules! shown_from {
+    ($name:ident, $pb:ident) => {
+        fn $name(e: &$pb::EnrichedMessage) -> Self {
+            let status = |s: i32| $pb::PartStatus::try_from(s).map_or("?", |s| s.as_str_name());
+            let m = e.message.clone().unwrap_or_default();
+            let a = e.author.clone().unwrap_or_default();
+            let c = e.comments.clone().unwrap_or_default();
+            Self {
+                id: m.id,
+                author_id: m.author_id,
+                body: m.body,
+                time: json!(m.create_time),
+                author_status: status(a.status),
+                username: a.username,
+                comments_status: status(c.status),
+                count: c.count,
+                preview: c.preview.into_iter().map(|p| p.body).collect(),
+            }
+        }
+    };
+}
+
+impl Shown {
+    shown_from!(from_v1, m1);
+    shown_from!(from_v2, m2);
+}
+
 pub struct Client {
     ports: Ports,
     pub json: bool,
@@ -172,7 +215,7 @@ impl Client {
                 .into_inner()
                 .message
                 .unwrap_or_default();
-            self.print_v1(&[reply]);
+            self.print_messages(&[Shown::from_v1(&reply)], None);
         } else {
             let reply = m2::message_service_client::MessageServiceClient::new(channel)
                 .get_message(m2::GetMessageRequest { message_id: id.into() })
@@ -180,7 +223,7 @@ impl Client {
                 .into_inner()
                 .message
                 .unwrap_or_default();
-            self.print_v2(&[reply], None);
+            self.print_messages(&[Shown::from_v2(&reply)], None);
         }
         Ok(())
     }
@@ -195,10 +238,8 @@ impl Client {
                 })?)
                 .await?
                 .into_inner();
-            if reply.degraded && !self.json {
-                println!("(degraded: the following list is stale or missing)");
-            }
-            self.print_v1(&reply.messages);
+            let shown: Vec<Shown> = reply.messages.iter().map(Shown::from_v1).collect();
+            self.print_messages(&shown, Some(reply.degraded));
         } else {
             let reply = m2::message_service_client::MessageServiceClient::new(channel)
                 .home_timeline(authed(m2::HomeTimelineRequest {
@@ -207,62 +248,20 @@ impl Client {
                 })?)
                 .await?
                 .into_inner();
-            self.print_v2(&reply.messages, Some(reply.degraded));
+            let shown: Vec<Shown> = reply.messages.iter().map(Shown::from_v2).collect();
+            self.print_messages(&shown, Some(reply.degraded));
         }
         Ok(())
     }
 
-    fn print_v1(&self, messages: &[m1::EnrichedMessage]) {
-        let status = |s: i32| m1::PartStatus::try_from(s).map_or("?", |s| s.as_str_name());
+    /// Prints messages of either API version; `degraded` is the timeline's flag.
+    fn print_messages(&self, messages: &[Shown], degraded: Option<bool>) {
         let value: Vec<_> = messages
             .iter()
-            .map(|e| {
-                let m = e.message.clone().unwrap_or_default();
-                let a = e.author.clone().unwrap_or_default();
-                let c = e.comments.clone().unwrap_or_default();
-                json!({"id": m.id, "author_id": m.author_id, "body": m.body, "create_time": m.create_time,
-                       "author": {"status": status(a.status), "username": a.username},
-                       "comments": {"status": status(c.status), "count": c.count}})
-            })
-            .collect();
-        let rows: Vec<Vec<String>> = messages
-            .iter()
-            .map(|e| {
-                let m = e.message.clone().unwrap_or_default();
-                let a = e.author.clone().unwrap_or_default();
-                let c = e.comments.clone().unwrap_or_default();
-                vec![
-                    m.create_time.to_string(),
-                    if a.status == m1::PartStatus::Ok as i32 {
-                        a.username
-                    } else {
-                        format!("[{}]", status(a.status))
-                    },
-                    if c.status == m1::PartStatus::Ok as i32 {
-                        format!("{} comments", c.count)
-                    } else {
-                        "[comments unavailable]".into()
-                    },
-                    m.id,
-                    m.body,
-                ]
-            })
-            .collect();
-        show(self.json, &json!(value), &rows);
-    }
-
-    fn print_v2(&self, messages: &[m2::EnrichedMessage], degraded: Option<bool>) {
-        let status = |s: i32| m2::PartStatus::try_from(s).map_or("?", |s| s.as_str_name());
-        let value: Vec<_> = messages
-            .iter()
-            .map(|e| {
-                let m = e.message.clone().unwrap_or_default();
-                let a = e.author.clone().unwrap_or_default();
-                let c = e.comments.clone().unwrap_or_default();
-                json!({"id": m.id, "author_id": m.author_id, "body": m.body, "create_time": m.create_time,
-                       "author": {"status": status(a.status), "username": a.username},
-                       "comments": {"status": status(c.status), "count": c.count,
-                                    "preview": c.preview.iter().map(|p| p.body.clone()).collect::<Vec<_>>()}})
+            .map(|m| {
+                json!({"id": m.id, "author_id": m.author_id, "body": m.body, "create_time": m.time,
+                       "author": {"status": m.author_status, "username": m.username},
+                       "comments": {"status": m.comments_status, "count": m.count, "preview": m.preview}})
             })
             .collect();
         if self.json {
@@ -277,24 +276,21 @@ impl Client {
         }
         let rows: Vec<Vec<String>> = messages
             .iter()
-            .map(|e| {
-                let m = e.message.clone().unwrap_or_default();
-                let a = e.author.clone().unwrap_or_default();
-                let c = e.comments.clone().unwrap_or_default();
+            .map(|m| {
                 vec![
-                    m.create_time,
-                    if a.status == m2::PartStatus::Ok as i32 {
-                        a.username
+                    m.time.to_string().trim_matches('"').to_owned(),
+                    if m.author_status == OK {
+                        m.username.clone()
                     } else {
-                        format!("[{}]", status(a.status))
+                        format!("[{}]", m.author_status)
                     },
-                    if c.status == m2::PartStatus::Ok as i32 {
-                        format!("{} comments", c.count)
+                    if m.comments_status == OK {
+                        format!("{} comments", m.count)
                     } else {
                         "[comments unavailable]".into()
                     },
-                    m.id,
-                    m.body,
+                    m.id.clone(),
+                    m.body.clone(),
                 ]
             })
             .collect();

@@ -113,6 +113,31 @@ pub fn uuid(field: &str, raw: &str) -> Result<uuid::Uuid, FieldViolation> {
         .ok_or_else(|| violation(field, "must be a UUID"))
 }
 
+/// A list of 1 to `max` UUIDs, duplicates dropped, order kept.
+///
+/// # Errors
+/// A violation of `field` when the list is empty or too long, else one of
+/// `field[i]` for each entry that is not a UUID.
+pub fn uuid_list(field: &str, raw: &[String], max: usize) -> Result<Vec<uuid::Uuid>, Vec<FieldViolation>> {
+    if raw.is_empty() || raw.len() > max {
+        return Err(vec![violation(field, format!("must hold 1 to {max} ids"))]);
+    }
+    let mut violations = Vec::new();
+    let mut ids = Vec::with_capacity(raw.len());
+    for (i, id) in raw.iter().enumerate() {
+        match uuid(&format!("{field}[{i}]"), id) {
+            Ok(id) if !ids.contains(&id) => ids.push(id),
+            Ok(_) => {}
+            Err(v) => violations.push(v),
+        }
+    }
+    if violations.is_empty() {
+        Ok(ids)
+    } else {
+        Err(violations)
+    }
+}
+
 /// Default number of items in a page.
 pub const DEFAULT_PAGE_SIZE: u32 = 20;
 /// Largest page a client may ask for.

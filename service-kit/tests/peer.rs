@@ -65,7 +65,7 @@ impl Health for FakePeer {
     type WatchStream = tokio_stream::Empty<Result<HealthCheckResponse, Status>>;
 
     async fn watch(&self, _: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("not used by these tests"))
+        Err(Status::failed_precondition("not part of this fake"))
     }
 }
 

@@ -176,26 +176,7 @@ impl MessageIds {
     /// # Errors
     /// Violations of `message_ids` or `message_ids[i]`.
     pub fn parse(raw: &[String]) -> Result<Self, Vec<FieldViolation>> {
-        if raw.is_empty() || raw.len() > Self::MAX {
-            return Err(vec![violation(
-                "message_ids",
-                format!("must hold 1 to {} ids", Self::MAX),
-            )]);
-        }
-        let mut violations = Vec::new();
-        let mut ids = Vec::with_capacity(raw.len());
-        for (i, id) in raw.iter().enumerate() {
-            match MessageId::parse(&format!("message_ids[{i}]"), id) {
-                Ok(id) if !ids.contains(&id) => ids.push(id),
-                Ok(_) => {}
-                Err(v) => violations.push(v),
-            }
-        }
-        if violations.is_empty() {
-            Ok(Self(ids))
-        } else {
-            Err(violations)
-        }
+        validate::uuid_list("message_ids", raw, Self::MAX).map(|ids| Self(ids.into_iter().map(MessageId).collect()))
     }
 
     #[must_use]

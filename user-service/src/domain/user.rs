@@ -207,23 +207,7 @@ impl UserIds {
     /// Violations of `user_ids[i]` for each bad id, or of `user_ids` when the
     /// list is empty or too long.
     pub fn parse(raw: &[String]) -> Result<Self, Vec<FieldViolation>> {
-        if raw.is_empty() || raw.len() > Self::MAX {
-            return Err(vec![violation("user_ids", format!("must hold 1 to {} ids", Self::MAX))]);
-        }
-        let mut violations = Vec::new();
-        let mut ids = Vec::with_capacity(raw.len());
-        for (i, id) in raw.iter().enumerate() {
-            match UserId::parse(&format!("user_ids[{i}]"), id) {
-                Ok(id) if !ids.contains(&id) => ids.push(id),
-                Ok(_) => {}
-                Err(v) => violations.push(v),
-            }
-        }
-        if violations.is_empty() {
-            Ok(Self(ids))
-        } else {
-            Err(violations)
-        }
+        validate::uuid_list("user_ids", raw, Self::MAX).map(|ids| Self(ids.into_iter().map(UserId).collect()))
     }
 
     #[must_use]
