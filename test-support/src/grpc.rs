@@ -5,9 +5,11 @@
 //! each faked method starts with `behaviour.enter("Method").await?`, which
 //! counts the call and then answers, fails or hangs as the test set it.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, future::Future, net::SocketAddr, pin::Pin, sync::Mutex, time::Duration};
 
-use tonic::{Request, Status};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Request, Status};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 /// How a fake peer answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,4 +138,88 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// The shutdown signal a spawned service's `run` is given.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A service's `run` future on a task of its own, with the way to stop it:
+/// gracefully with [`Server::stop`], or at once when dropped.
+pub struct Server {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    /// Spawns `run(shutdown)`, e.g.
+    /// `Server::spawn(|stop| user_service::run(config, listener, None, stop))`.
+    pub fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(Shutdown) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = rx.await;
+        })));
+        Self {
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and returns what `run` returned.
+    ///
+    /// # Errors
+    /// What `run` returned.
+    ///
+    /// # Panics
+    /// When the service's task panicked.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("the service's task does not panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `service`'s health on `channel`; `None` when it cannot be asked.
+pub async fn health(channel: &Channel, service: &str) -> Option<ServingStatus> {
+    let mut request = Request::new(HealthCheckRequest {
+        service: service.into(),
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let reply = HealthClient::new(channel.clone()).check(request).await.ok()?;
+    ServingStatus::try_from(reply.into_inner().status).ok()
+}
+
+/// Waits up to 30 s until every one of `services` reports `status`.
+///
+/// # Panics
+/// When they do not.
+pub async fn wait_for(channel: &Channel, services: &[&str], status: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for service in services {
+        while health(channel, service).await != Some(status) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{service} is not {status:?} after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

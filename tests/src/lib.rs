@@ -3,7 +3,7 @@
 //! through user-service, as in a deployment. Services can be stopped and
 //! started again on the same address, to play an outage.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use chirp_proto::{
     analytics::v1::analytics_service_client::AnalyticsServiceClient,
@@ -16,11 +16,16 @@ use chirp_proto::{
 };
 use clap::Parser as _;
 use test_support::{
-    grpc::authed, mongo::TestMongo, postgres::TestDatabase, process::StoreProcess, redis::KeyPrefix, sqlite::SqliteFile,
+    grpc::{authed, Server},
+    mongo::TestMongo,
+    postgres::TestDatabase,
+    process::StoreProcess,
+    redis::KeyPrefix,
+    sqlite::SqliteFile,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::transport::Channel;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 pub const PASSWORD: &str = "correct horse battery";
 pub const ADMIN: &str = "mesh_admin";
@@ -49,26 +54,11 @@ impl Service {
     }
 }
 
-/// A running service and the way to stop it.
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
-
 pub struct Mesh {
     pub addrs: [SocketAddr; 4],
     /// comment-service's Redis, private so a test can stop it.
     pub comment_redis: StoreProcess,
-    running: [Option<Running>; 4],
+    running: [Option<Server>; 4],
     database: TestDatabase,
     mongo: TestMongo,
     prefix: KeyPrefix,
@@ -121,17 +111,13 @@ impl Mesh {
     }
 
     fn run(&mut self, service: Service, listener: TcpListener) {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
         let peers = [
             format!("--user-service-url={}", self.url(Service::User)),
             format!("--analytics-service-url={}", self.url(Service::Analytics)),
             format!("--ingest-token={INGEST_TOKEN}"),
             "--store-probe-interval=100ms".to_owned(),
         ];
-        let task = match service {
+        let server = match service {
             Service::User => {
                 let mut args = vec![
                     "user-service".to_owned(),
@@ -144,7 +130,7 @@ impl Mesh {
                 ];
                 args.extend(peers.into_iter().skip(1));
                 let config = user_service::config::Config::try_parse_from(args).expect("user-service config");
-                tokio::spawn(user_service::run(config, listener, None, shutdown))
+                Server::spawn(|stop| user_service::run(config, listener, None, stop))
             }
             Service::Message => {
                 let mut args = vec![
@@ -155,7 +141,7 @@ impl Mesh {
                 ];
                 args.extend(peers);
                 let config = message_service::config::Config::try_parse_from(args).expect("message-service config");
-                tokio::spawn(message_service::run(config, listener, None, shutdown))
+                Server::spawn(|stop| message_service::run(config, listener, None, stop))
             }
             Service::Comment => {
                 let mut args = vec![
@@ -166,7 +152,7 @@ impl Mesh {
                 ];
                 args.extend(peers);
                 let config = comment_service::config::Config::try_parse_from(args).expect("comment-service config");
-                tokio::spawn(comment_service::run(config, listener, None, shutdown))
+                Server::spawn(|stop| comment_service::run(config, listener, None, stop))
             }
             Service::Analytics => {
                 let args = vec![
@@ -177,10 +163,10 @@ impl Mesh {
                     peers[3].clone(),
                 ];
                 let config = analytics_service::config::Config::try_parse_from(args).expect("analytics-service config");
-                tokio::spawn(analytics_service::run(config, listener, None, shutdown))
+                Server::spawn(|stop| analytics_service::run(config, listener, None, stop))
             }
         };
-        self.running[service as usize] = Some(Running { stop: Some(stop), task });
+        self.running[service as usize] = Some(server);
     }
 
     /// Stops a service gracefully; its store and address stay.
@@ -188,12 +174,8 @@ impl Mesh {
     /// # Panics
     /// When the service fails while stopping.
     pub async fn stop(&mut self, service: Service) {
-        if let Some(mut running) = self.running[service as usize].take() {
-            if let Some(stop) = running.stop.take() {
-                let _ = stop.send(());
-            }
-            let task = std::mem::replace(&mut running.task, tokio::spawn(async { Ok(()) }));
-            task.await.expect("no panic").expect("a clean stop");
+        if let Some(server) = self.running[service as usize].take() {
+            server.stop().await.expect("a clean stop");
         }
     }
 
@@ -214,7 +196,7 @@ impl Mesh {
     /// # Panics
     /// When it does not.
     pub async fn wait_for(&self, service: Service, status: ServingStatus) {
-        wait_for(self.addr(service), service.grpc_name(), status).await;
+        test_support::grpc::wait_for(&channel(self.addr(service)), &[service.grpc_name()], status).await;
     }
 
     /// The analytics SQLite file, to read what was recorded.
@@ -325,29 +307,4 @@ fn channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .expect("a valid URL")
         .connect_lazy()
-}
-
-/// Health of `service` at `addr`, `None` if it cannot be asked.
-pub async fn health(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
-    let mut request = tonic::Request::new(HealthCheckRequest {
-        service: service.into(),
-    });
-    request.set_timeout(Duration::from_secs(1));
-    let reply = HealthClient::new(channel(addr)).check(request).await.ok()?;
-    ServingStatus::try_from(reply.into_inner().status).ok()
-}
-
-/// Waits up to 30 s for `service` at `addr` to report `status`.
-///
-/// # Panics
-/// When it does not.
-pub async fn wait_for(addr: SocketAddr, service: &str, status: ServingStatus) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while health(addr, service).await != Some(status) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{service} at {addr} is not {status:?} after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -12,11 +12,12 @@ use service_kit::{
     auth::{Caller, Role, TokenSigner},
     events::{Event, Payload},
 };
+use test_support::grpc::Server;
 pub use test_support::grpc::{authed, violated_fields};
 use test_support::sqlite::SqliteFile;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::{transport::Channel, Request};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 pub const SERVICE: &str = "chirp.analytics.v1.AnalyticsService";
 pub const INGEST_TOKEN: &str = "test-ingest-token";
@@ -51,8 +52,7 @@ impl Backing {
 
 pub struct TestApp {
     pub channel: Channel,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Server,
 }
 
 impl TestApp {
@@ -70,20 +70,12 @@ impl TestApp {
         .expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(analytics_service::run(config, listener, None, async {
-            let _ = rx.await;
-        }));
+        let server = Server::spawn(|stop| analytics_service::run(config, listener, None, stop));
         let app = Self {
             channel: Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
-            shutdown: Some(tx),
-            server: Some(server),
+            server,
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while app.health().await != Some(ServingStatus::Serving) {
-            assert!(tokio::time::Instant::now() < deadline, "not SERVING within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        test_support::grpc::wait_for(&app.channel, &[SERVICE], ServingStatus::Serving).await;
         app
     }
 
@@ -91,34 +83,8 @@ impl TestApp {
         AnalyticsServiceClient::new(self.channel.clone())
     }
 
-    pub async fn health(&self) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest {
-            service: SERVICE.into(),
-        });
-        request.set_timeout(Duration::from_secs(1));
-        let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
-        ServingStatus::try_from(reply.into_inner().status).ok()
-    }
-
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.server.take() {
-            Some(server) => server.await.expect("no panic"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop().await
     }
 }
 

@@ -20,15 +20,16 @@ use chirp_proto::{
 use clap::Parser as _;
 use comment_service::config::Config;
 use service_kit::auth::{Caller, Role, TokenSigner};
+use test_support::grpc::Server;
 pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
 use test_support::{
     grpc::{not_faked, serve_fake, Behaviour},
     process::StoreProcess,
     redis::KeyPrefix,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::{transport::Channel, Request, Response, Status};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 pub const SERVICE: &str = "chirp.comment.v1.CommentService";
 pub const PEER_TIMEOUT: Duration = Duration::from_millis(250);
@@ -147,8 +148,7 @@ impl Backing {
 
 pub struct TestApp {
     pub channel: Channel,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Server,
 }
 
 impl TestApp {
@@ -175,14 +175,10 @@ impl TestApp {
         let config = Config::try_parse_from(args).expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(comment_service::run(config, listener, None, async {
-            let _ = rx.await;
-        }));
+        let server = Server::spawn(|stop| comment_service::run(config, listener, None, stop));
         let app = Self {
             channel: Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
-            shutdown: Some(tx),
-            server: Some(server),
+            server,
         };
         app.wait_for(ServingStatus::Serving).await;
         app
@@ -193,41 +189,15 @@ impl TestApp {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest {
-            service: service.into(),
-        });
-        request.set_timeout(Duration::from_secs(1));
-        let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
-        ServingStatus::try_from(reply.into_inner().status).ok()
+        test_support::grpc::health(&self.channel, service).await
     }
 
     pub async fn wait_for(&self, status: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.health(SERVICE).await != Some(status) {
-            assert!(tokio::time::Instant::now() < deadline, "not {status:?} within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        test_support::grpc::wait_for(&self.channel, &[SERVICE], status).await;
     }
 
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.server.take() {
-            Some(server) => server.await.expect("no panic"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop().await
     }
 }
 

@@ -20,14 +20,15 @@ use chirp_proto::{
 use clap::Parser as _;
 use message_service::config::Config;
 use service_kit::auth::{Caller, Role, TokenSigner};
+use test_support::grpc::Server;
 pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
 use test_support::{
     grpc::{not_faked, serve_fake, Behaviour},
     mongo::TestMongo,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::{transport::Channel, Request, Response, Status};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 pub const V1: &str = "chirp.message.v1.MessageService";
 pub const V2: &str = "chirp.message.v2.MessageService";
@@ -200,8 +201,7 @@ pub struct TestApp {
     pub comments: FakeComments,
     pub signer: TokenSigner,
     pub mongo: TestMongo,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Server,
     _key_dir: tempfile::TempDir,
 }
 
@@ -270,10 +270,7 @@ impl TestApp {
         let config = Config::try_parse_from(args).expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(message_service::run(config, listener, None, async {
-            let _ = rx.await;
-        }));
+        let server = Server::spawn(|stop| message_service::run(config, listener, None, stop));
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         let app = Self {
             addr,
@@ -282,8 +279,7 @@ impl TestApp {
             comments,
             signer,
             mongo,
-            shutdown: Some(tx),
-            server: Some(server),
+            server,
             _key_dir: key_dir,
         };
         app.wait_for(ServingStatus::Serving).await;
@@ -299,20 +295,11 @@ impl TestApp {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest {
-            service: service.into(),
-        });
-        request.set_timeout(Duration::from_secs(1));
-        let reply = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
-        ServingStatus::try_from(reply.into_inner().status).ok()
+        test_support::grpc::health(&self.channel, service).await
     }
 
     pub async fn wait_for(&self, status: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.health(V1).await != Some(status) || self.health(V2).await != Some(status) {
-            assert!(tokio::time::Instant::now() < deadline, "not {status:?} within 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        test_support::grpc::wait_for(&self.channel, &[V1, V2], status).await;
     }
 
     /// A user the fake user-service knows, and a token for them.
@@ -392,24 +379,7 @@ impl TestApp {
         self.mongo.server().expect("spawned with private_mongo")
     }
 
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.server.take() {
-            Some(server) => server.await.expect("no panic"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop().await
     }
 }

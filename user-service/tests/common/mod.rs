@@ -9,10 +9,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use chirp_proto::user::v1::{self as pb, user_service_client::UserServiceClient};
 use clap::Parser as _;
 use service_kit::auth::TokenSigner;
+use test_support::grpc::Server;
 use test_support::postgres::TestDatabase;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::{transport::Channel, Request};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 use user_service::config::Config;
 
 pub use test_support::grpc::{authed, violated_fields};
@@ -30,8 +31,7 @@ pub struct TestApp {
     /// Signs tokens with the service's own key, for tokens Login would never
     /// issue (expired ones).
     pub signer: TokenSigner,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    server: Server,
     _key_dir: tempfile::TempDir,
     _database: Option<TestDatabase>,
 }
@@ -75,10 +75,7 @@ impl TestApp {
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("binding a port");
         let addr = listener.local_addr().expect("an address");
         let metrics_addr = metrics.local_addr().expect("an address");
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(user_service::run(config, listener, Some(metrics), async {
-            let _ = rx.await;
-        }));
+        let server = Server::spawn(|stop| user_service::run(config, listener, Some(metrics), stop));
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("a valid URL")
             .connect_lazy();
@@ -88,8 +85,7 @@ impl TestApp {
             channel,
             database_url: database_url.to_owned(),
             signer,
-            shutdown: Some(tx),
-            server: Some(server),
+            server,
             _key_dir: key_dir,
             _database: database,
         }
@@ -100,38 +96,17 @@ impl TestApp {
     }
 
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let mut request = Request::new(HealthCheckRequest {
-            service: service.to_owned(),
-        });
-        request.set_timeout(Duration::from_secs(1));
-        let response = HealthClient::new(self.channel.clone()).check(request).await.ok()?;
-        ServingStatus::try_from(response.into_inner().status).ok()
+        test_support::grpc::health(&self.channel, service).await
     }
 
     /// Waits (up to 30 s) until the API's health is `status`.
     pub async fn wait_for(&self, status: ServingStatus) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.health(SERVICE).await == Some(status) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{SERVICE} did not become {status:?} within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        test_support::grpc::wait_for(&self.channel, &[SERVICE], status).await;
     }
 
     /// Stops the service gracefully and returns what `run` returned.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.server.take() {
-            Some(server) => server.await.expect("the server task does not panic"),
-            None => Ok(()),
-        }
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop().await
     }
 
     pub async fn register(&self, username: &str) -> pb::User {
@@ -234,16 +209,5 @@ impl TestApp {
         let mut body = String::new();
         stream.read_to_string(&mut body).await.expect("reading the reply");
         body
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
     }
 }
