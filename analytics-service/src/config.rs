@@ -34,10 +34,12 @@ pub struct Config {
     #[arg(long, env = "USER_SERVICE_URL", default_value = "http://127.0.0.1:50051")]
     pub user_service_url: String,
 
-    /// PEM Ed25519 public key that verifies tokens; without it the keys are
-    /// fetched from user-service and cached
-    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
+    /// PEM Ed25519 public keys that verify tokens (deployments mount them
+    /// from a Secret: the current key, and retired keys until their tokens
+    /// expire), comma-separated files. Without them the keys are fetched from
+    /// user-service and cached (local development)
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
 }
 
 /// gRPC port of analytics-service in DESIGN.md.

@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
     client::{peer, DEFAULT_CALL_TIMEOUT},
+    revocation::Revocations,
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -34,12 +35,17 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let verifier = Arc::new(match &config.jwt_public_key_file {
-        Some(path) => TokenVerifier::from_pem_file(path)?,
-        None => TokenVerifier::from_user_service(peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?),
-    });
+    let revocations = Revocations::new();
+    let verifier = Arc::new(
+        TokenVerifier::configured(
+            &config.jwt_public_key_file,
+            peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?,
+        )?
+        .with_revocations(revocations.clone()),
+    );
     let status = StoreStatus::new();
     let store = Store::connect_lazy(&config.database_url, status.clone()).context("DATABASE_URL")?;
+    let _revocation_sync = revocations.sync(store.clone());
 
     let health = Health::new();
     let registry = prometheus::Registry::new();
@@ -53,7 +59,7 @@ pub async fn run(
         Arc::new(store.clone()),
     )?;
 
-    let api = grpc::AnalyticsApi::new(store, verifier, config.ingest_token.clone());
+    let api = grpc::AnalyticsApi::new(store, verifier, revocations, config.ingest_token.clone());
     let routes = tonic::service::Routes::new(grpc::AnalyticsServiceServer::new(api));
     service_kit::server::serve(
         ServeOptions::new("analytics-service", vec![SERVICE_NAME], &config.common),

@@ -51,10 +51,12 @@ pub struct Config {
     #[arg(long, env = "PEER_TIMEOUT", value_parser = parse_duration, default_value = "250ms")]
     pub peer_timeout: Duration,
 
-    /// PEM Ed25519 public key that verifies tokens; without it the keys are
-    /// fetched from user-service and cached
-    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
+    /// PEM Ed25519 public keys that verify tokens (deployments mount them
+    /// from a Secret: the current key, and retired keys until their tokens
+    /// expire), comma-separated files. Without them the keys are fetched from
+    /// user-service and cached (local development)
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
 
     /// How long "this message exists" is remembered (0s: always ask). A
     /// message deleted within this window can still receive a comment

@@ -19,6 +19,13 @@ pub enum Error {
     /// message-service could not say whether the message exists.
     #[error("cannot check the message now")]
     MessageCheckUnavailable(tonic::Status),
+    /// user-service could not say a user's role, so moderation cannot tell
+    /// whether the caller outranks them.
+    #[error("cannot check the user's role")]
+    RankUnknown(tonic::Status),
+    /// An ApplyEvents caller presented neither credential.
+    #[error("events must come with the ingest token or user-service's service token")]
+    BadProducerCredential,
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }

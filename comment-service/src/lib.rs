@@ -19,12 +19,19 @@ use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
     relay::{self, Analytics, RelayConfig, RelayMetrics},
+    revocation::Revocations,
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
 use tokio::net::TcpListener;
 
-use crate::{clients::MessageClient, config::Config, grpc::SERVICE_NAME, service::Comments, store::Store};
+use crate::{
+    clients::{MessageClient, UserClient},
+    config::Config,
+    grpc::SERVICE_NAME,
+    service::Comments,
+    store::Store,
+};
 
 /// Runs comment-service on `listener` until `shutdown` resolves. Starts even
 /// while Redis or its peers are down.
@@ -38,10 +45,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
-    let verifier = Arc::new(match &config.jwt_public_key_file {
-        Some(path) => TokenVerifier::from_pem_file(path)?,
-        None => TokenVerifier::from_user_service(peer("user-service", &config.user_service_url)?),
-    });
+    let user_peer = peer("user-service", &config.user_service_url)?;
+    let revocations = Revocations::new();
+    let verifier = Arc::new(
+        TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
+            .with_revocations(revocations.clone()),
+    );
     let messages = MessageClient::new(peer("message-service", &config.message_service_url)?);
 
     let status = StoreStatus::new();
@@ -59,7 +68,16 @@ pub async fn run(
         )?,
         RelayMetrics::register(&registry)?,
     );
-    let comments = Arc::new(Comments::new(store, messages, config.message_exists_cache_ttl));
+    let _revocation_sync = revocations.sync(store.revocation_store());
+    let purges = service_kit::jobs::spawn(service::Purges(store.clone()), &registry)?;
+    let comments = Arc::new(Comments::new(
+        store,
+        messages,
+        UserClient::new(user_peer),
+        revocations,
+        purges.waker(),
+        config.message_exists_cache_ttl,
+    ));
     let _monitor = StoreMonitor::watch(
         "redis",
         health.clone(),
@@ -71,7 +89,9 @@ pub async fn run(
     )?;
 
     let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(
-        comments, verifier,
+        comments,
+        verifier,
+        config.ingest_token.clone(),
     )));
     service_kit::server::serve(
         ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common),

@@ -9,14 +9,36 @@
 
 use std::time::Duration;
 
-use service_kit::events::{Event, Payload};
+use std::sync::Arc;
+
+use service_kit::{
+    events::{Event, Payload},
+    revocation::{Revocation, Revocations},
+};
+use tokio::sync::Notify;
 
 use crate::{
-    clients::MessageClient,
+    clients::{MessageClient, UserClient},
     domain::{Body, Caller, Comment, CommentId, MessageId, MessageIds, Page, PageRequest, UserId},
     error::{Error, Result},
-    store::Store,
+    store::{PurgeOf, Store},
 };
+
+/// What applying a batch of events did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub ignored: u64,
+}
+
+/// Who sent a batch to ApplyEvents, proven by the credential presented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Producer {
+    /// user-service's service token: revocations, bans, erasures.
+    UserService,
+    /// The ingest token: message-service's deletions.
+    MessageService,
+}
 
 /// Producer name in the events this service writes.
 pub const PRODUCER: &str = "comment-service";
@@ -24,13 +46,24 @@ pub const PRODUCER: &str = "comment-service";
 pub struct Comments {
     store: Store,
     messages: MessageClient,
+    users: UserClient,
+    revocations: Arc<Revocations>,
+    /// Wakes the purge worker when a purge is recorded.
+    purges: Arc<Notify>,
     /// Messages known to exist, bounded in entries and age.
     known_messages: Option<moka::sync::Cache<MessageId, UserId>>,
 }
 
 impl Comments {
     #[must_use]
-    pub fn new(store: Store, messages: MessageClient, exists_ttl: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        messages: MessageClient,
+        users: UserClient,
+        revocations: Arc<Revocations>,
+        purges: Arc<Notify>,
+        exists_ttl: Duration,
+    ) -> Self {
         let known_messages = (!exists_ttl.is_zero()).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -40,6 +73,9 @@ impl Comments {
         Self {
             store,
             messages,
+            users,
+            revocations,
+            purges,
             known_messages,
         }
     }
@@ -105,10 +141,13 @@ impl Comments {
             .get(id)
             .await?
             .ok_or(Error::NotFound("no comment has that id"))?;
-        if comment.author_id != UserId::from(caller.user_id) && !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied(
-                "only the author, a moderator or an admin may delete a comment",
-            ));
+        if comment.author_id != UserId::from(caller.user_id) {
+            if !caller.role.can_moderate() {
+                return Err(Error::PermissionDenied(
+                    "only the author, a moderator or an admin may delete a comment",
+                ));
+            }
+            self.check_rank(caller, comment.author_id).await?;
         }
         let deleted = Event::new(
             PRODUCER,
@@ -131,7 +170,84 @@ impl Comments {
         if !caller.role.can_moderate() {
             return Err(Error::PermissionDenied("only moderators and admins may purge comments"));
         }
+        self.check_rank(caller, user).await?;
         self.store.purge(user, PRODUCER).await
+    }
+
+    /// A moderator acts only on users below them (asked of user-service,
+    /// which owns roles; when it cannot answer, the action is refused).
+    async fn check_rank(&self, caller: Caller, target: UserId) -> Result<()> {
+        let role = self.users.role(target).await.map_err(Error::RankUnknown)?;
+        if caller.role.may_moderate(role) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied("the user's role is not below the caller's"))
+        }
+    }
+
+    /// Applies the decisions of `producer`, authorised there: void tokens,
+    /// purge a banned or deleted user's comments, delete a deleted message's
+    /// comments (purges are recorded, then done by the worker in batches).
+    /// Events of a kind this producer may not send here are ignored.
+    pub async fn apply_events(&self, producer: Producer, events: &[Event]) -> Result<Applied> {
+        let mut done = Applied::default();
+        for event in events {
+            let applied = match (producer, &event.payload) {
+                (
+                    Producer::UserService,
+                    Payload::TokensRevoked {
+                        user_id,
+                        issued_before,
+                        reason,
+                    },
+                ) => {
+                    let revocation = Revocation {
+                        user_id: *user_id,
+                        issued_before: *issued_before,
+                        reason: *reason,
+                    };
+                    self.store.revoke(&revocation).await?;
+                    self.revocations.note(revocation);
+                    true
+                }
+                (Producer::UserService, Payload::UserBanned { user_id, .. } | Payload::UserDeleted { user_id }) => {
+                    self.store.request_purge(PurgeOf::User(UserId::from(*user_id))).await?;
+                    true
+                }
+                (Producer::MessageService, Payload::MessageDeleted { message_id, .. }) => {
+                    let message = MessageId::from(*message_id);
+                    if let Some(cache) = &self.known_messages {
+                        cache.invalidate(&message);
+                    }
+                    self.store.request_purge(PurgeOf::Message(message)).await?;
+                    true
+                }
+                _ => false,
+            };
+            if applied {
+                done.applied += 1;
+            } else {
+                done.ignored += 1;
+            }
+        }
+        if done.applied > 0 {
+            self.purges.notify_one();
+        }
+        Ok(done)
+    }
+}
+
+/// The purge worker's view of the store: each step deletes one batch of a
+/// recorded purge, each deletion with its `CommentDeleted` event.
+pub struct Purges(pub Store);
+
+impl service_kit::jobs::Jobs for Purges {
+    async fn pending(&self) -> anyhow::Result<u64> {
+        Ok(self.0.purges_pending().await?)
+    }
+
+    async fn step(&self) -> anyhow::Result<bool> {
+        Ok(self.0.purge_step(PRODUCER).await?)
     }
 }
 

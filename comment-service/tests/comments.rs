@@ -333,6 +333,7 @@ async fn the_auth_matrix_holds_for_every_rpc_that_acts_for_someone() {
             iss: service_kit::auth::ISSUER.into(),
             iat: now - 7200,
             exp: now - 3600,
+            scope: None,
         })
         .unwrap();
     for bad in [None, Some(forged.as_str()), Some(expired.as_str()), Some("x.y.z")] {

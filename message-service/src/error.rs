@@ -16,6 +16,10 @@ pub enum Error {
     /// MongoDB cannot be reached; `None` when the store monitor already knows.
     #[error("the message store is unavailable")]
     StoreUnavailable(#[source] Option<anyhow::Error>),
+    /// user-service could not say a user's role, so moderation cannot tell
+    /// whether the caller outranks them.
+    #[error("cannot check the user's role")]
+    RankUnknown(tonic::Status),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }

@@ -20,13 +20,14 @@ use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
     relay::{self, Analytics, RelayConfig, RelayMetrics},
+    revocation::Revocations,
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
 use tokio::net::TcpListener;
 
 use crate::{
-    clients::{CommentClient, UserClient},
+    clients::{CommentClient, CommentEvents, UserClient},
     config::Config,
     service::{CacheSettings, Messages},
     store::Store,
@@ -46,10 +47,11 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;
-    let verifier = Arc::new(match &config.jwt_public_key_file {
-        Some(path) => TokenVerifier::from_pem_file(path)?,
-        None => TokenVerifier::from_user_service(user_peer.clone()),
-    });
+    let revocations = Revocations::new();
+    let verifier = Arc::new(
+        TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
+            .with_revocations(revocations.clone()),
+    );
 
     let status = StoreStatus::new();
     let store = Store::connect_lazy(&config.mongodb_uri, &config.mongodb_database, status.clone())
@@ -57,15 +59,26 @@ pub async fn run(
         .context("MONGODB_URI")?;
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let _relay = relay::spawn(
-        RelayConfig::new(store::ANALYTICS),
-        store.outbox(),
-        Analytics::new(
-            peer("analytics-service", &config.analytics_service_url)?,
-            &config.ingest_token,
-        )?,
-        RelayMetrics::register(&registry)?,
-    );
+    let relay_metrics = RelayMetrics::register(&registry)?;
+    let _relays = [
+        relay::spawn(
+            RelayConfig::new(store::ANALYTICS),
+            store.outbox(store::ANALYTICS),
+            Analytics::new(
+                peer("analytics-service", &config.analytics_service_url)?,
+                &config.ingest_token,
+            )?,
+            relay_metrics.clone(),
+        ),
+        relay::spawn(
+            RelayConfig::new(store::COMMENTS),
+            store.outbox(store::COMMENTS),
+            CommentEvents::new(comment_peer.clone(), &config.ingest_token)?,
+            relay_metrics,
+        ),
+    ];
+    let _revocation_sync = revocations.sync(store.revocation_store());
+    let erasures = service_kit::jobs::spawn(service::Erasures(store.clone()), &registry)?;
     let messages = Arc::new(Messages::new(
         store,
         UserClient::new(user_peer),
@@ -77,6 +90,8 @@ pub async fn run(
         },
         config.comment_preview_size,
         &registry,
+        revocations,
+        erasures.waker(),
     )?);
 
     let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];

@@ -17,7 +17,11 @@ use std::{
 };
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use service_kit::events::{Event, Payload};
+use service_kit::{
+    events::{Event, Payload},
+    revocation::{Revocation, Revocations},
+};
+use tokio::sync::Notify;
 
 use crate::{
     clients::{CommentClient, UserClient},
@@ -49,11 +53,22 @@ pub struct Messages {
     following: FollowingCache,
     preview_size: u32,
     degraded: IntCounterVec,
+    revocations: std::sync::Arc<Revocations>,
+    /// Wakes the erasure worker when an erasure is recorded.
+    erasures: std::sync::Arc<Notify>,
+}
+
+/// What applying a batch of user-service's events did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub ignored: u64,
 }
 
 impl Messages {
     /// # Errors
     /// When the metrics cannot be registered.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         users: UserClient,
@@ -61,6 +76,8 @@ impl Messages {
         cache: &CacheSettings,
         preview_size: u32,
         registry: &Registry,
+        revocations: std::sync::Arc<Revocations>,
+        erasures: std::sync::Arc<Notify>,
     ) -> anyhow::Result<Self> {
         let degraded = IntCounterVec::new(
             Opts::new(
@@ -83,6 +100,8 @@ impl Messages {
             },
             preview_size,
             degraded,
+            revocations,
+            erasures,
         })
     }
 
@@ -249,10 +268,13 @@ impl Messages {
             .author_of(id)
             .await?
             .ok_or(Error::NotFound("no message has that id"))?;
-        if author != UserId::from(caller.user_id) && !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied(
-                "only the author, a moderator or an admin may delete a message",
-            ));
+        if author != UserId::from(caller.user_id) {
+            if !caller.role.can_moderate() {
+                return Err(Error::PermissionDenied(
+                    "only the author, a moderator or an admin may delete a message",
+                ));
+            }
+            self.check_rank(caller, author).await?;
         }
         let deleted = |message: &Message| {
             Event::new(
@@ -270,11 +292,70 @@ impl Messages {
         }
     }
 
+    /// A moderator acts only on users below them (asked of user-service,
+    /// which owns roles; when it cannot answer, the action is refused).
+    async fn check_rank(&self, caller: Caller, target: UserId) -> Result<()> {
+        let role = self.users.role(target).await.map_err(Error::RankUnknown)?;
+        if caller.role.may_moderate(role) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied("the user's role is not below the caller's"))
+        }
+    }
+
     /// Hides or shows all of a user's messages (moderation). Idempotent.
     pub async fn set_hidden(&self, caller: Caller, author: UserId, hidden: bool) -> Result<u64> {
         if !caller.role.can_moderate() {
             return Err(Error::PermissionDenied("only moderators and admins may hide messages"));
         }
+        self.check_rank(caller, author).await?;
+        self.set_hidden_unchecked(author, hidden).await
+    }
+
+    /// Applies user-service's decisions, already authorised there: void
+    /// tokens, hide or show a banned or unbanned user's messages, record an
+    /// erasure (done by the worker, in chunks). Each is idempotent.
+    pub async fn apply_user_events(&self, events: &[Event]) -> Result<Applied> {
+        let mut done = Applied::default();
+        for event in events {
+            let applied = match &event.payload {
+                Payload::TokensRevoked {
+                    user_id,
+                    issued_before,
+                    reason,
+                } => {
+                    let revocation = Revocation {
+                        user_id: *user_id,
+                        issued_before: *issued_before,
+                        reason: *reason,
+                    };
+                    self.store.revoke(&revocation).await?;
+                    self.revocations.note(revocation);
+                    true
+                }
+                Payload::UserBanned { user_id, .. } => {
+                    self.set_hidden_unchecked(UserId::from(*user_id), true).await? > 0
+                }
+                Payload::UserUnbanned { user_id, .. } => {
+                    self.set_hidden_unchecked(UserId::from(*user_id), false).await? > 0
+                }
+                Payload::UserDeleted { user_id } => {
+                    self.store.request_erasure(UserId::from(*user_id)).await?;
+                    self.erasures.notify_one();
+                    true
+                }
+                _ => false,
+            };
+            if applied {
+                done.applied += 1;
+            } else {
+                done.ignored += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    async fn set_hidden_unchecked(&self, author: UserId, hidden: bool) -> Result<u64> {
         let changed = |message: MessageId| {
             Event::new(
                 PRODUCER,
@@ -286,6 +367,30 @@ impl Messages {
             )
         };
         self.store.set_hidden(author, hidden, changed).await
+    }
+}
+
+/// The erasure worker's view of the store: each step deletes a chunk of a
+/// deleted user's messages with their `MessageDeleted` events (to analytics
+/// and to comment-service, which deletes their comments).
+pub struct Erasures(pub Store);
+
+impl service_kit::jobs::Jobs for Erasures {
+    async fn pending(&self) -> anyhow::Result<u64> {
+        Ok(self.0.erasures_pending().await?)
+    }
+
+    async fn step(&self) -> anyhow::Result<bool> {
+        let deleted = |message_id: MessageId, author_id: UserId| {
+            Event::new(
+                PRODUCER,
+                Payload::MessageDeleted {
+                    message_id: message_id.as_uuid(),
+                    author_id: author_id.as_uuid(),
+                },
+            )
+        };
+        Ok(self.0.erase_step(deleted).await?)
     }
 }
 

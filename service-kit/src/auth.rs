@@ -1,8 +1,20 @@
 //! Ed25519 JWTs: user-service signs them, every service verifies them locally.
 //!
-//! Verification needs only public keys, fetched once from user-service (or read
-//! from a file) and cached, so authentication keeps working while
-//! user-service is down.
+//! Verification needs only public keys, read from files (deployments: a
+//! Secret, so a spoofed key source cannot plant a key) or fetched from
+//! user-service and cached (local development), so authentication keeps
+//! working while user-service is down.
+//!
+//! A valid signature is not the whole answer: a token of a user who was
+//! banned, deleted, demoted or changed password since it was issued is void.
+//! user-service checks that against its own database; every other service
+//! consults its [`Revocations`] (see [`crate::revocation`]), a projection of
+//! user-service's `TokensRevoked` events kept in its own store.
+//!
+//! user-service also signs a *service token* for its own deliveries
+//! (`scope: "service"`). It is not a user: [`TokenVerifier::authenticate`]
+//! refuses it, and only the RPCs that apply user-service's events accept it,
+//! through [`TokenVerifier::authenticate_service`].
 
 use std::{
     collections::HashMap,
@@ -21,15 +33,21 @@ use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use uuid::Uuid;
 
-use crate::client::{Idempotency, Peer};
+use crate::{
+    client::{Idempotency, Peer},
+    revocation::Revocations,
+};
 
 /// Issuer claim of every Chirp token.
 pub const ISSUER: &str = "chirp-user-service";
 /// Clock skew tolerated between services.
 const LEEWAY_SECS: u64 = 5;
-/// Shortest time between two key fetches triggered by unknown key ids, so a
-/// flood of forged tokens cannot turn into a flood of calls to user-service.
-const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest lifetime (`exp - iat`) a token may have. Revocations are kept
+/// this long, so a token that outlives it could outlive its revocation:
+/// verifiers refuse such tokens and user-service refuses such a TTL.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// `scope` claim of the token user-service signs for its own deliveries.
+pub const SERVICE_SCOPE: &str = "service";
 
 /// What a user may do beyond their own content, in increasing power.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -65,6 +83,14 @@ impl Role {
     pub fn can_moderate(self) -> bool {
         self >= Self::Moderator
     }
+
+    /// Whether a holder of this role may moderate (ban, hide, purge, delete
+    /// the content of) a user holding `target`: only users below them, the
+    /// rule BanUser set and every moderation path keeps.
+    #[must_use]
+    pub fn may_moderate(self, target: Self) -> bool {
+        self.can_moderate() && self > target
+    }
 }
 
 /// The claims of a Chirp token.
@@ -75,6 +101,9 @@ pub struct Claims {
     pub iss: String,
     pub iat: i64,
     pub exp: i64,
+    /// Set only on service tokens ([`SERVICE_SCOPE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// An authenticated caller.
@@ -82,6 +111,14 @@ pub struct Claims {
 pub struct Caller {
     pub user_id: Uuid,
     pub role: Role,
+}
+
+/// A caller and when their token was issued (Unix seconds), for the service
+/// that owns the truth about revocations (user-service) to check itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub caller: Caller,
+    pub issued_at: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +136,30 @@ pub enum AuthError {
     /// No key is known yet and user-service cannot be asked.
     #[error("token keys are not available yet")]
     KeysUnavailable,
+    /// The token was issued before its user's session ended (password or
+    /// role change, ban lifted), or the account is gone.
+    #[error("the token has been revoked; log in again")]
+    Revoked,
+    /// The token was issued before its user was banned.
+    #[error("the account is banned")]
+    Banned,
+    /// This service cannot tell yet whether the token was revoked (its
+    /// projection of revocations has not been read from its store).
+    #[error("token revocations are not available yet")]
+    RevocationsUnavailable,
+    /// A service token where a user must act, or a user token where only
+    /// user-service may act.
+    #[error("this call is not open to this kind of token")]
+    WrongKind,
 }
 
 impl From<AuthError> for tonic::Status {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::KeysUnavailable => tonic::Status::unavailable(err.to_string()),
+            AuthError::KeysUnavailable | AuthError::RevocationsUnavailable => {
+                tonic::Status::unavailable(err.to_string())
+            }
+            AuthError::Banned | AuthError::WrongKind => tonic::Status::permission_denied(err.to_string()),
             _ => tonic::Status::unauthenticated(err.to_string()),
         }
     }
@@ -124,6 +179,38 @@ impl PublicKey {
             key_id: key_id(&bytes),
             bytes,
         }
+    }
+}
+
+impl PublicKey {
+    /// Every `PUBLIC KEY` (SPKI) Ed25519 key in a PEM text, in order.
+    ///
+    /// # Errors
+    /// When a block is not an Ed25519 public key, or there is none.
+    pub fn from_pem(pem: &str) -> anyhow::Result<Vec<Self>> {
+        const END: &str = "-----END PUBLIC KEY-----";
+        let mut keys = Vec::new();
+        for block in pem.split_inclusive(END).filter(|b| b.contains(END)) {
+            let key = VerifyingKey::from_public_key_pem(block.trim())
+                .map_err(|e| anyhow::anyhow!("not an Ed25519 public key: {e}"))?;
+            keys.push(Self::new(key.to_bytes()));
+        }
+        anyhow::ensure!(!keys.is_empty(), "no PUBLIC KEY block found");
+        Ok(keys)
+    }
+
+    /// The keys of several PEM files (the current key and retired ones).
+    ///
+    /// # Errors
+    /// When a file cannot be read or holds no Ed25519 public key.
+    pub fn from_pem_files(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Self>> {
+        let mut keys = Vec::new();
+        for path in paths {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading public key {}: {e}", path.display()))?;
+            keys.extend(Self::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+        }
+        Ok(keys)
     }
 }
 
@@ -220,9 +307,28 @@ impl TokenSigner {
             iss: ISSUER.to_owned(),
             iat: now,
             exp: now.saturating_add(ttl),
+            scope: None,
         };
         let exp = claims.exp;
         Ok((self.sign(&claims)?, exp))
+    }
+
+    /// A short-lived service token: user-service's own credential when it
+    /// delivers its decisions (revocations, bans, erasures) to the services
+    /// that apply them. It names no user (the nil UUID) and holds the lowest
+    /// role, so nothing that authorizes by role can mistake it for an admin.
+    ///
+    /// # Errors
+    /// When signing fails (not expected).
+    pub fn service_token(&self, now: i64, ttl: Duration) -> anyhow::Result<String> {
+        self.sign(&Claims {
+            sub: Uuid::nil().to_string(),
+            role: Role::User,
+            iss: ISSUER.to_owned(),
+            iat: now,
+            exp: now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+            scope: Some(SERVICE_SCOPE.to_owned()),
+        })
     }
 
     /// Signs arbitrary claims (tests use it for expired tokens).
@@ -236,62 +342,131 @@ impl TokenSigner {
     }
 }
 
-/// Verifies tokens against cached public keys.
+/// Verifies tokens against cached public keys, and (where given) against a
+/// service's projection of revocations.
 pub struct TokenVerifier {
     keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
     source: Option<KeySource>,
+    revocations: Option<Arc<Revocations>>,
+}
+
+/// How a verifier that fetches its keys from user-service refreshes them.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRefresh {
+    /// Shortest time between two fetches triggered by unknown key ids, so a
+    /// flood of forged tokens cannot turn into a flood of calls to
+    /// user-service.
+    pub min_interval: Duration,
+    /// How often the key set is fetched again even when every token names a
+    /// known key: a key user-service stopped publishing is dropped then, so
+    /// a retired key is trusted for at most this long after its retirement.
+    pub max_age: Duration,
+}
+
+impl Default for KeyRefresh {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(5),
+            max_age: Duration::from_secs(300),
+        }
+    }
 }
 
 struct KeySource {
     user_service: Arc<Peer>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    refresh: KeyRefresh,
+    /// When the last fetch was tried, and when one last succeeded.
+    fetches: tokio::sync::Mutex<Fetches>,
+}
+
+#[derive(Default)]
+struct Fetches {
+    tried: Option<Instant>,
+    succeeded: Option<Instant>,
 }
 
 impl TokenVerifier {
-    /// Verifies with a fixed set of keys (user-service's own, or a key file).
+    /// Verifies with a fixed set of keys (user-service's own, or key files).
     #[must_use]
     pub fn with_keys(keys: &[PublicKey]) -> Self {
         let verifier = Self {
             keys: RwLock::new(HashMap::new()),
             source: None,
+            revocations: None,
         };
-        verifier.install(keys);
+        verifier.replace_keys(keys);
         verifier
     }
 
-    /// Reads a PEM `PUBLIC KEY` (SPKI) Ed25519 key file.
+    /// Reads PEM `PUBLIC KEY` (SPKI) Ed25519 key files: the current key and
+    /// any retired keys whose tokens may still be live.
+    ///
+    /// # Errors
+    /// When a file cannot be read or holds no Ed25519 public key.
+    pub fn from_pem_files(paths: &[std::path::PathBuf]) -> anyhow::Result<Self> {
+        Ok(Self::with_keys(&PublicKey::from_pem_files(paths)?))
+    }
+
+    /// Reads one PEM key file (see [`TokenVerifier::from_pem_files`]).
     ///
     /// # Errors
     /// When the file cannot be read or holds no Ed25519 public key.
     pub fn from_pem_file(path: &Path) -> anyhow::Result<Self> {
-        let pem =
-            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading public key {}: {e}", path.display()))?;
-        let key = VerifyingKey::from_public_key_pem(&pem)
-            .map_err(|e| anyhow::anyhow!("{} is not an Ed25519 public key: {e}", path.display()))?;
-        Ok(Self::with_keys(&[PublicKey::new(key.to_bytes())]))
+        Self::from_pem_files(&[path.to_path_buf()])
     }
 
-    /// Fetches keys from user-service on first use and when a token names an
-    /// unknown key; cached keys keep verifying while user-service is down.
+    /// Key files when there are any (deployments), else keys fetched from
+    /// user-service (local development).
+    ///
+    /// # Errors
+    /// When a key file cannot be read.
+    pub fn configured(key_files: &[std::path::PathBuf], user_service: Arc<Peer>) -> anyhow::Result<Self> {
+        if key_files.is_empty() {
+            Ok(Self::from_user_service(user_service))
+        } else {
+            Self::from_pem_files(key_files)
+        }
+    }
+
+    /// Fetches keys from user-service on first use, when a token names an
+    /// unknown key, and every [`KeyRefresh::max_age`]; cached keys keep
+    /// verifying while user-service is down.
     #[must_use]
     pub fn from_user_service(user_service: Arc<Peer>) -> Self {
+        Self::from_user_service_with(user_service, KeyRefresh::default())
+    }
+
+    #[must_use]
+    pub fn from_user_service_with(user_service: Arc<Peer>, refresh: KeyRefresh) -> Self {
         Self {
             keys: RwLock::new(HashMap::new()),
             source: Some(KeySource {
                 user_service,
-                last_fetch: tokio::sync::Mutex::new(None),
+                refresh,
+                fetches: tokio::sync::Mutex::new(Fetches::default()),
             }),
+            revocations: None,
         }
     }
 
-    fn install(&self, keys: &[PublicKey]) {
-        let mut map = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for key in keys {
-            let decoding = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(key.bytes));
-            if let Ok(decoding) = decoding {
-                map.insert(key.key_id.clone(), Arc::new(decoding));
-            }
-        }
+    /// Also refuses tokens that `revocations` says are void.
+    #[must_use]
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// Makes `keys` the whole trusted set: a key left out is no longer
+    /// trusted.
+    fn replace_keys(&self, keys: &[PublicKey]) {
+        let fresh: HashMap<String, Arc<DecodingKey>> = keys
+            .iter()
+            .filter_map(|key| {
+                let decoding = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(key.bytes)).ok()?;
+                Some((key.key_id.clone(), Arc::new(decoding)))
+            })
+            .collect();
+        *self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
     }
 
     fn key(&self, kid: &str) -> Option<Arc<DecodingKey>> {
@@ -302,21 +477,35 @@ impl TokenVerifier {
             .cloned()
     }
 
-    /// Authenticates the caller from `authorization: Bearer <token>` metadata.
-    ///
-    /// # Errors
-    /// [`AuthError`] saying why the caller is not authenticated.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
+    fn bearer(metadata: &MetadataMap) -> Result<&str, AuthError> {
         let header = metadata
             .get("authorization")
             .ok_or(AuthError::Missing)?
             .to_str()
             .map_err(|_| AuthError::Malformed)?;
-        let token = header
+        header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthError::Malformed)?;
-        self.verify(token.trim()).await
+            .map(str::trim)
+            .ok_or(AuthError::Malformed)
+    }
+
+    /// Authenticates a user from `authorization: Bearer <token>` metadata:
+    /// the signature, the expiry, the kind (a service token is refused) and,
+    /// where this verifier has them, the revocations.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying why the caller is not authenticated.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
+        Ok(self.authenticate_session(metadata).await?.caller)
+    }
+
+    /// [`TokenVerifier::authenticate`], with the token's issue time.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying why the caller is not authenticated.
+    pub async fn authenticate_session(&self, metadata: &MetadataMap) -> Result<Session, AuthError> {
+        self.verify_session(Self::bearer(metadata)?).await
     }
 
     /// The caller if `metadata` carries a token, `None` if it carries none.
@@ -330,22 +519,58 @@ impl TokenVerifier {
         self.authenticate(metadata).await.map(Some)
     }
 
-    /// Verifies a token.
+    /// Accepts only user-service's service token (see
+    /// [`TokenSigner::service_token`]).
+    ///
+    /// # Errors
+    /// [`AuthError::WrongKind`] for a user's token; otherwise why the token
+    /// does not verify.
+    pub async fn authenticate_service(&self, metadata: &MetadataMap) -> Result<(), AuthError> {
+        let claims = self.decode(Self::bearer(metadata)?).await?;
+        if claims.scope.as_deref() == Some(SERVICE_SCOPE) {
+            Ok(())
+        } else {
+            Err(AuthError::WrongKind)
+        }
+    }
+
+    /// Verifies a user's token.
     ///
     /// # Errors
     /// [`AuthError`] saying why the token is not valid.
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        Ok(self.verify_session(token).await?.caller)
+    }
+
+    async fn verify_session(&self, token: &str) -> Result<Session, AuthError> {
+        let claims = self.decode(token).await?;
+        if claims.scope.is_some() {
+            return Err(AuthError::WrongKind);
+        }
+        let user_id = Uuid::try_parse(&claims.sub).map_err(|_| AuthError::Malformed)?;
+        if let Some(revocations) = &self.revocations {
+            revocations.check(user_id, claims.iat)?;
+        }
+        Ok(Session {
+            caller: Caller {
+                user_id,
+                role: claims.role,
+            },
+            issued_at: claims.iat,
+        })
+    }
+
+    /// Checks signature, issuer, expiry and lifetime; the claims.
+    async fn decode(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthError::Malformed);
         }
         let kid = header.kid.ok_or(AuthError::Malformed)?;
+        self.refresh_if_old().await;
         let key = match self.key(&kid) {
             Some(key) => key,
-            None => {
-                self.refresh().await?;
-                self.key(&kid).ok_or(AuthError::UnknownKey)?
-            }
+            None => self.fetch_for(&kid).await?,
         };
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
@@ -359,26 +584,62 @@ impl TokenVerifier {
                 _ => AuthError::Malformed,
             }
         })?;
-        let user_id = Uuid::try_parse(&data.claims.sub).map_err(|_| AuthError::Malformed)?;
-        Ok(Caller {
-            user_id,
-            role: data.claims.role,
-        })
+        let lifetime = data.claims.exp.saturating_sub(data.claims.iat);
+        if lifetime > i64::try_from(MAX_TOKEN_LIFETIME.as_secs()).unwrap_or(i64::MAX) {
+            // Could outlive the revocations kept for it.
+            return Err(AuthError::Malformed);
+        }
+        Ok(data.claims)
     }
 
-    async fn refresh(&self) -> Result<(), AuthError> {
+    /// Fetches the key set again when it is older than its refresh age. One
+    /// request does it; the others go on with the keys they have.
+    async fn refresh_if_old(&self) {
+        let Some(source) = &self.source else { return };
+        let Ok(mut fetches) = source.fetches.try_lock() else {
+            return;
+        };
+        let stale = fetches
+            .succeeded
+            .is_some_and(|at| at.elapsed() >= source.refresh.max_age);
+        if stale {
+            // A failure keeps the cached keys: user-service may be down.
+            let _ = self.fetch(source, &mut fetches).await;
+        }
+    }
+
+    /// The key `kid` after fetching the key set, at most once per
+    /// [`KeyRefresh::min_interval`].
+    async fn fetch_for(&self, kid: &str) -> Result<Arc<DecodingKey>, AuthError> {
         let Some(source) = &self.source else {
             return Err(AuthError::UnknownKey);
         };
-        let mut last = source.last_fetch.lock().await;
-        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
-            return Err(if self.is_empty() {
-                AuthError::KeysUnavailable
-            } else {
-                AuthError::UnknownKey
-            });
+        let mut fetches = source.fetches.lock().await;
+        // Another request may have fetched while this one waited for the
+        // lock: the key may be here now, and must not be reported unknown
+        // just because the fetch that brought it was recent.
+        if let Some(key) = self.key(kid) {
+            return Ok(key);
         }
-        *last = Some(Instant::now());
+        let recent = fetches
+            .tried
+            .is_some_and(|at| at.elapsed() < source.refresh.min_interval);
+        if !recent {
+            self.fetch(source, &mut fetches).await?;
+        }
+        self.key(kid).ok_or_else(|| self.missing())
+    }
+
+    fn missing(&self) -> AuthError {
+        if self.is_empty() {
+            AuthError::KeysUnavailable
+        } else {
+            AuthError::UnknownKey
+        }
+    }
+
+    async fn fetch(&self, source: &KeySource, fetches: &mut Fetches) -> Result<(), AuthError> {
+        fetches.tried = Some(Instant::now());
         let response = source
             .user_service
             .call(
@@ -400,18 +661,15 @@ impl TokenVerifier {
                     .filter_map(|k| <[u8; 32]>::try_from(k.public_key.as_slice()).ok())
                     .map(PublicKey::new)
                     .collect();
-                self.install(&keys);
+                self.replace_keys(&keys);
+                fetches.succeeded = Some(Instant::now());
                 Ok(())
             }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "fetching token keys from user-service");
                 // Let the next request try again rather than waiting out the interval.
-                *last = None;
-                Err(if self.is_empty() {
-                    AuthError::KeysUnavailable
-                } else {
-                    AuthError::UnknownKey
-                })
+                fetches.tried = None;
+                Err(self.missing())
             }
         }
     }
@@ -493,6 +751,7 @@ mod tests {
             iss: ISSUER.into(),
             iat: now - 7200,
             exp: now - 3600,
+            scope: None,
         };
         let token = signer.sign(&claims).unwrap();
         assert!(matches!(verifier.verify(&token).await, Err(AuthError::Expired)));

@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::validate::{self, violation, FieldViolation};
 
+/// Most events one delivery carries (a relay's batch).
+pub const MAX_BATCH: usize = 200;
+
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -40,6 +43,12 @@ pub enum Payload {
     UserDeleted {
         user_id: Uuid,
     },
+    /// Every token of `user_id` issued (`iat`) before `issued_before` is void.
+    TokensRevoked {
+        user_id: Uuid,
+        issued_before: DateTime<Utc>,
+        reason: RevocationReason,
+    },
     MessagePosted {
         message_id: Uuid,
         author_id: Uuid,
@@ -65,6 +74,39 @@ pub enum Payload {
         author_id: Uuid,
         message_author_id: Uuid,
     },
+}
+
+/// Why a user's tokens were revoked; decides how a void token is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationReason {
+    /// PERMISSION_DENIED: the account is banned.
+    Banned,
+    /// UNAUTHENTICATED: the account is gone.
+    Deleted,
+    /// UNAUTHENTICATED: log in again (password or role changed, ban lifted).
+    SessionEnded,
+}
+
+impl RevocationReason {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Banned => "banned",
+            Self::Deleted => "deleted",
+            Self::SessionEnded => "session_ended",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "banned" => Some(Self::Banned),
+            "deleted" => Some(Self::Deleted),
+            "session_ended" => Some(Self::SessionEnded),
+            _ => None,
+        }
+    }
 }
 
 /// An event with its identity: consumers apply each `id` once.
@@ -130,6 +172,23 @@ impl Event {
                 moderator_id: s(moderator_id),
             }),
             Payload::UserDeleted { user_id } => P::UserDeleted(pb::UserDeleted { user_id: s(user_id) }),
+            Payload::TokensRevoked {
+                user_id,
+                issued_before,
+                reason,
+            } => P::TokensRevoked(pb::TokensRevoked {
+                user_id: s(user_id),
+                issued_before: Some(prost_types::Timestamp {
+                    seconds: issued_before.timestamp(),
+                    nanos: 0,
+                }),
+                reason: match reason {
+                    RevocationReason::Banned => pb::RevocationReason::Banned,
+                    RevocationReason::Deleted => pb::RevocationReason::Deleted,
+                    RevocationReason::SessionEnded => pb::RevocationReason::SessionEnded,
+                }
+                .into(),
+            }),
             Payload::MessagePosted { message_id, author_id } => P::MessagePosted(pb::MessagePosted {
                 message_id: s(message_id),
                 author_id: s(author_id),
@@ -181,6 +240,25 @@ impl Event {
         }
     }
 
+    /// Parses a delivered batch (1 to [`MAX_BATCH`] events), naming every
+    /// bad field.
+    ///
+    /// # Errors
+    /// The violations, if any event or the batch size is wrong.
+    pub fn parse_batch(raw: &[pb::Event]) -> Result<Vec<Self>, Vec<FieldViolation>> {
+        if raw.is_empty() || raw.len() > MAX_BATCH {
+            return Err(vec![violation("events", format!("must hold 1 to {MAX_BATCH} events"))]);
+        }
+        let mut violations = validate::Violations::new();
+        let events = raw
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| violations.check(Self::from_pb(&format!("events[{i}]"), e)))
+            .collect();
+        violations.finish()?;
+        Ok(events)
+    }
+
     /// Parses an event from the wire; `field` prefixes violations (e.g.
     /// `events[3]`).
     ///
@@ -219,6 +297,20 @@ impl Event {
             },
             Some(P::UserDeleted(p)) => Payload::UserDeleted {
                 user_id: id("user_id", &p.user_id)?,
+            },
+            Some(P::TokensRevoked(p)) => Payload::TokensRevoked {
+                user_id: id("user_id", &p.user_id)?,
+                issued_before: p
+                    .issued_before
+                    .as_ref()
+                    .and_then(|t| Utc.timestamp_opt(t.seconds, 0).single())
+                    .ok_or_else(|| violation(&format!("{field}.issued_before"), "is required"))?,
+                reason: match pb::RevocationReason::try_from(p.reason) {
+                    Ok(pb::RevocationReason::Banned) => RevocationReason::Banned,
+                    Ok(pb::RevocationReason::Deleted) => RevocationReason::Deleted,
+                    Ok(pb::RevocationReason::SessionEnded) => RevocationReason::SessionEnded,
+                    _ => return Err(violation(&format!("{field}.reason"), "must be BANNED, DELETED or SESSION_ENDED")),
+                },
             },
             Some(P::MessagePosted(p)) => Payload::MessagePosted {
                 message_id: id("message_id", &p.message_id)?,
@@ -278,6 +370,11 @@ mod tests {
                 message_id: ids(),
                 author_id: ids(),
                 hidden: true,
+            },
+            Payload::TokensRevoked {
+                user_id: ids(),
+                issued_before: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+                reason: RevocationReason::Banned,
             },
         ] {
             let event = Event::new("test", payload);

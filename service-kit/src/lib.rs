@@ -10,7 +10,13 @@
 //! - [`store`]: watches a service's store and drives its health status.
 //! - [`client`]: the stack for calling peers (deadline, retries with a
 //!   budget, circuit breaker, concurrency limit).
-//! - [`auth`]: Ed25519 JWT claims and verification.
+//! - [`auth`]: Ed25519 JWT claims and verification, service tokens.
+//! - [`revocation`]: the projection of revoked tokens every verifying
+//!   service keeps, and its sync from the service's own store.
+//! - [`events`]: the events producers write to their outboxes.
+//! - [`relay`]: delivers outbox events to their destinations.
+//! - [`jobs`]: background work kept in a service's own store (erasures),
+//!   done in bounded chunks and resumed after a crash.
 //! - [`validate`]: field violations and the text rules every service shares.
 
 pub mod auth;
@@ -18,7 +24,9 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod events;
+pub mod jobs;
 pub mod relay;
+pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod telemetry;

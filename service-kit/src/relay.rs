@@ -77,6 +77,22 @@ impl RelayConfig {
     }
 }
 
+/// Metadata key of the producers' shared secret, presented when they deliver
+/// events (to analytics-service, and message-service to comment-service).
+pub const INGEST_TOKEN_HEADER: &str = "x-chirp-ingest-token";
+
+/// Whether `presented` is the ingest token `expected`, compared in constant
+/// time whatever the lengths (both are hashed first, so neither the length
+/// nor a common prefix shows in the timing).
+#[must_use]
+pub fn ingest_token_matches(presented: &[u8], expected: &str) -> bool {
+    use sha2::{Digest as _, Sha256};
+    use subtle::ConstantTimeEq as _;
+    let presented = Sha256::digest(presented);
+    let expected = Sha256::digest(expected.as_bytes());
+    presented.ct_eq(&expected).into()
+}
+
 /// analytics-service, the destination every producer has.
 pub struct Analytics {
     peer: Arc<crate::client::Peer>,
@@ -110,7 +126,7 @@ impl Destination for Analytics {
                 |channel, mut request| {
                     request
                         .metadata_mut()
-                        .insert("x-chirp-ingest-token", self.ingest_token.clone());
+                        .insert(INGEST_TOKEN_HEADER, self.ingest_token.clone());
                     async move { AnalyticsServiceClient::new(channel).record_events(request).await }
                 },
             )

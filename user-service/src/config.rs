@@ -31,7 +31,14 @@ pub struct Config {
     #[arg(long, env = "JWT_SIGNING_KEY_FILE")]
     pub jwt_signing_key_file: Option<PathBuf>,
 
-    /// How long a token from Login stays valid
+    /// PEM public keys of signing keys retired by a rotation, still published
+    /// (and trusted by verifiers) until the tokens they signed expire;
+    /// comma-separated files
+    #[arg(long, env = "JWT_RETIRED_PUBLIC_KEY_FILES", value_delimiter = ',')]
+    pub jwt_retired_public_key_files: Vec<PathBuf>,
+
+    /// How long a token from Login stays valid (at most 24h: revocations are
+    /// kept that long)
     #[arg(long, env = "TOKEN_TTL", value_parser = parse_duration, default_value = "60m")]
     pub token_ttl: Duration,
 

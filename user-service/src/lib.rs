@@ -48,6 +48,13 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.token_ttl <= service_kit::auth::MAX_TOKEN_LIFETIME,
+        "TOKEN_TTL may be at most {:?}: revocations are kept that long",
+        service_kit::auth::MAX_TOKEN_LIFETIME
+    );
+    let retired_keys = service_kit::auth::PublicKey::from_pem_files(&config.jwt_retired_public_key_files)
+        .context("JWT_RETIRED_PUBLIC_KEY_FILES")?;
     let signer = match &config.jwt_signing_key_file {
         Some(path) => TokenSigner::from_pem_file(path, config.token_ttl)?,
         None => {
@@ -68,7 +75,7 @@ pub async fn run(
         .context("DATABASE_URL")?;
     let hasher = password::Hasher::new(config.password_hash_memory_kib)?;
     let users = Arc::new(
-        Users::new(store.clone(), hasher, signer, admin)
+        Users::new(store.clone(), hasher, signer, retired_keys, admin)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
@@ -103,7 +110,7 @@ pub async fn run(
         relay::spawn(
             RelayConfig::new(store::COMMENTS),
             store.outbox(store::COMMENTS),
-            clients::CommentPurge {
+            clients::CommentService {
                 peer: peer("comment-service", &config.comment_service_url)?,
                 users: users.clone(),
             },
@@ -112,7 +119,7 @@ pub async fn run(
         relay::spawn(
             RelayConfig::new(store::MESSAGES),
             store.outbox(store::MESSAGES),
-            clients::MessageVisibility {
+            clients::MessageService {
                 peer: peer("message-service", &config.message_service_url)?,
                 users: users.clone(),
             },

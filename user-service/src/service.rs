@@ -1,10 +1,12 @@
 //! The rules of user-service, between the gRPC edge and the store: who may do
 //! what, and what each operation means. Speaks domain types only.
 
-use chrono::Utc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone as _, Utc};
 use service_kit::{
-    auth::{PublicKey, TokenSigner},
-    events::{Event, Payload},
+    auth::{AuthError, PublicKey, Session as TokenSession, TokenSigner},
+    events::{Event, Payload, RevocationReason},
 };
 
 use crate::{
@@ -14,8 +16,34 @@ use crate::{
     },
     error::{Error, Result},
     password::Hasher,
-    store::{Moderated, Store},
+    store::{Moderated, Standing, Store},
 };
+
+/// The instant from which tokens are valid again after a revocation decided
+/// now: the next whole second. Token `iat`s are whole seconds, so every token
+/// issued up to and within this second is void, and a token issued after the
+/// decision is stamped with at least this instant (see [`issued_at`]).
+fn revocation_cutoff(now: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.timestamp_opt(now.timestamp() + 1, 0).single().unwrap_or(now)
+}
+
+/// The `iat` of a token issued now to a user whose tokens are valid from
+/// `valid_from`: never before it, so a login right after a revocation in the
+/// same second is not void itself.
+fn issued_at(now: DateTime<Utc>, valid_from: Option<DateTime<Utc>>) -> i64 {
+    valid_from.map_or(now.timestamp(), |from| from.timestamp().max(now.timestamp()))
+}
+
+fn revoked(user_id: UserId, issued_before: DateTime<Utc>, reason: RevocationReason) -> Event {
+    event(Payload::TokensRevoked {
+        user_id: user_id.as_uuid(),
+        issued_before,
+        reason,
+    })
+}
+
+/// How long a service token for one delivery lives.
+const SERVICE_TOKEN_TTL: Duration = Duration::from_secs(300);
 
 /// Producer name in the events this service writes.
 pub const PRODUCER: &str = "user-service";
@@ -36,6 +64,8 @@ pub struct Users {
     hasher: Hasher,
     signer: TokenSigner,
     admin: Option<AdminAccount>,
+    /// Keys that signed earlier and still verify during a rotation.
+    retired_keys: Vec<PublicKey>,
     /// A real hash to verify against when the username is unknown, so a
     /// failed login takes as long whether or not the account exists.
     decoy_hash: String,
@@ -51,7 +81,13 @@ pub struct Session {
 impl Users {
     /// # Errors
     /// When the decoy hash cannot be made.
-    pub async fn new(store: Store, hasher: Hasher, signer: TokenSigner, admin: Option<AdminAccount>) -> Result<Self> {
+    pub async fn new(
+        store: Store,
+        hasher: Hasher,
+        signer: TokenSigner,
+        retired_keys: Vec<PublicKey>,
+        admin: Option<AdminAccount>,
+    ) -> Result<Self> {
         let decoy = Password::parse("decoy-password-never-matches").map_err(|v| anyhow::anyhow!("{v}"))?;
         let decoy_hash = hasher.hash(decoy).await?;
         Ok(Self {
@@ -59,6 +95,7 @@ impl Users {
             hasher,
             signer,
             admin,
+            retired_keys,
             decoy_hash,
         })
     }
@@ -106,7 +143,7 @@ impl Users {
     }
 
     pub async fn login(&self, username: &Username, password: Password) -> Result<Session> {
-        let Some((user, hash)) = self.store.credentials(username.as_str()).await? else {
+        let Some((standing, hash)) = self.store.credentials(username.as_str()).await? else {
             // Spend the same time as a real check before saying no.
             self.hasher.verify(password, self.decoy_hash.clone()).await?;
             return Err(Error::BadCredentials);
@@ -114,21 +151,72 @@ impl Users {
         if !self.hasher.verify(password, hash).await? {
             return Err(Error::BadCredentials);
         }
-        if user.banned {
+        if standing.user.banned {
             return Err(Error::PermissionDenied("the account is banned"));
         }
+        self.session(standing.user, standing.tokens_valid_from)
+    }
+
+    fn session(&self, user: User, valid_from: Option<DateTime<Utc>>) -> Result<Session> {
         let (token, expires_at) = self.signer.issue(
             Caller {
                 user_id: user.id.as_uuid(),
                 role: user.role,
             },
-            Utc::now().timestamp(),
+            issued_at(Utc::now(), valid_from),
         )?;
         Ok(Session {
             token,
             expires_at,
             user,
         })
+    }
+
+    /// The caller as this service's own database says they are now: the
+    /// token's signature proved who they were when it was issued; whether
+    /// they still exist, are banned, hold the role, or ended that session
+    /// since, only the database knows. The role returned is the stored one,
+    /// never the token's claim.
+    pub async fn actor(&self, session: TokenSession) -> Result<Caller> {
+        Ok(self.standing_of(session).await?.0)
+    }
+
+    async fn standing_of(&self, session: TokenSession) -> Result<(Caller, Standing, String)> {
+        let id = UserId::from(session.caller.user_id);
+        let Some((standing, hash)) = self.store.standing(id).await? else {
+            return Err(AuthError::Revoked.into());
+        };
+        if standing.user.banned {
+            return Err(AuthError::Banned.into());
+        }
+        if standing
+            .tokens_valid_from
+            .is_some_and(|from| session.issued_at < from.timestamp())
+        {
+            return Err(AuthError::Revoked.into());
+        }
+        let caller = Caller {
+            user_id: session.caller.user_id,
+            role: standing.user.role,
+        };
+        Ok((caller, standing, hash))
+    }
+
+    /// Changes the caller's password given the current one; every earlier
+    /// token is void, and a fresh one comes back.
+    pub async fn change_password(&self, session: TokenSession, current: Password, new: Password) -> Result<Session> {
+        let (caller, standing, hash) = self.standing_of(session).await?;
+        if !self.hasher.verify(current, hash).await? {
+            return Err(Error::BadCredentials);
+        }
+        let id = UserId::from(caller.user_id);
+        let new_hash = self.hasher.hash(new).await?;
+        let valid_from = revocation_cutoff(Utc::now());
+        let ended = revoked(id, valid_from, RevocationReason::SessionEnded);
+        if !self.store.change_password(id, &new_hash, valid_from, &ended).await? {
+            return Err(AuthError::Revoked.into());
+        }
+        self.session(standing.user, Some(valid_from))
     }
 
     pub async fn user(&self, id: UserId) -> Result<User> {
@@ -186,8 +274,10 @@ impl Users {
             // Keeps the last admin from demoting themself by accident.
             return Err(Error::PermissionDenied("admins cannot change their own role"));
         }
+        let valid_from = revocation_cutoff(Utc::now());
+        let ended = revoked(target, valid_from, RevocationReason::SessionEnded);
         self.store
-            .set_role(target, role)
+            .set_role(target, role, valid_from, &ended)
             .await?
             .ok_or(Error::NotFound("no user has that id"))
     }
@@ -209,12 +299,23 @@ impl Users {
             return Err(Error::PermissionDenied("users cannot ban or unban themselves"));
         }
         let (user_id, moderator_id) = (target.as_uuid(), caller.user_id);
-        let change = event(if ban.is_some() {
-            Payload::UserBanned { user_id, moderator_id }
+        let valid_from = revocation_cutoff(Utc::now());
+        // A lifted ban voids tokens too: none can exist from the ban's time,
+        // and the older ones should now say "log in again", not "banned".
+        let (change, reason) = if ban.is_some() {
+            (Payload::UserBanned { user_id, moderator_id }, RevocationReason::Banned)
         } else {
-            Payload::UserUnbanned { user_id, moderator_id }
-        });
-        match self.store.set_banned(target, ban, caller.role, &change).await? {
+            (
+                Payload::UserUnbanned { user_id, moderator_id },
+                RevocationReason::SessionEnded,
+            )
+        };
+        let events = [event(change), revoked(target, valid_from, reason)];
+        match self
+            .store
+            .set_banned(target, ban, caller.role, valid_from, &events)
+            .await?
+        {
             Moderated::Changed(user) | Moderated::Unchanged(user) => Ok(user),
             Moderated::NotAllowed => Err(Error::PermissionDenied("the user's role is not below the caller's")),
             Moderated::NoSuchUser => Err(Error::NotFound("no user has that id")),
@@ -227,36 +328,38 @@ impl Users {
                 "only the user themself or an admin may delete an account",
             ));
         }
-        let deleted = event(Payload::UserDeleted {
-            user_id: target.as_uuid(),
-        });
-        if self.store.delete_user(target, &deleted).await? {
+        // The revocation first, so every service refuses the user's tokens
+        // before it starts erasing their content.
+        let events = [
+            revoked(target, revocation_cutoff(Utc::now()), RevocationReason::Deleted),
+            event(Payload::UserDeleted {
+                user_id: target.as_uuid(),
+            }),
+        ];
+        if self.store.delete_user(target, &events).await? {
             Ok(())
         } else {
             Err(Error::NotFound("no user has that id"))
         }
     }
 
+    /// The signing key first, then retired keys still verifying.
     #[must_use]
     pub fn public_keys(&self) -> Vec<PublicKey> {
-        vec![self.signer.public_key()]
+        let signing = self.signer.public_key();
+        let retired = self.retired_keys.iter().filter(|k| **k != signing).cloned();
+        std::iter::once(signing.clone()).chain(retired).collect()
     }
 
-    /// A short-lived admin token for user-service itself, to act on other
-    /// services when delivering moderation (the decision was authorised
-    /// here already). Its subject is the nil UUID, which no user has.
+    /// A short-lived service token for user-service's own deliveries of its
+    /// decisions (revocations, bans, erasures; authorised here already). It
+    /// opens only the RPCs that apply those events, nothing a user or an
+    /// admin may call.
     ///
     /// # Errors
     /// When signing fails (not expected).
-    pub fn system_token(&self) -> anyhow::Result<String> {
-        let now = Utc::now().timestamp();
-        self.signer.sign(&service_kit::auth::Claims {
-            sub: uuid::Uuid::nil().to_string(),
-            role: Role::Admin,
-            iss: service_kit::auth::ISSUER.to_owned(),
-            iat: now,
-            exp: now + 300,
-        })
+    pub fn service_token(&self) -> anyhow::Result<String> {
+        self.signer.service_token(Utc::now().timestamp(), SERVICE_TOKEN_TTL)
     }
 }
 

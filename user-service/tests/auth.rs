@@ -66,6 +66,7 @@ async fn protected_rpcs_refuse_missing_forged_and_expired_tokens() {
         iss: ISSUER.into(),
         iat,
         exp,
+        scope: None,
     };
     let forged = forger.sign(&admin_claims(now, now + 600)).unwrap();
     let expired = app.signer.sign(&admin_claims(now - 7200, now - 3600)).unwrap();

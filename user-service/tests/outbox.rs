@@ -77,11 +77,17 @@ async fn changes_write_their_events_and_repeats_write_none() {
             ("analytics", "user_banned"),
             ("comments", "user_banned"),
             ("messages", "user_banned"),
+            ("analytics", "tokens_revoked"),
+            ("comments", "tokens_revoked"),
+            ("messages", "tokens_revoked"),
             ("analytics", "user_unbanned"),
             ("messages", "user_unbanned"),
+            ("analytics", "tokens_revoked"),
+            ("comments", "tokens_revoked"),
+            ("messages", "tokens_revoked"),
             ("analytics", "user_unfollowed"),
         ]),
-        "a second follow and a second ban changed nothing and wrote nothing"
+        "a second follow and a second ban changed nothing and wrote nothing; a ban and an unban each revoke the user's tokens everywhere"
     );
 }
 

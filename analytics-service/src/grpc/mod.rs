@@ -19,21 +19,27 @@ use crate::{
 
 pub use pb::analytics_service_server::{AnalyticsServiceServer, SERVICE_NAME};
 
-/// Metadata key of the producers' shared secret.
-pub const INGEST_TOKEN_HEADER: &str = "x-chirp-ingest-token";
+pub use service_kit::relay::INGEST_TOKEN_HEADER;
 
 pub struct AnalyticsApi {
     store: Store,
     verifier: Arc<TokenVerifier>,
+    revocations: Arc<service_kit::revocation::Revocations>,
     ingest_token: String,
 }
 
 impl AnalyticsApi {
     #[must_use]
-    pub fn new(store: Store, verifier: Arc<TokenVerifier>, ingest_token: String) -> Self {
+    pub fn new(
+        store: Store,
+        verifier: Arc<TokenVerifier>,
+        revocations: Arc<service_kit::revocation::Revocations>,
+        ingest_token: String,
+    ) -> Self {
         Self {
             store,
             verifier,
+            revocations,
             ingest_token,
         }
     }
@@ -47,18 +53,12 @@ impl AnalyticsApi {
             .get(INGEST_TOKEN_HEADER)
             .map(|v| v.as_bytes())
             .ok_or(Error::BadIngestToken)?;
-        if constant_time_eq(presented, self.ingest_token.as_bytes()) {
+        if service_kit::relay::ingest_token_matches(presented, &self.ingest_token) {
             Ok(())
         } else {
             Err(Error::BadIngestToken)
         }
     }
-}
-
-/// Compares without an early exit, so the time taken does not tell an
-/// attacker how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -102,6 +102,21 @@ impl AnalyticsService for AnalyticsApi {
             .collect();
         violations.finish().map_err(Error::from)?;
         let recorded = self.store.record(&events).await?;
+        // Stored: take effect on this replica at once, before the next sync.
+        for event in &events {
+            if let service_kit::events::Payload::TokensRevoked {
+                user_id,
+                issued_before,
+                reason,
+            } = &event.payload
+            {
+                self.revocations.note(service_kit::revocation::Revocation {
+                    user_id: *user_id,
+                    issued_before: *issued_before,
+                    reason: *reason,
+                });
+            }
+        }
         Ok(Response::new(pb::RecordEventsResponse {
             accepted_count: i64::try_from(recorded.accepted).unwrap_or(i64::MAX),
             duplicate_count: i64::try_from(recorded.duplicates).unwrap_or(i64::MAX),

@@ -14,8 +14,12 @@
 
 use std::{str::FromStr as _, time::Duration};
 
-use chrono::{TimeZone as _, Utc};
-use service_kit::store::StoreStatus;
+use chrono::{DateTime, TimeZone as _, Utc};
+use service_kit::{
+    events::RevocationReason,
+    revocation::{Revocation, RevocationStore},
+    store::StoreStatus,
+};
 use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
     Row, Sqlite, Transaction,
@@ -253,6 +257,7 @@ fn describe(payload: &Payload) -> (&'static str, Option<String>) {
         Payload::UserBanned { .. } => ("user_banned", None),
         Payload::UserUnbanned { .. } => ("user_unbanned", None),
         Payload::UserDeleted { .. } => ("user_deleted", None),
+        Payload::TokensRevoked { .. } => ("tokens_revoked", None),
         Payload::MessagePosted { message_id, .. } => ("message_posted", Some(message_id.to_string())),
         Payload::MessageDeleted { message_id, .. } => ("message_deleted", Some(message_id.to_string())),
         Payload::MessageHidden { message_id, .. } => ("message_hidden", Some(message_id.to_string())),
@@ -329,18 +334,49 @@ async fn apply(tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
             )
             .await
         }
+        Payload::UserDeleted { user_id } => {
+            let user = user_id.to_string();
+            sqlx::query("DELETE FROM user_stats WHERE user_id = ?")
+                .bind(&user)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?;
+            sqlx::query("INSERT INTO erased_users (user_id) VALUES (?) ON CONFLICT DO NOTHING")
+                .bind(&user)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        }
+        Payload::TokensRevoked {
+            user_id,
+            issued_before,
+            reason,
+        } => {
+            sqlx::query(
+                "INSERT INTO revocations (user_id, issued_before, reason) VALUES (?, ?, ?)
+                 ON CONFLICT (user_id) DO UPDATE SET issued_before = excluded.issued_before, reason = excluded.reason
+                 WHERE excluded.issued_before >= revocations.issued_before",
+            )
+            .bind(user_id.to_string())
+            .bind(issued_before.timestamp())
+            .bind(reason.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
+            Ok(())
+        }
         // Recorded for the record; no counter follows them.
-        Payload::UserBanned { .. }
-        | Payload::UserUnbanned { .. }
-        | Payload::UserDeleted { .. }
-        | Payload::MessageHidden { .. } => Ok(()),
+        Payload::UserBanned { .. } | Payload::UserUnbanned { .. } | Payload::MessageHidden { .. } => Ok(()),
     }
 }
 
 async fn user(tx: &mut Transaction<'_, Sqlite>, user: &str, counter: UserCounter, delta: i64) -> Result<()> {
     let column = counter.column();
+    // An erased user's aggregates stay gone, whatever arrives about them.
     sqlx::query(&format!(
-        "INSERT INTO user_stats (user_id, {column}) VALUES (?, ?)
+        "INSERT INTO user_stats (user_id, {column})
+         SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM erased_users WHERE user_id = ?1)
          ON CONFLICT (user_id) DO UPDATE SET {column} = {column} + excluded.{column}"
     ))
     .bind(user)
@@ -405,6 +441,37 @@ fn classify(err: sqlx::Error) -> Error {
             Error::StoreUnavailable(Some(anyhow::Error::new(err)))
         }
         other => Error::Internal(anyhow::Error::new(other).context("querying SQLite")),
+    }
+}
+
+impl RevocationStore for Store {
+    async fn active(&self, since: DateTime<Utc>) -> anyhow::Result<Vec<Revocation>> {
+        let rows = sqlx::query("SELECT user_id, issued_before, reason FROM revocations WHERE issued_before > ?")
+            .bind(since.timestamp())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let user: String = row.try_get("user_id").ok()?;
+                let cutoff: i64 = row.try_get("issued_before").ok()?;
+                let reason: String = row.try_get("reason").ok()?;
+                Some(Revocation {
+                    user_id: uuid::Uuid::try_parse(&user).ok()?,
+                    issued_before: Utc.timestamp_opt(cutoff, 0).single()?,
+                    reason: RevocationReason::parse(&reason)?,
+                })
+            })
+            .collect())
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> anyhow::Result<()> {
+        let _writer = self.writer.lock().await;
+        sqlx::query("DELETE FROM revocations WHERE issued_before < ?")
+            .bind(before.timestamp())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

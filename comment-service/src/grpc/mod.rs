@@ -6,14 +6,16 @@ use std::sync::Arc;
 use chirp_proto::comment::v1::{self as pb, comment_service_server::CommentService};
 use service_kit::{
     auth::TokenVerifier,
+    events::Event,
+    relay::{ingest_token_matches, INGEST_TOKEN_HEADER},
     validate::{invalid_argument, Violations},
 };
-use tonic::{Request, Response, Status};
+use tonic::{metadata::MetadataMap, Request, Response, Status};
 
 use crate::{
     domain::{Body, Caller, Comment, CommentId, MessageId, MessageIds, PageRequest, UserId},
     error::Error,
-    service::Comments,
+    service::{Comments, Producer},
 };
 
 pub use pb::comment_service_server::{CommentServiceServer, SERVICE_NAME};
@@ -21,16 +23,36 @@ pub use pb::comment_service_server::{CommentServiceServer, SERVICE_NAME};
 pub struct CommentApi {
     comments: Arc<Comments>,
     verifier: Arc<TokenVerifier>,
+    ingest_token: String,
 }
 
 impl CommentApi {
     #[must_use]
-    pub fn new(comments: Arc<Comments>, verifier: Arc<TokenVerifier>) -> Self {
-        Self { comments, verifier }
+    pub fn new(comments: Arc<Comments>, verifier: Arc<TokenVerifier>, ingest_token: String) -> Self {
+        Self {
+            comments,
+            verifier,
+            ingest_token,
+        }
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
         Ok(self.verifier.authenticate(request.metadata()).await?)
+    }
+
+    /// Which producer sent a batch: the ingest token says message-service,
+    /// user-service's service token says user-service; anything else is
+    /// refused. A user's token, even an admin's, opens nothing here.
+    async fn producer(&self, metadata: &MetadataMap) -> Result<Producer, Error> {
+        if let Some(presented) = metadata.get(INGEST_TOKEN_HEADER) {
+            return if ingest_token_matches(presented.as_bytes(), &self.ingest_token) {
+                Ok(Producer::MessageService)
+            } else {
+                Err(Error::BadProducerCredential)
+            };
+        }
+        self.verifier.authenticate_service(metadata).await?;
+        Ok(Producer::UserService)
     }
 }
 
@@ -100,6 +122,30 @@ impl CommentService for CommentApi {
             deleted_count: i64::try_from(deleted).unwrap_or(i64::MAX),
         }))
     }
+
+    async fn apply_events(&self, request: Request<pb::ApplyEventsRequest>) -> Reply<pb::ApplyEventsResponse> {
+        let producer = self.producer(request.metadata()).await?;
+        let events = Event::parse_batch(&request.get_ref().events).map_err(Error::from)?;
+        if let Some(i) = events.iter().position(|e| e.producer != producer_name(producer)) {
+            return Err(Error::InvalidArgument(vec![service_kit::validate::violation(
+                &format!("events[{i}].producer"),
+                format!("must be {}, the producer the credential names", producer_name(producer)),
+            )])
+            .into());
+        }
+        let done = self.comments.apply_events(producer, &events).await?;
+        Ok(Response::new(pb::ApplyEventsResponse {
+            applied_count: i64::try_from(done.applied).unwrap_or(i64::MAX),
+            ignored_count: i64::try_from(done.ignored).unwrap_or(i64::MAX),
+        }))
+    }
+}
+
+fn producer_name(producer: Producer) -> &'static str {
+    match producer {
+        Producer::UserService => "user-service",
+        Producer::MessageService => "message-service",
+    }
 }
 
 fn comment_to_pb(comment: Comment) -> pb::Comment {
@@ -135,6 +181,11 @@ impl From<Error> for Status {
                 tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a message");
                 Status::unavailable("cannot check that the message exists; retry later")
             }
+            Error::RankUnknown(status) => {
+                tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a user's role");
+                Status::unavailable("cannot check the user's role; retry later")
+            }
+            Error::BadProducerCredential => Status::unauthenticated(err.to_string()),
             Error::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "internal error");
                 Status::internal("internal error")

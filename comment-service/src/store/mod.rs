@@ -12,6 +12,9 @@
 //! | `{p}m:{message_id}` | sorted set | the message's comment ids, all at score 0 |
 //! | `{p}u:{user_id}` | set | the user's comment ids, for purging |
 //! | `{p}outbox` | stream | events waiting for delivery (field `event`: JSON), deleted once delivered |
+//! | `{p}revocations` | hash | user id → `{issued_before unix seconds}:{reason}`, the latest `TokensRevoked` per user |
+//! | `{p}purge:users` | set | users whose comments are still being purged (ban, erasure) |
+//! | `{p}purge:messages` | set | deleted messages whose comments are still being deleted |
 //!
 //! Comment ids are UUIDv7: their text sorts by creation time, so with every
 //! score equal a sorted set orders them by time and `ZRANGEBYLEX` pages them
@@ -30,15 +33,16 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use chrono::{SecondsFormat, TimeZone as _, Utc};
+use chrono::{DateTime, SecondsFormat, TimeZone as _, Utc};
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     streams::StreamRangeReply,
     AsyncCommands as _, Script,
 };
 use service_kit::{
-    events::Event,
+    events::{Event, RevocationReason},
     relay::{Backlog, Outbox, Pending},
+    revocation::{Revocation, RevocationStore},
     store::StoreStatus,
 };
 
@@ -85,6 +89,40 @@ end
 return #ids
 ";
 
+/// KEYS[1] the message's sorted set; ARGV: prefix, batch size, message id,
+/// producer, occurred_at, then one fresh event id per comment the batch may
+/// delete. Like PURGE_SCRIPT, from the message's side.
+const PURGE_MESSAGE_SCRIPT: &str = r"
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+for i, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local fields = redis.call('HMGET', ARGV[1] .. 'c:' .. id, 'author_id', 'message_author_id')
+  if fields[1] then
+    redis.call('SREM', ARGV[1] .. 'u:' .. fields[1], id)
+    redis.call('DEL', ARGV[1] .. 'c:' .. id)
+    local event = cjson.encode({
+      id = ARGV[5 + i], producer = ARGV[4], occurred_at = ARGV[5],
+      payload = { type = 'comment_deleted', comment_id = id, message_id = ARGV[3],
+                  author_id = fields[1], message_author_id = fields[2] }
+    })
+    redis.call('XADD', ARGV[1] .. 'outbox', '*', 'event', event)
+  end
+end
+return #ids
+";
+
+/// KEYS[1] the revocations hash; ARGV: user id, cutoff (Unix seconds),
+/// reason. Keeps the stored revocation if its cutoff is later.
+const REVOKE_SCRIPT: &str = r"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored then
+  local cutoff = tonumber(string.match(stored, '^(%d+):'))
+  if cutoff and cutoff > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+return 1
+";
+
 #[derive(Clone)]
 pub struct Store {
     redis: ConnectionManager,
@@ -92,6 +130,8 @@ pub struct Store {
     status: StoreStatus,
     delete: Script,
     purge: Script,
+    purge_message: Script,
+    revoke: Script,
 }
 
 impl Store {
@@ -113,6 +153,8 @@ impl Store {
             status,
             delete: Script::new(DELETE_SCRIPT),
             purge: Script::new(PURGE_SCRIPT),
+            purge_message: Script::new(PURGE_MESSAGE_SCRIPT),
+            revoke: Script::new(REVOKE_SCRIPT),
         })
     }
 
@@ -260,26 +302,172 @@ impl Store {
     /// deletion with its `CommentDeleted` event from `producer`; the number
     /// deleted (0 when repeated).
     pub async fn purge(&self, user: UserId, producer: &str) -> Result<u64> {
-        let mut redis = self.ready()?;
         let mut total = 0u64;
         loop {
-            let occurred_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-            let mut invocation = self.purge.key(self.user_key(user));
-            invocation
-                .arg(&self.prefix)
-                .arg(PURGE_BATCH)
-                .arg(user.to_string())
-                .arg(producer)
-                .arg(occurred_at);
-            for _ in 0..PURGE_BATCH {
-                invocation.arg(uuid::Uuid::now_v7().to_string());
-            }
-            let deleted: usize = invocation.invoke_async(&mut redis).await.map_err(classify)?;
+            let deleted = self.purge_batch(&self.purge, &self.user_key(user), &user.to_string(), producer).await?;
             total += deleted as u64;
             if deleted < PURGE_BATCH {
                 return Ok(total);
             }
         }
+    }
+
+    /// One atomic step of `script` (PURGE_SCRIPT or PURGE_MESSAGE_SCRIPT)
+    /// over the set at `key`; the number of comments it took.
+    async fn purge_batch(&self, script: &Script, key: &str, owner: &str, producer: &str) -> Result<usize> {
+        let mut redis = self.ready()?;
+        let occurred_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut invocation = script.key(key);
+        invocation
+            .arg(&self.prefix)
+            .arg(PURGE_BATCH)
+            .arg(owner)
+            .arg(producer)
+            .arg(occurred_at);
+        for _ in 0..PURGE_BATCH {
+            invocation.arg(uuid::Uuid::now_v7().to_string());
+        }
+        invocation.invoke_async(&mut redis).await.map_err(classify)
+    }
+
+    fn purge_set(&self, what: PurgeOf) -> String {
+        match what {
+            PurgeOf::User(_) => format!("{}purge:users", self.prefix),
+            PurgeOf::Message(_) => format!("{}purge:messages", self.prefix),
+        }
+    }
+
+    /// Records that the comments of a user (ban, erasure) or of a deleted
+    /// message are to be purged (idempotent; the worker does it in batches).
+    pub async fn request_purge(&self, what: PurgeOf) -> Result<()> {
+        let mut redis = self.ready()?;
+        let member = match what {
+            PurgeOf::User(id) => id.to_string(),
+            PurgeOf::Message(id) => id.to_string(),
+        };
+        let _: i64 = redis.sadd(self.purge_set(what), member).await.map_err(classify)?;
+        Ok(())
+    }
+
+    pub async fn purges_pending(&self) -> Result<u64> {
+        let mut redis = self.ready()?;
+        let (users, messages): (u64, u64) = redis::pipe()
+            .scard(format!("{}purge:users", self.prefix))
+            .scard(format!("{}purge:messages", self.prefix))
+            .query_async(&mut redis)
+            .await
+            .map_err(classify)?;
+        Ok(users + messages)
+    }
+
+    /// One batch of one recorded purge; the job is dropped once a batch
+    /// comes back short. `false` when none is waiting.
+    pub async fn purge_step(&self, producer: &str) -> Result<bool> {
+        let mut redis = self.ready()?;
+        let users = format!("{}purge:users", self.prefix);
+        let messages = format!("{}purge:messages", self.prefix);
+        let user: Option<String> = redis.srandmember(&users).await.map_err(classify)?;
+        let (set, member, script, key) = if let Some(user) = user {
+            let id = UserId::parse("user", &user).map_err(|_| corrupt("a user id in the purge set"))?;
+            (users, user, &self.purge, self.user_key(id))
+        } else {
+            let message: Option<String> = redis.srandmember(&messages).await.map_err(classify)?;
+            let Some(message) = message else {
+                return Ok(false);
+            };
+            let id = MessageId::parse("message", &message).map_err(|_| corrupt("a message id in the purge set"))?;
+            (messages, message, &self.purge_message, self.message_key(id))
+        };
+        let taken = self.purge_batch(script, &key, &member, producer).await?;
+        if taken < PURGE_BATCH {
+            let _: i64 = redis.srem(&set, &member).await.map_err(classify)?;
+        }
+        Ok(true)
+    }
+
+    fn revocations_key(&self) -> String {
+        format!("{}revocations", self.prefix)
+    }
+
+    /// Stores `revocation` unless a later one is stored already.
+    pub async fn revoke(&self, revocation: &Revocation) -> Result<()> {
+        let mut redis = self.ready()?;
+        let _: i64 = self
+            .revoke
+            .key(self.revocations_key())
+            .arg(revocation.user_id.to_string())
+            .arg(revocation.issued_before.timestamp())
+            .arg(revocation.reason.as_str())
+            .invoke_async(&mut redis)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// The revocations hash, for the verifier's sync.
+    #[must_use]
+    pub fn revocation_store(&self) -> RedisRevocations {
+        RedisRevocations {
+            redis: self.redis.clone(),
+            key: self.revocations_key(),
+        }
+    }
+}
+
+/// What a recorded purge is of.
+#[derive(Clone, Copy, Debug)]
+pub enum PurgeOf {
+    User(UserId),
+    Message(MessageId),
+}
+
+/// The revocations hash as the verifier's sync reads it. Small by
+/// construction (pruned past the longest token lifetime), so it is read
+/// whole.
+#[derive(Clone)]
+pub struct RedisRevocations {
+    redis: ConnectionManager,
+    key: String,
+}
+
+impl RedisRevocations {
+    async fn all(&self) -> anyhow::Result<Vec<Revocation>> {
+        let mut redis = self.redis.clone();
+        let raw: HashMap<String, String> = redis.hgetall(&self.key).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|(user, value)| {
+                let (cutoff, reason) = value.split_once(':')?;
+                Some(Revocation {
+                    user_id: uuid::Uuid::try_parse(user).ok()?,
+                    issued_before: Utc.timestamp_opt(cutoff.parse().ok()?, 0).single()?,
+                    reason: RevocationReason::parse(reason)?,
+                })
+            })
+            .collect())
+    }
+}
+
+impl RevocationStore for RedisRevocations {
+    async fn active(&self, since: DateTime<Utc>) -> anyhow::Result<Vec<Revocation>> {
+        let mut all = self.all().await?;
+        all.retain(|r| r.issued_before > since);
+        Ok(all)
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> anyhow::Result<()> {
+        let old: Vec<String> = self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|r| r.issued_before < before)
+            .map(|r| r.user_id.to_string())
+            .collect();
+        if !old.is_empty() {
+            let mut redis = self.redis.clone();
+            let _: i64 = redis.hdel(&self.key, old).await?;
+        }
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use std::{
 use chirp_proto::{
     comment::v1::comment_service_client::CommentServiceClient,
     message::v1::{self as mpb, message_service_server::MessageServiceServer},
+    user::v1::{self as upb, user_service_server::UserServiceServer},
 };
 use clap::Parser as _;
 use comment_service::config::Config;
@@ -80,6 +81,82 @@ impl mpb::message_service_server::MessageService for FakeMessages {
     ) -> R<mpb::SetUserMessagesHiddenResponse> {
         Err(not_faked())
     }
+    async fn apply_user_events(&self, _: Request<mpb::ApplyUserEventsRequest>) -> R<mpb::ApplyUserEventsResponse> {
+        Err(not_faked())
+    }
+}
+
+/// user-service as comment-service sees it: users' roles, for the rank rule.
+#[derive(Clone, Default)]
+pub struct FakeUsers {
+    pub behaviour: Arc<Behaviour>,
+    /// user id -> role
+    pub roles: Arc<Mutex<HashMap<String, Role>>>,
+}
+
+#[tonic::async_trait]
+impl upb::user_service_server::UserService for FakeUsers {
+    async fn get_user(&self, request: Request<upb::GetUserRequest>) -> R<upb::GetUserResponse> {
+        self.behaviour.enter("GetUser").await?;
+        let id = request.into_inner().user_id;
+        let role = *self
+            .roles
+            .lock()
+            .unwrap()
+            .get(&id)
+            .ok_or_else(|| Status::not_found("no user has that id"))?;
+        Ok(Response::new(upb::GetUserResponse {
+            user: Some(upb::User {
+                id,
+                role: match role {
+                    Role::User => upb::Role::User,
+                    Role::Moderator => upb::Role::Moderator,
+                    Role::Admin => upb::Role::Admin,
+                }
+                .into(),
+                ..Default::default()
+            }),
+        }))
+    }
+    async fn register(&self, _: Request<upb::RegisterRequest>) -> R<upb::RegisterResponse> {
+        Err(not_faked())
+    }
+    async fn login(&self, _: Request<upb::LoginRequest>) -> R<upb::LoginResponse> {
+        Err(not_faked())
+    }
+    async fn batch_get_users(&self, _: Request<upb::BatchGetUsersRequest>) -> R<upb::BatchGetUsersResponse> {
+        Err(not_faked())
+    }
+    async fn follow(&self, _: Request<upb::FollowRequest>) -> R<upb::FollowResponse> {
+        Err(not_faked())
+    }
+    async fn unfollow(&self, _: Request<upb::UnfollowRequest>) -> R<upb::UnfollowResponse> {
+        Err(not_faked())
+    }
+    async fn list_following(&self, _: Request<upb::ListFollowingRequest>) -> R<upb::ListFollowingResponse> {
+        Err(not_faked())
+    }
+    async fn list_followers(&self, _: Request<upb::ListFollowersRequest>) -> R<upb::ListFollowersResponse> {
+        Err(not_faked())
+    }
+    async fn set_role(&self, _: Request<upb::SetRoleRequest>) -> R<upb::SetRoleResponse> {
+        Err(not_faked())
+    }
+    async fn ban_user(&self, _: Request<upb::BanUserRequest>) -> R<upb::BanUserResponse> {
+        Err(not_faked())
+    }
+    async fn unban_user(&self, _: Request<upb::UnbanUserRequest>) -> R<upb::UnbanUserResponse> {
+        Err(not_faked())
+    }
+    async fn delete_user(&self, _: Request<upb::DeleteUserRequest>) -> R<upb::DeleteUserResponse> {
+        Err(not_faked())
+    }
+    async fn change_password(&self, _: Request<upb::ChangePasswordRequest>) -> R<upb::ChangePasswordResponse> {
+        Err(not_faked())
+    }
+    async fn get_public_keys(&self, _: Request<upb::GetPublicKeysRequest>) -> R<upb::GetPublicKeysResponse> {
+        Err(not_faked())
+    }
 }
 
 /// Where the service's Redis is, kept across restarts of the service.
@@ -88,6 +165,8 @@ pub struct Backing {
     pub server: Option<StoreProcess>,
     pub messages: FakeMessages,
     pub message_addr: SocketAddr,
+    pub users: FakeUsers,
+    pub user_addr: SocketAddr,
     pub signer: Arc<TokenSigner>,
     key_dir: tempfile::TempDir,
 }
@@ -107,6 +186,8 @@ impl Backing {
     async fn new(prefix: KeyPrefix, server: Option<StoreProcess>) -> Self {
         let messages = FakeMessages::default();
         let message_addr = serve_fake(MessageServiceServer::new(messages.clone())).await;
+        let users = FakeUsers::default();
+        let user_addr = serve_fake(UserServiceServer::new(users.clone())).await;
         let signer = Arc::new(TokenSigner::generate(Duration::from_secs(3600)).unwrap());
         let key_dir = tempfile::tempdir().unwrap();
         std::fs::write(key_dir.path().join("public.pem"), signer.public_key_pem().unwrap()).unwrap();
@@ -115,6 +196,8 @@ impl Backing {
             server,
             messages,
             message_addr,
+            users,
+            user_addr,
             signer,
             key_dir,
         }
@@ -135,9 +218,11 @@ impl Backing {
         id
     }
 
-    /// A user id and a token with `role`.
+    /// A user id and a token with `role` (the fake user-service knows the
+    /// role too).
     pub fn user(&self, role: Role) -> (String, String) {
         let id = uuid::Uuid::new_v4();
+        self.users.roles.lock().unwrap().insert(id.to_string(), role);
         let (token, _) = self
             .signer
             .issue(Caller { user_id: id, role }, chrono::Utc::now().timestamp())
@@ -162,6 +247,7 @@ impl TestApp {
             format!("--redis-url={}", backing.prefix.url()),
             format!("--redis-key-prefix={}", backing.prefix.prefix()),
             format!("--message-service-url=http://{}", backing.message_addr),
+            format!("--user-service-url=http://{}", backing.user_addr),
             format!(
                 "--jwt-public-key-file={}",
                 backing.key_dir.path().join("public.pem").display()

@@ -73,3 +73,41 @@ impl CommentClient {
             .collect())
     }
 }
+
+/// comment-service's ApplyEvents, for message deletions (their comments go
+/// too). Authenticated with the producers' ingest token; comment-service
+/// accepts only message events with it.
+pub struct CommentEvents {
+    peer: Arc<Peer>,
+    ingest_token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl CommentEvents {
+    /// # Errors
+    /// When the token is not a valid metadata value.
+    pub fn new(peer: Arc<Peer>, ingest_token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            peer,
+            ingest_token: ingest_token
+                .parse()
+                .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?,
+        })
+    }
+}
+
+impl service_kit::relay::Destination for CommentEvents {
+    async fn deliver(&self, events: &[service_kit::events::Event]) -> Result<(), Status> {
+        let request = pb::ApplyEventsRequest {
+            events: events.iter().map(service_kit::events::Event::to_pb).collect(),
+        };
+        self.peer
+            .call(Idempotency::Idempotent, request, |channel, mut request| {
+                request
+                    .metadata_mut()
+                    .insert(service_kit::relay::INGEST_TOKEN_HEADER, self.ingest_token.clone());
+                async move { CommentServiceClient::new(channel).apply_events(request).await }
+            })
+            .await
+            .map(drop)
+    }
+}

@@ -5,5 +5,5 @@
 mod comments;
 mod users;
 
-pub use comments::CommentClient;
+pub use comments::{CommentClient, CommentEvents};
 pub use users::UserClient;

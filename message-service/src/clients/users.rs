@@ -1,7 +1,10 @@
 use std::{collections::HashMap, sync::Arc};
 
 use chirp_proto::user::v1::{self as pb, user_service_client::UserServiceClient};
-use service_kit::client::{Idempotency, Peer};
+use service_kit::{
+    auth::Role,
+    client::{Idempotency, Peer},
+};
 use tonic::Status;
 
 use crate::domain::{Author, UserId};
@@ -47,10 +50,24 @@ impl UserClient {
                         id,
                         username: u.username,
                         display_name: u.display_name,
+                        role: match pb::Role::try_from(u.role) {
+                            Ok(pb::Role::Admin) => Role::Admin,
+                            Ok(pb::Role::Moderator) => Role::Moderator,
+                            _ => Role::User,
+                        },
                     },
                 ))
             })
             .collect())
+    }
+
+    /// The role of `user`, for the rank rule of moderation; a user who no
+    /// longer exists holds no rank (`User`).
+    ///
+    /// # Errors
+    /// The status of a failed call: the caller must then refuse, not guess.
+    pub async fn role(&self, user: UserId) -> Result<Role, Status> {
+        Ok(self.authors(&[user]).await?.get(&user).map_or(Role::User, |a| a.role))
     }
 
     /// Everyone `user` follows, up to [`MAX_FOLLOWING`].

@@ -201,6 +201,8 @@ pub struct Author {
     pub id: UserId,
     pub username: String,
     pub display_name: String,
+    /// For moderation's rank rule; never shown in a reply.
+    pub role: service_kit::auth::Role,
 }
 
 /// A comment as shown under a message.

@@ -28,7 +28,27 @@ impl Shared {
     async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
         Ok(self.verifier.authenticate(metadata).await?)
     }
+
+    /// user-service's events, with its service token only.
+    async fn user_events(
+        &self,
+        metadata: &MetadataMap,
+        raw: &[chirp_proto::events::v1::Event],
+    ) -> Result<crate::service::Applied, Error> {
+        self.verifier.authenticate_service(metadata).await?;
+        let events = service_kit::events::Event::parse_batch(raw)?;
+        if let Some(i) = events.iter().position(|e| e.producer != USER_SERVICE) {
+            return Err(Error::InvalidArgument(vec![service_kit::validate::violation(
+                &format!("events[{i}].producer"),
+                "must be user-service",
+            )]));
+        }
+        self.messages.apply_user_events(&events).await
+    }
 }
+
+/// The producer whose events ApplyUserEvents takes.
+const USER_SERVICE: &str = "user-service";
 
 fn unix_seconds(at: DateTime<Utc>) -> i64 {
     at.timestamp()
@@ -168,6 +188,20 @@ macro_rules! versioned_api {
                         changed_count: i64::try_from(changed).unwrap_or(i64::MAX),
                     }))
                 }
+
+                async fn apply_user_events(
+                    &self,
+                    request: Request<pb::ApplyUserEventsRequest>,
+                ) -> Reply<pb::ApplyUserEventsResponse> {
+                    let done = self
+                        .0
+                        .user_events(request.metadata(), &request.get_ref().events)
+                        .await?;
+                    Ok(Response::new(pb::ApplyUserEventsResponse {
+                        applied_count: i64::try_from(done.applied).unwrap_or(i64::MAX),
+                        ignored_count: i64::try_from(done.ignored).unwrap_or(i64::MAX),
+                    }))
+                }
             }
 
             fn message_to_pb(message: domain::Message) -> pb::Message {
@@ -247,6 +281,10 @@ impl From<Error> for Status {
                     tracing::warn!(error = format!("{cause:#}"), "message store unavailable");
                 }
                 Status::unavailable("the message store is unavailable; retry later")
+            }
+            Error::RankUnknown(status) => {
+                tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a user's role");
+                Status::unavailable("cannot check the user's role; retry later")
             }
             Error::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "internal error");

@@ -9,10 +9,18 @@
 //! Every query is served by the index `{author_id: 1, created_at: -1, _id: -1}`
 //! (a user's messages, and a timeline's `$in` over the authors followed,
 //! newest first with ties broken by id) or by `_id`.
+//!
+//! Beside it:
+//!
+//! | collection | holds | index |
+//! |---|---|---|
+//! | `outbox` | events waiting for delivery, `_id` = `{destination}:{event_id}` | `{destination, _id}` |
+//! | `revocations` | the latest `TokensRevoked` per user (`_id` = user id) | `{issued_before}` |
+//! | `erasures` | users whose messages are still being erased (`_id` = user id) | `_id` |
 
 use std::time::Duration;
 
-use chrono::{TimeZone as _, Utc};
+use chrono::{DateTime, TimeZone as _, Utc};
 use futures::TryStreamExt as _;
 use mongodb::{
     bson::{doc, Bson, DateTime as BsonDateTime, Document},
@@ -22,8 +30,9 @@ use mongodb::{
 };
 use serde::{Deserialize, Serialize};
 use service_kit::{
-    events::Event,
+    events::{Event, Payload, RevocationReason},
     relay::{Backlog, Outbox, Pending},
+    revocation::{Revocation, RevocationStore},
     store::StoreStatus,
 };
 
@@ -34,8 +43,38 @@ use crate::{
 
 const COLLECTION: &str = "messages";
 const OUTBOX: &str = "outbox";
-/// The one destination of message-service's events.
+const REVOCATIONS: &str = "revocations";
+const ERASURES: &str = "erasures";
+/// Every event feeds analytics.
 pub const ANALYTICS: &str = "analytics";
+/// Deletions reach comment-service, which deletes the message's comments.
+pub const COMMENTS: &str = "comments";
+/// Messages erased per transaction: bounded work per step, well within a
+/// transaction's limits, however many messages the user wrote.
+const ERASE_CHUNK: i64 = 200;
+
+/// Where an event goes.
+fn destinations(payload: &Payload) -> &'static [&'static str] {
+    match payload {
+        Payload::MessageDeleted { .. } => &[ANALYTICS, COMMENTS],
+        _ => &[ANALYTICS],
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RevocationDoc {
+    #[serde(rename = "_id")]
+    user_id: String,
+    issued_before: BsonDateTime,
+    reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErasureDoc {
+    #[serde(rename = "_id")]
+    user_id: String,
+    requested_at: BsonDateTime,
+}
 const TIMELINE_INDEX: &str = "author_time_id";
 
 /// A message as stored: references only (DESIGN.md invariant 2).
@@ -61,13 +100,20 @@ struct OutboxDoc {
 }
 
 impl OutboxDoc {
-    fn new(event: &Event) -> Result<Self> {
-        Ok(Self {
-            id: event.id.to_string(),
-            destination: ANALYTICS.to_owned(),
-            event: event.to_json()?,
-            occurred_at: BsonDateTime::from_millis(event.occurred_at.timestamp_millis()),
-        })
+    /// One entry per destination of `event`.
+    fn for_event(event: &Event) -> Result<Vec<Self>> {
+        let json = event.to_json()?;
+        Ok(destinations(&event.payload)
+            .iter()
+            .map(|destination| Self {
+                // UUIDv7 text after a fixed prefix: `_id` order within a
+                // destination is write order.
+                id: format!("{destination}:{}", event.id),
+                destination: (*destination).to_owned(),
+                event: json.clone(),
+                occurred_at: BsonDateTime::from_millis(event.occurred_at.timestamp_millis()),
+            })
+            .collect())
     }
 }
 
@@ -77,6 +123,8 @@ pub struct Store {
     database: Database,
     messages: Collection<MessageDoc>,
     outbox: Collection<OutboxDoc>,
+    revocations: Collection<RevocationDoc>,
+    erasures: Collection<ErasureDoc>,
     status: StoreStatus,
 }
 
@@ -98,6 +146,8 @@ impl Store {
         Ok(Self {
             messages: database.collection(COLLECTION),
             outbox: database.collection(OUTBOX),
+            revocations: database.collection(REVOCATIONS),
+            erasures: database.collection(ERASURES),
             database,
             client,
             status,
@@ -150,9 +200,16 @@ impl Store {
         self.messages.create_index(index).await.map_err(classify)?;
         // A transaction cannot create a collection on every server version;
         // make sure the outbox exists before the first write needs it.
-        if !existing.iter().any(|name| name == OUTBOX) {
-            self.database.create_collection(OUTBOX).await.map_err(classify)?;
+        for name in [OUTBOX, REVOCATIONS, ERASURES] {
+            if !existing.iter().any(|existing| existing == name) {
+                self.database.create_collection(name).await.map_err(classify)?;
+            }
         }
+        let by_cutoff = IndexModel::builder()
+            .keys(doc! { "issued_before": 1 })
+            .options(IndexOptions::builder().name("issued_before".to_owned()).build())
+            .build();
+        self.revocations.create_index(by_cutoff).await.map_err(classify)?;
         let pending = IndexModel::builder()
             .keys(doc! { "destination": 1, "_id": 1 })
             .options(IndexOptions::builder().name("destination_id".to_owned()).build())
@@ -169,7 +226,7 @@ impl Store {
     /// Stores a message and its event in one transaction.
     pub async fn insert(&self, message: &Message, event: &Event) -> Result<()> {
         let messages = self.ready()?;
-        let entry = OutboxDoc::new(event)?;
+        let entries = OutboxDoc::for_event(event)?;
         let mut session = self.client.start_session().await.map_err(classify)?;
         session.start_transaction().await.map_err(classify)?;
         messages
@@ -178,7 +235,7 @@ impl Store {
             .await
             .map_err(classify)?;
         self.outbox
-            .insert_one(entry)
+            .insert_many(entries)
             .session(&mut session)
             .await
             .map_err(classify)?;
@@ -247,9 +304,9 @@ impl Store {
             session.abort_transaction().await.map_err(classify)?;
             return Ok(false);
         };
-        let entry = OutboxDoc::new(&event_for(&from_doc(deleted)?))?;
+        let entries = OutboxDoc::for_event(&event_for(&from_doc(deleted)?))?;
         self.outbox
-            .insert_one(entry)
+            .insert_many(entries)
             .session(&mut session)
             .await
             .map_err(classify)?;
@@ -314,11 +371,10 @@ impl Store {
             .session(&mut session)
             .await
             .map_err(classify)?;
-        let entries = ids
-            .iter()
-            .filter_map(|id| MessageId::parse("_id", id).ok())
-            .map(|id| OutboxDoc::new(&event_for(id)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut entries = Vec::with_capacity(ids.len());
+        for id in ids.iter().filter_map(|id| MessageId::parse("_id", id).ok()) {
+            entries.extend(OutboxDoc::for_event(&event_for(id))?);
+        }
         self.outbox
             .insert_many(entries)
             .session(&mut session)
@@ -328,26 +384,184 @@ impl Store {
         Ok(ids.len() as u64)
     }
 
-    /// The outbox, for the relay.
+    /// Stores `revocation` unless a later one is stored already.
+    pub async fn revoke(&self, revocation: &Revocation) -> Result<()> {
+        self.ready()?;
+        let user = revocation.user_id.to_string();
+        let cutoff = BsonDateTime::from_millis(revocation.issued_before.timestamp_millis());
+        let result = self
+            .revocations
+            .update_one(
+                doc! { "_id": &user, "issued_before": { "$lte": cutoff } },
+                doc! { "$set": { "issued_before": cutoff, "reason": revocation.reason.as_str() } },
+            )
+            .upsert(true)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // The filter missed because a later revocation is stored, and the
+            // upsert then hit its `_id`: nothing to do.
+            Err(err) if is_duplicate_key(&err) => Ok(()),
+            Err(err) => Err(classify(err)),
+        }
+    }
+
+    /// The revocations store, for the verifier's sync.
     #[must_use]
-    pub fn outbox(&self) -> MongoOutbox {
+    pub fn revocation_store(&self) -> MongoRevocations {
+        MongoRevocations {
+            revocations: self.revocations.clone(),
+        }
+    }
+
+    /// Records that `user`'s messages are to be erased (idempotent).
+    pub async fn request_erasure(&self, user: UserId) -> Result<()> {
+        self.ready()?;
+        self.erasures
+            .update_one(
+                doc! { "_id": user.to_string() },
+                doc! { "$setOnInsert": { "requested_at": BsonDateTime::now() } },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    pub async fn erasures_pending(&self) -> Result<u64> {
+        self.erasures.count_documents(doc! {}).await.map_err(classify)
+    }
+
+    /// Erases up to [`ERASE_CHUNK`] messages of the oldest erasure, with
+    /// their `MessageDeleted` events, in one transaction; the job is
+    /// removed in the transaction that finds nothing more. `false` when no
+    /// erasure is waiting.
+    pub async fn erase_step(&self, event_for: impl Fn(MessageId, UserId) -> Event) -> Result<bool> {
+        let Some(job) = self
+            .erasures
+            .find_one(doc! {})
+            .sort(doc! { "requested_at": 1 })
+            .await
+            .map_err(classify)?
+        else {
+            return Ok(false);
+        };
+        let author = UserId::parse("_id", &job.user_id)
+            .map_err(|_| Error::Internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
+        let mut session = self.client.start_session().await.map_err(classify)?;
+        session.start_transaction().await.map_err(classify)?;
+        let ids: Vec<String> = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(doc! { "author_id": &job.user_id })
+            .projection(doc! { "_id": 1 })
+            .limit(ERASE_CHUNK)
+            .session(&mut session)
+            .await
+            .map_err(classify)?
+            .stream(&mut session)
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(classify)?
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            self.erasures
+                .delete_one(doc! { "_id": &job.user_id })
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+        } else {
+            self.messages
+                .delete_many(doc! { "_id": { "$in": &ids } })
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+            let mut entries = Vec::with_capacity(ids.len() * 2);
+            for id in ids.iter().filter_map(|id| MessageId::parse("_id", id).ok()) {
+                entries.extend(OutboxDoc::for_event(&event_for(id, author))?);
+            }
+            if !entries.is_empty() {
+                self.outbox
+                    .insert_many(entries)
+                    .session(&mut session)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        session.commit_transaction().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    /// The outbox as `destination` sees it, for a relay.
+    #[must_use]
+    pub fn outbox(&self, destination: &'static str) -> MongoOutbox {
         MongoOutbox {
             outbox: self.outbox.clone(),
+            destination,
         }
     }
 }
 
-/// The outbox collection as the relay sees it.
+/// The revocations collection, as the verifier's sync reads it.
+#[derive(Clone)]
+pub struct MongoRevocations {
+    revocations: Collection<RevocationDoc>,
+}
+
+impl RevocationStore for MongoRevocations {
+    async fn active(&self, since: DateTime<Utc>) -> anyhow::Result<Vec<Revocation>> {
+        let since = BsonDateTime::from_millis(since.timestamp_millis());
+        let docs: Vec<RevocationDoc> = self
+            .revocations
+            .find(doc! { "issued_before": { "$gt": since } })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                Some(Revocation {
+                    user_id: uuid::Uuid::try_parse(&d.user_id).ok()?,
+                    issued_before: Utc.timestamp_millis_opt(d.issued_before.timestamp_millis()).single()?,
+                    reason: RevocationReason::parse(&d.reason)?,
+                })
+            })
+            .collect())
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> anyhow::Result<()> {
+        let before = BsonDateTime::from_millis(before.timestamp_millis());
+        self.revocations
+            .delete_many(doc! { "issued_before": { "$lt": before } })
+            .await?;
+        Ok(())
+    }
+}
+
+fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::{WriteError, WriteFailure};
+    match &*err.kind {
+        ErrorKind::Write(WriteFailure::WriteError(WriteError { code, .. })) => *code == 11000,
+        ErrorKind::Command(command) => command.code == 11000,
+        _ => false,
+    }
+}
+
+/// One destination's entries of the outbox collection, as its relay sees
+/// them.
 #[derive(Clone)]
 pub struct MongoOutbox {
     outbox: Collection<OutboxDoc>,
+    destination: &'static str,
 }
 
 impl Outbox for MongoOutbox {
     async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
         let docs: Vec<OutboxDoc> = self
             .outbox
-            .find(doc! { "destination": ANALYTICS })
+            .find(doc! { "destination": self.destination })
             .sort(doc! { "_id": 1 })
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await?
@@ -370,10 +584,13 @@ impl Outbox for MongoOutbox {
     }
 
     async fn backlog(&self) -> anyhow::Result<Backlog> {
-        let depth = self.outbox.count_documents(doc! { "destination": ANALYTICS }).await?;
+        let depth = self
+            .outbox
+            .count_documents(doc! { "destination": self.destination })
+            .await?;
         let oldest = self
             .outbox
-            .find_one(doc! { "destination": ANALYTICS })
+            .find_one(doc! { "destination": self.destination })
             .sort(doc! { "_id": 1 })
             .await?
             .and_then(|d| Utc.timestamp_millis_opt(d.occurred_at.timestamp_millis()).single());

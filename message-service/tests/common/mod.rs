@@ -128,6 +128,12 @@ impl upb::user_service_server::UserService for FakeUsers {
     ) -> Result<Response<upb::DeleteUserResponse>, Status> {
         Err(not_faked())
     }
+    async fn change_password(
+        &self,
+        _: Request<upb::ChangePasswordRequest>,
+    ) -> Result<Response<upb::ChangePasswordResponse>, Status> {
+        Err(not_faked())
+    }
 }
 
 /// comment-service as message-service sees it.
@@ -135,6 +141,8 @@ impl upb::user_service_server::UserService for FakeUsers {
 pub struct FakeComments {
     pub behaviour: Arc<Behaviour>,
     pub comments: Arc<Mutex<HashMap<String, Vec<cpb::Comment>>>>,
+    /// Events delivered to ApplyEvents (message deletions).
+    pub applied: Arc<Mutex<Vec<chirp_proto::events::v1::Event>>>,
 }
 
 #[tonic::async_trait]
@@ -191,6 +199,19 @@ impl cpb::comment_service_server::CommentService for FakeComments {
         _: Request<cpb::PurgeUserCommentsRequest>,
     ) -> Result<Response<cpb::PurgeUserCommentsResponse>, Status> {
         Err(not_faked())
+    }
+    async fn apply_events(
+        &self,
+        request: Request<cpb::ApplyEventsRequest>,
+    ) -> Result<Response<cpb::ApplyEventsResponse>, Status> {
+        self.behaviour.enter("ApplyEvents").await?;
+        let events = request.into_inner().events;
+        let count = events.len() as i64;
+        self.applied.lock().unwrap().extend(events);
+        Ok(Response::new(cpb::ApplyEventsResponse {
+            applied_count: count,
+            ignored_count: 0,
+        }))
     }
 }
 

@@ -1,16 +1,18 @@
-//! Where user-service delivers moderation: comment-service purges a banned
-//! user's comments, message-service hides (and on unban shows) their
-//! messages. Both calls are idempotent, so the relay may repeat them.
+//! Where user-service delivers its decisions: revocations, bans, unbans and
+//! erasures go to message-service (ApplyUserEvents: void tokens, hide or show
+//! messages, erase them) and comment-service (ApplyEvents: void tokens,
+//! purge comments, erase them). Both apply each event idempotently, so the
+//! relay may repeat a batch; both accept only user-service's service token.
 
 use std::sync::Arc;
 
 use chirp_proto::{
-    comment::v1::{comment_service_client::CommentServiceClient, PurgeUserCommentsRequest},
-    message::v1::{message_service_client::MessageServiceClient, SetUserMessagesHiddenRequest},
+    comment::v1::{comment_service_client::CommentServiceClient, ApplyEventsRequest},
+    message::v1::{message_service_client::MessageServiceClient, ApplyUserEventsRequest},
 };
 use service_kit::{
     client::{Idempotency, Peer},
-    events::{Event, Payload},
+    events::Event,
     relay::Destination,
 };
 use tonic::{metadata::MetadataValue, Status};
@@ -18,72 +20,55 @@ use tonic::{metadata::MetadataValue, Status};
 use crate::service::Users;
 
 fn bearer(users: &Users) -> Result<MetadataValue<tonic::metadata::Ascii>, Status> {
-    let token = users.system_token().map_err(|e| {
-        tracing::error!(error = format!("{e:#}"), "signing a system token");
-        Status::internal("cannot sign a system token")
+    let token = users.service_token().map_err(|e| {
+        tracing::error!(error = format!("{e:#}"), "signing a service token");
+        Status::internal("cannot sign a service token")
     })?;
     format!("Bearer {token}")
         .parse()
         .map_err(|_| Status::internal("a token is not a valid header"))
 }
 
-/// PurgeUserComments for every ban.
-pub struct CommentPurge {
+/// comment-service's ApplyEvents.
+pub struct CommentService {
     pub peer: Arc<Peer>,
     pub users: Arc<Users>,
 }
 
-impl Destination for CommentPurge {
+impl Destination for CommentService {
     async fn deliver(&self, events: &[Event]) -> Result<(), Status> {
-        for event in events {
-            let Payload::UserBanned { user_id, .. } = &event.payload else {
-                continue;
-            };
-            let auth = bearer(&self.users)?;
-            let request = PurgeUserCommentsRequest {
-                user_id: user_id.to_string(),
-            };
-            self.peer
-                .call(Idempotency::Idempotent, request, |channel, mut request| {
-                    request.metadata_mut().insert("authorization", auth.clone());
-                    async move { CommentServiceClient::new(channel).purge_user_comments(request).await }
-                })
-                .await?;
-        }
-        Ok(())
+        let auth = bearer(&self.users)?;
+        let request = ApplyEventsRequest {
+            events: events.iter().map(Event::to_pb).collect(),
+        };
+        self.peer
+            .call(Idempotency::Idempotent, request, |channel, mut request| {
+                request.metadata_mut().insert("authorization", auth.clone());
+                async move { CommentServiceClient::new(channel).apply_events(request).await }
+            })
+            .await
+            .map(drop)
     }
 }
 
-/// SetUserMessagesHidden for every ban (hide) and unban (show).
-pub struct MessageVisibility {
+/// message-service's ApplyUserEvents.
+pub struct MessageService {
     pub peer: Arc<Peer>,
     pub users: Arc<Users>,
 }
 
-impl Destination for MessageVisibility {
+impl Destination for MessageService {
     async fn deliver(&self, events: &[Event]) -> Result<(), Status> {
-        for event in events {
-            let (user_id, hidden) = match &event.payload {
-                Payload::UserBanned { user_id, .. } => (user_id, true),
-                Payload::UserUnbanned { user_id, .. } => (user_id, false),
-                _ => continue,
-            };
-            let auth = bearer(&self.users)?;
-            let request = SetUserMessagesHiddenRequest {
-                user_id: user_id.to_string(),
-                hidden,
-            };
-            self.peer
-                .call(Idempotency::Idempotent, request, |channel, mut request| {
-                    request.metadata_mut().insert("authorization", auth.clone());
-                    async move {
-                        MessageServiceClient::new(channel)
-                            .set_user_messages_hidden(request)
-                            .await
-                    }
-                })
-                .await?;
-        }
-        Ok(())
+        let auth = bearer(&self.users)?;
+        let request = ApplyUserEventsRequest {
+            events: events.iter().map(Event::to_pb).collect(),
+        };
+        self.peer
+            .call(Idempotency::Idempotent, request, |channel, mut request| {
+                request.metadata_mut().insert("authorization", auth.clone());
+                async move { MessageServiceClient::new(channel).apply_user_events(request).await }
+            })
+            .await
+            .map(drop)
     }
 }

@@ -48,6 +48,32 @@ impl TryFrom<pb::LoginRequest> for Login {
     }
 }
 
+pub struct PasswordChange {
+    pub current: Password,
+    pub new: Password,
+}
+
+impl TryFrom<pb::ChangePasswordRequest> for PasswordChange {
+    type Error = Error;
+
+    fn try_from(r: pb::ChangePasswordRequest) -> Result<Self, Error> {
+        let mut v = Violations::new();
+        let current = v.check(Password::parse_for_login(&r.current_password).map_err(|mut e| {
+            e.field = "current_password".into();
+            e
+        }));
+        let new = v.check(Password::parse(&r.new_password).map_err(|mut e| {
+            e.field = "new_password".into();
+            e
+        }));
+        v.finish()?;
+        match (current, new) {
+            (Some(current), Some(new)) => Ok(Self { current, new }),
+            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
+        }
+    }
+}
+
 pub struct RoleChange {
     pub user_id: UserId,
     pub role: Role,

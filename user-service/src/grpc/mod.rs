@@ -30,8 +30,11 @@ impl UserApi {
         Self { users, verifier }
     }
 
+    /// The caller as the database says they are now (see
+    /// [`Users::actor`]): the token proves identity, the store decides.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
-        Ok(self.verifier.authenticate(request.metadata()).await?)
+        let session = self.verifier.authenticate_session(request.metadata()).await?;
+        self.users.actor(session).await
     }
 }
 
@@ -150,6 +153,23 @@ impl UserService for UserApi {
         let target = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
         self.users.delete(caller, target).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    async fn change_password(&self, request: Request<pb::ChangePasswordRequest>) -> Reply<pb::ChangePasswordResponse> {
+        let session = self
+            .verifier
+            .authenticate_session(request.metadata())
+            .await
+            .map_err(Error::from)?;
+        let convert::PasswordChange { current, new } = request.into_inner().try_into()?;
+        let session = self.users.change_password(session, current, new).await?;
+        Ok(Response::new(pb::ChangePasswordResponse {
+            access_token: session.token,
+            expire_time: Some(prost_types::Timestamp {
+                seconds: session.expires_at,
+                nanos: 0,
+            }),
+        }))
     }
 
     async fn get_public_keys(&self, _request: Request<pb::GetPublicKeysRequest>) -> Reply<pb::GetPublicKeysResponse> {

@@ -24,6 +24,14 @@ use crate::{
     error::{Error, Result},
 };
 
+/// What user-service knows about a token holder right now: their account as
+/// it is, and the instant before which their tokens are void.
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub user: User,
+    pub tokens_valid_from: Option<DateTime<Utc>>,
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The columns every user query returns, in [`user_from_row`]'s order.
@@ -120,17 +128,58 @@ impl Store {
         Ok(())
     }
 
-    /// The user with `username` and their password hash.
-    pub async fn credentials(&self, username: &str) -> Result<Option<(User, String)>> {
+    /// The user with `username`, their standing and password hash.
+    pub async fn credentials(&self, username: &str) -> Result<Option<(Standing, String)>> {
         let row = sqlx::query(&format!(
-            "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username = $1"
+            "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE username = $1"
         ))
         .bind(username)
         .fetch_optional(self.ready()?)
         .await
         .map_err(classify)?;
-        row.map(|row| Ok((user_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
+        row.map(|row| Ok((standing_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
             .transpose()
+    }
+
+    /// The standing of `id` and their password hash, by primary key.
+    pub async fn standing(&self, id: UserId) -> Result<Option<(Standing, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(self.ready()?)
+        .await
+        .map_err(classify)?;
+        row.map(|row| Ok((standing_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
+            .transpose()
+    }
+
+    /// Replaces the password hash and voids earlier tokens, writing the
+    /// revocation event in the same transaction. `false` when the user is
+    /// gone.
+    pub async fn change_password(
+        &self,
+        id: UserId,
+        hash: &str,
+        valid_from: DateTime<Utc>,
+        revoked: &Event,
+    ) -> Result<bool> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = $2, tokens_valid_from = greatest(tokens_valid_from, $3) WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .bind(hash)
+        .bind(valid_from)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        write_event(&mut tx, revoked).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
     }
 
     pub async fn user(&self, id: UserId) -> Result<Option<User>> {
@@ -245,16 +294,35 @@ impl Store {
         Ok(Page { users, next })
     }
 
-    pub async fn set_role(&self, id: UserId, role: Role) -> Result<Option<User>> {
-        let row = sqlx::query(&format!(
-            "UPDATE users SET role = $2 WHERE id = $1 RETURNING {USER_COLUMNS}"
+    /// Sets the role and, when it changed, voids earlier tokens (their role
+    /// claim is stale) with the revocation event in the same transaction.
+    pub async fn set_role(
+        &self,
+        id: UserId,
+        role: Role,
+        valid_from: DateTime<Utc>,
+        revoked: &Event,
+    ) -> Result<Option<User>> {
+        let mut tx = self.ready()?.begin().await.map_err(classify)?;
+        let changed = sqlx::query(&format!(
+            "UPDATE users SET role = $2, tokens_valid_from = greatest(tokens_valid_from, $3)
+             WHERE id = $1 AND role <> $2 RETURNING {USER_COLUMNS}"
         ))
         .bind(id.as_uuid())
         .bind(role.as_str())
-        .fetch_optional(self.ready()?)
+        .bind(valid_from)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
-        row.as_ref().map(user_from_row).transpose()
+        if let Some(row) = changed {
+            let user = user_from_row(&row)?;
+            write_event(&mut tx, revoked).await?;
+            tx.commit().await.map_err(classify)?;
+            return Ok(Some(user));
+        }
+        tx.rollback().await.map_err(classify)?;
+        // Already in that role (nothing to revoke), or no such user.
+        self.user(id).await
     }
 
     /// Bans (`Some(reason)`) or unbans (`None`) `id`, but only if its role is
@@ -267,7 +335,8 @@ impl Store {
         id: UserId,
         ban: Option<&BanReason>,
         below: Role,
-        event: &Event,
+        valid_from: DateTime<Utc>,
+        events: &[Event],
     ) -> Result<Moderated> {
         let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
             .into_iter()
@@ -276,17 +345,22 @@ impl Store {
             .collect();
         let sql = if ban.is_some() {
             format!(
-                "UPDATE users SET banned_at = now(), ban_reason = $3
+                "UPDATE users SET banned_at = now(), ban_reason = $4,
+                        tokens_valid_from = greatest(tokens_valid_from, $3)
                  WHERE id = $1 AND role = ANY($2) AND banned_at IS NULL RETURNING {USER_COLUMNS}"
             )
         } else {
             format!(
-                "UPDATE users SET banned_at = NULL, ban_reason = NULL
+                "UPDATE users SET banned_at = NULL, ban_reason = NULL,
+                        tokens_valid_from = greatest(tokens_valid_from, $3)
                  WHERE id = $1 AND role = ANY($2) AND banned_at IS NOT NULL RETURNING {USER_COLUMNS}"
             )
         };
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles);
+        let query = sqlx::query(&sql)
+            .bind(id.as_uuid())
+            .bind(&lower_roles)
+            .bind(valid_from);
         let query = match ban {
             Some(reason) => query.bind(reason.as_str()),
             None => query,
@@ -294,7 +368,9 @@ impl Store {
         let changed = query.fetch_optional(&mut *tx).await.map_err(classify)?;
         if let Some(row) = changed {
             let user = user_from_row(&row)?;
-            write_event(&mut tx, event).await?;
+            for event in events {
+                write_event(&mut tx, event).await?;
+            }
             tx.commit().await.map_err(classify)?;
             return Ok(Moderated::Changed(user));
         }
@@ -308,7 +384,7 @@ impl Store {
 
     /// Deletes the user and, by cascade, their follow edges. `false` when no
     /// such user existed.
-    pub async fn delete_user(&self, id: UserId, event: &Event) -> Result<bool> {
+    pub async fn delete_user(&self, id: UserId, events: &[Event]) -> Result<bool> {
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let done = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id.as_uuid())
@@ -318,7 +394,9 @@ impl Store {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        write_event(&mut tx, event).await?;
+        for event in events {
+            write_event(&mut tx, event).await?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(true)
     }
@@ -344,11 +422,14 @@ pub enum Moderated {
     NoSuchUser,
 }
 
-/// Where each event goes. Every event feeds analytics; bans also reach the
-/// services holding the banned user's content.
+/// Where each event goes. Every event feeds analytics; revocations reach
+/// every service that verifies tokens; bans and erasures reach the services
+/// holding the user's content.
 pub fn destinations(payload: &Payload) -> &'static [&'static str] {
     match payload {
-        Payload::UserBanned { .. } => &[ANALYTICS, COMMENTS, MESSAGES],
+        Payload::UserBanned { .. } | Payload::UserDeleted { .. } | Payload::TokensRevoked { .. } => {
+            &[ANALYTICS, COMMENTS, MESSAGES]
+        }
         Payload::UserUnbanned { .. } => &[ANALYTICS, MESSAGES],
         _ => &[ANALYTICS],
     }
@@ -433,6 +514,13 @@ fn user_from_row(row: &sqlx::postgres::PgRow) -> Result<User> {
         role: Role::parse(&role).ok_or_else(|| Error::Internal(anyhow::anyhow!("unknown role {role:?} in users")))?,
         banned: row.try_get("banned").map_err(internal)?,
         created_at,
+    })
+}
+
+fn standing_from_row(row: &sqlx::postgres::PgRow) -> Result<Standing> {
+    Ok(Standing {
+        user: user_from_row(row)?,
+        tokens_valid_from: row.try_get("tokens_valid_from").map_err(internal)?,
     })
 }
 
