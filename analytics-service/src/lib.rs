@@ -56,7 +56,10 @@ pub async fn run(
         vec![SERVICE_NAME],
         config.store_probe_interval,
         status,
-        Arc::new(store.clone()),
+        Arc::new(store::Prepared {
+            store: store.clone(),
+            revocations: revocations.clone(),
+        }),
     )?;
 
     let api = grpc::AnalyticsApi::new(store, verifier, revocations, config.ingest_token.clone());

@@ -53,7 +53,8 @@ enum Command {
         #[arg(long)]
         no_seed: bool,
     },
-    /// Health of every service and store, circuit breakers, outbox depths
+    /// Health of every service and store, circuit breakers, outbox depths,
+    /// erasures in progress
     Status,
     /// Stop or start a part of a running `chirp up`
     Chaos {
@@ -195,8 +196,8 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
     }
     println!();
     println!(
-        "{:<18} {:<12} {:<8} {:<40} OUTBOX",
-        "SERVICE", "API", "STORE", "CIRCUITS"
+        "{:<18} {:<12} {:<8} {:<40} {:<9} OUTBOX",
+        "SERVICE", "API", "STORE", "CIRCUITS", "ERASURES"
     );
     for r in &reports {
         let yes_no = |v: Option<bool>, yes: &str, no: &str| match v {
@@ -222,12 +223,14 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let erasures = r.erasures_pending.map_or_else(|| "-".to_owned(), |n| n.to_string());
         println!(
-            "{:<18} {:<12} {:<8} {:<40} {}",
+            "{:<18} {:<12} {:<8} {:<40} {:<9} {}",
             r.service,
             yes_no(r.serving, "SERVING", "NOT_SERVING"),
             yes_no(r.store_up, "up", "down"),
             circuits,
+            erasures,
             outbox
         );
     }

@@ -1,5 +1,6 @@
 //! `chirp status`: every part of a running mesh, and what the services say
-//! about themselves (health, store, circuit breakers, outbox depths).
+//! about themselves (health, store, circuit breakers, outbox depths,
+//! erasures in progress).
 
 use std::time::Duration;
 
@@ -34,6 +35,10 @@ pub struct ServiceReport {
     pub circuits: Vec<(String, &'static str)>,
     /// `outbox_depth` per destination.
     pub outbox: Vec<(String, i64)>,
+    /// `erasures_pending`: erasures this service accepted and has not
+    /// finished (a deleted user's messages or comments still going); `None`
+    /// for a service that erases in one step.
+    pub erasures_pending: Option<i64>,
 }
 
 /// What a service's `/metrics` says, fetched with a bare HTTP/1.1 GET.
@@ -95,6 +100,8 @@ pub async fn report(ports: Ports, part: Part) -> ServiceReport {
             .into_iter()
             .map(|(destination, v)| (destination, v as i64))
             .collect(),
+        #[allow(clippy::cast_possible_truncation)]
+        erasures_pending: samples(&text, "erasures_pending").first().map(|(_, v)| *v as i64),
     }
 }
 
@@ -108,5 +115,6 @@ mod tests {
             "# HELP outbox_depth x\noutbox_depth{destination=\"analytics\"} 3\noutbox_depth_other 9\nstore_up 1\n";
         assert_eq!(samples(text, "outbox_depth"), [("analytics".to_owned(), 3.0)]);
         assert_eq!(samples(text, "store_up"), [(String::new(), 1.0)]);
+        assert!(samples(text, "erasures_pending").is_empty());
     }
 }

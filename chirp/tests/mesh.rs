@@ -382,6 +382,7 @@ async fn converge(up: &Up, world: &mut World) {
             s["outbox"]
                 .as_array()
                 .is_some_and(|o| o.iter().all(|entry| entry[1] == serde_json::json!(0)))
+                && (s["erasures_pending"].is_null() || s["erasures_pending"] == serde_json::json!(0))
         });
         if serving && drained {
             let cells = row(up, world).await;
@@ -589,9 +590,15 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // `chirp status` names every part; stopping stops every process.
+    // `chirp status` names every part and shows the erasures in progress of
+    // the services that erase in the background; stopping stops every
+    // process.
     let status = up.status();
     assert_eq!(status["parts"].as_array().unwrap().len(), 7);
+    for service in status["services"].as_array().unwrap() {
+        let background = ["message-service", "comment-service"].contains(&service["service"].as_str().unwrap());
+        assert_eq!(service["erasures_pending"].is_i64(), background, "{service}");
+    }
     let pids = up.stop();
     assert_eq!(pids.len(), 7, "seven processes ran");
     std::thread::sleep(Duration::from_millis(500));

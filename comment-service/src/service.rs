@@ -80,8 +80,14 @@ impl Comments {
         }
     }
 
+    /// The schema version, then the revocations the store holds: the
+    /// service turns SERVING only when it knows them.
     pub async fn prepare_store(&self) -> Result<()> {
-        self.store.prepare().await
+        self.store.prepare().await?;
+        self.revocations
+            .refresh(&self.store.revocation_store())
+            .await
+            .map_err(Error::Internal)
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -187,7 +193,9 @@ impl Comments {
 
     /// Applies the decisions of `producer`, authorised there: void tokens,
     /// purge a banned or deleted user's comments, delete a deleted message's
-    /// comments (purges are recorded, then done by the worker in batches).
+    /// comments (purges are recorded, then done by the worker in batches),
+    /// stop listing a hidden message's comments (and list them again when it
+    /// is shown).
     /// Events of a kind this producer may not send here are ignored.
     pub async fn apply_events(&self, producer: Producer, events: &[Event]) -> Result<Applied> {
         let mut done = Applied::default();
@@ -220,6 +228,15 @@ impl Comments {
                         cache.invalidate(&message);
                     }
                     self.store.request_purge(PurgeOf::Message(message)).await?;
+                    self.store.set_message_hidden(message, false).await?;
+                    true
+                }
+                (Producer::MessageService, Payload::MessageHidden { message_id, hidden, .. }) => {
+                    let message = MessageId::from(*message_id);
+                    if let Some(cache) = &self.known_messages {
+                        cache.invalidate(&message);
+                    }
+                    self.store.set_message_hidden(message, *hidden).await?;
                     true
                 }
                 _ => false,

@@ -105,8 +105,14 @@ impl Messages {
         })
     }
 
+    /// The store's collections and indexes, then the revocations it holds:
+    /// the service turns SERVING only when it knows them.
     pub async fn prepare_store(&self) -> Result<()> {
-        self.store.prepare().await
+        self.store.prepare().await?;
+        self.revocations
+            .refresh(&self.store.revocation_store())
+            .await
+            .map_err(Error::Internal)
     }
 
     pub async fn ping(&self) -> Result<()> {

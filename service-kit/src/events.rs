@@ -309,7 +309,12 @@ impl Event {
                     Ok(pb::RevocationReason::Banned) => RevocationReason::Banned,
                     Ok(pb::RevocationReason::Deleted) => RevocationReason::Deleted,
                     Ok(pb::RevocationReason::SessionEnded) => RevocationReason::SessionEnded,
-                    _ => return Err(violation(&format!("{field}.reason"), "must be BANNED, DELETED or SESSION_ENDED")),
+                    _ => {
+                        return Err(violation(
+                            &format!("{field}.reason"),
+                            "must be BANNED, DELETED or SESSION_ENDED",
+                        ))
+                    }
                 },
             },
             Some(P::MessagePosted(p)) => Payload::MessagePosted {

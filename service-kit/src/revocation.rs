@@ -8,8 +8,8 @@
 //! and keeps a copy in memory ([`Revocations`]) that the token verifier
 //! consults on every request without a store round trip.
 //!
-//! The memory copy is read from the store before the first request is
-//! authenticated (until then a token is answered UNAVAILABLE, not trusted),
+//! The memory copy is read from the store before the service turns SERVING
+//! (and until it is, a token is answered UNAVAILABLE, not trusted),
 //! then merged again every [`SYNC_INTERVAL`] so a revocation applied by
 //! another replica takes effect here too. Revocations are never undone (a
 //! lifted ban is a new revocation with reason `SessionEnded`), so merging
@@ -131,6 +131,19 @@ impl Revocations {
         }
         let horizon = horizon(now);
         by_user.retain(|_, r| r.issued_before >= horizon);
+    }
+
+    /// Reads `store` once. Services call it in their store's `prepare`
+    /// step, so they turn SERVING only once they know every revocation
+    /// stored before they started.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn refresh<S: RevocationStore>(&self, store: &S) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let stored = store.active(horizon(now)).await?;
+        self.load(stored, now);
+        Ok(())
     }
 
     /// Reads `store` now and every [`SYNC_INTERVAL`] until the handle is

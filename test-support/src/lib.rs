@@ -19,6 +19,7 @@
 
 use std::net::TcpListener;
 
+pub mod authz;
 pub mod grpc;
 pub mod process;
 pub mod sqlite;

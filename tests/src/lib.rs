@@ -205,6 +205,18 @@ impl Mesh {
         self.analytics_file.url()
     }
 
+    /// message-service's MongoDB URI and database, to read what it holds.
+    #[must_use]
+    pub fn message_store(&self) -> (&str, &str) {
+        (self.mongo.uri(), self.mongo.database())
+    }
+
+    /// comment-service's Redis URL and key prefix, to read what it holds.
+    #[must_use]
+    pub fn comment_store(&self) -> (&str, &str) {
+        (self.prefix.url(), self.prefix.prefix())
+    }
+
     #[must_use]
     pub fn ingest_token(&self) -> &'static str {
         INGEST_TOKEN

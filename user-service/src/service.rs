@@ -19,10 +19,12 @@ use crate::{
     store::{Moderated, Standing, Store},
 };
 
-/// The instant from which tokens are valid again after a revocation decided
-/// now: the next whole second. Token `iat`s are whole seconds, so every token
-/// issued up to and within this second is void, and a token issued after the
-/// decision is stamped with at least this instant (see [`issued_at`]).
+/// The earliest instant from which tokens are valid again after a revocation
+/// decided now: the next whole second. Token `iat`s are whole seconds, so
+/// every token issued up to and within this second is void, and a token
+/// issued after the decision is stamped with at least the stored cutoff (see
+/// [`issued_at`]); the store moves the cutoff further when an earlier one is
+/// not yet past.
 fn revocation_cutoff(now: DateTime<Utc>) -> DateTime<Utc> {
     Utc.timestamp_opt(now.timestamp() + 1, 0).single().unwrap_or(now)
 }
@@ -211,11 +213,14 @@ impl Users {
         }
         let id = UserId::from(caller.user_id);
         let new_hash = self.hasher.hash(new).await?;
-        let valid_from = revocation_cutoff(Utc::now());
-        let ended = revoked(id, valid_from, RevocationReason::SessionEnded);
-        if !self.store.change_password(id, &new_hash, valid_from, &ended).await? {
+        let ended = |cutoff| revoked(id, cutoff, RevocationReason::SessionEnded);
+        let Some(valid_from) = self
+            .store
+            .change_password(id, &new_hash, revocation_cutoff(Utc::now()), &ended)
+            .await?
+        else {
             return Err(AuthError::Revoked.into());
-        }
+        };
         self.session(standing.user, Some(valid_from))
     }
 
@@ -274,10 +279,9 @@ impl Users {
             // Keeps the last admin from demoting themself by accident.
             return Err(Error::PermissionDenied("admins cannot change their own role"));
         }
-        let valid_from = revocation_cutoff(Utc::now());
-        let ended = revoked(target, valid_from, RevocationReason::SessionEnded);
+        let ended = |cutoff| revoked(target, cutoff, RevocationReason::SessionEnded);
         self.store
-            .set_role(target, role, valid_from, &ended)
+            .set_role(target, role, revocation_cutoff(Utc::now()), &ended)
             .await?
             .ok_or(Error::NotFound("no user has that id"))
     }
@@ -299,7 +303,6 @@ impl Users {
             return Err(Error::PermissionDenied("users cannot ban or unban themselves"));
         }
         let (user_id, moderator_id) = (target.as_uuid(), caller.user_id);
-        let valid_from = revocation_cutoff(Utc::now());
         // A lifted ban voids tokens too: none can exist from the ban's time,
         // and the older ones should now say "log in again", not "banned".
         let (change, reason) = if ban.is_some() {
@@ -310,10 +313,17 @@ impl Users {
                 RevocationReason::SessionEnded,
             )
         };
-        let events = [event(change), revoked(target, valid_from, reason)];
+        let void = |cutoff| revoked(target, cutoff, reason);
         match self
             .store
-            .set_banned(target, ban, caller.role, valid_from, &events)
+            .set_banned(
+                target,
+                ban,
+                caller.role,
+                revocation_cutoff(Utc::now()),
+                &[event(change)],
+                &void,
+            )
             .await?
         {
             Moderated::Changed(user) | Moderated::Unchanged(user) => Ok(user),
@@ -328,15 +338,15 @@ impl Users {
                 "only the user themself or an admin may delete an account",
             ));
         }
-        // The revocation first, so every service refuses the user's tokens
-        // before it starts erasing their content.
-        let events = [
-            revoked(target, revocation_cutoff(Utc::now()), RevocationReason::Deleted),
-            event(Payload::UserDeleted {
-                user_id: target.as_uuid(),
-            }),
-        ];
-        if self.store.delete_user(target, &events).await? {
+        let void = |cutoff| revoked(target, cutoff, RevocationReason::Deleted);
+        let deleted = [event(Payload::UserDeleted {
+            user_id: target.as_uuid(),
+        })];
+        if self
+            .store
+            .delete_user(target, revocation_cutoff(Utc::now()), &void, &deleted)
+            .await?
+        {
             Ok(())
         } else {
             Err(Error::NotFound("no user has that id"))

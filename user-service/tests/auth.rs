@@ -210,3 +210,75 @@ async fn public_reads_need_no_token() {
         .unwrap();
     client.get_public_keys(pb::GetPublicKeysRequest {}).await.unwrap();
 }
+
+/// Every `TokensRevoked` user-service has written to its outbox, as the
+/// other services will hold them.
+async fn revocations_sent(app: &TestApp) -> std::sync::Arc<service_kit::revocation::Revocations> {
+    use service_kit::events::{Event, Payload};
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
+    let events: Vec<String> = sqlx::query_scalar("SELECT event FROM outbox ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let revocations = service_kit::revocation::Revocations::new();
+    let sent = events
+        .iter()
+        .filter_map(|json| match Event::from_json(json).unwrap().payload {
+            Payload::TokensRevoked {
+                user_id,
+                issued_before,
+                reason,
+            } => Some(service_kit::revocation::Revocation {
+                user_id,
+                issued_before,
+                reason,
+            }),
+            _ => None,
+        })
+        .collect();
+    revocations.load(sent, chrono::Utc::now());
+    revocations
+}
+
+#[tokio::test]
+async fn a_token_issued_between_two_revocations_in_the_same_second_dies_with_the_second() {
+    // Promote, log in, demote: all within a second or so. Token `iat`s are
+    // whole seconds, so the second revocation must reach past the first.
+    let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
+    let (carol, _) = app.user("carol").await;
+    let set_role = |role: pb::Role| {
+        let mut client = app.client();
+        let request = authed(
+            pb::SetRoleRequest {
+                user_id: carol.id.clone(),
+                role: role.into(),
+            },
+            &admin,
+        );
+        async move { client.set_role(request).await.expect("the admin sets the role") }
+    };
+    set_role(pb::Role::Admin).await;
+    let promoted = app.login_as("carol", common::PASSWORD).await;
+    set_role(pb::Role::User).await;
+
+    // user-service, from its own database.
+    let (victim, _) = app.user("victim").await;
+    let status = call(&app, "SetRole", &victim.id, with_token(&promoted)).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Every other service, from the revocations user-service sent them.
+    let verifier = service_kit::auth::TokenVerifier::with_keys(&[app.signer.public_key()])
+        .with_revocations(revocations_sent(&app).await);
+    assert!(
+        matches!(
+            verifier.verify(&promoted).await,
+            Err(service_kit::auth::AuthError::Revoked)
+        ),
+        "the promoted token outlived the demotion elsewhere"
+    );
+    // A login after the demotion is valid everywhere, as a user.
+    let fresh = app.login_as("carol", common::PASSWORD).await;
+    let caller = verifier.verify(&fresh).await.expect("a fresh token verifies");
+    assert_eq!(caller.role, Role::User);
+}

@@ -475,12 +475,21 @@ impl RevocationStore for Store {
     }
 }
 
-impl service_kit::store::Probe for Store {
+/// What the store monitor prepares and pings: the database, and the
+/// revocations it holds, so the service turns SERVING only when it knows
+/// them.
+pub struct Prepared {
+    pub store: Store,
+    pub revocations: std::sync::Arc<service_kit::revocation::Revocations>,
+}
+
+impl service_kit::store::Probe for Prepared {
     async fn prepare(&self) -> anyhow::Result<()> {
-        Ok(self.migrate().await?)
+        self.store.migrate().await?;
+        self.revocations.refresh(&self.store).await
     }
 
     async fn ping(&self) -> anyhow::Result<()> {
-        Ok(Store::ping(self).await?)
+        Ok(self.store.ping().await?)
     }
 }

@@ -15,6 +15,7 @@
 //! | `{p}revocations` | hash | user id → `{issued_before unix seconds}:{reason}`, the latest `TokensRevoked` per user |
 //! | `{p}purge:users` | set | users whose comments are still being purged (ban, erasure) |
 //! | `{p}purge:messages` | set | deleted messages whose comments are still being deleted |
+//! | `{p}hidden` | set | messages message-service hides (their author is banned): their comments are kept but not listed |
 //!
 //! Comment ids are UUIDv7: their text sorts by creation time, so with every
 //! score equal a sorted set orders them by time and `ZRANGEBYLEX` pages them
@@ -236,15 +237,42 @@ impl Store {
         comment_from_hash(id, fields)
     }
 
-    /// A message's comments, oldest first.
+    fn hidden_key(&self) -> String {
+        format!("{}hidden", self.prefix)
+    }
+
+    /// Records whether message-service hides `message` (idempotent; the
+    /// events arrive in the order message-service wrote them).
+    pub async fn set_message_hidden(&self, message: MessageId, hidden: bool) -> Result<()> {
+        let mut redis = self.ready()?;
+        let (key, member) = (self.hidden_key(), message.to_string());
+        let _: i64 = if hidden {
+            redis.sadd(key, member).await
+        } else {
+            redis.srem(key, member).await
+        }
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    /// A message's comments, oldest first; none while the message is hidden.
     pub async fn list(&self, message: MessageId, page: PageRequest) -> Result<Page> {
         let mut redis = self.ready()?;
         let min = page.after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
-        // One more than asked says whether another page follows.
-        let ids: Vec<String> = redis
+        // One more than asked says whether another page follows; the hidden
+        // check rides in the same round trip.
+        let (hidden, ids): (bool, Vec<String>) = redis::pipe()
+            .sismember(self.hidden_key(), message.to_string())
             .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size as isize + 1)
+            .query_async(&mut redis)
             .await
             .map_err(classify)?;
+        if hidden {
+            return Ok(Page {
+                comments: Vec::new(),
+                next: None,
+            });
+        }
         let more = ids.len() > page.size as usize;
         let ids: Vec<CommentId> = ids
             .iter()
@@ -304,7 +332,9 @@ impl Store {
     pub async fn purge(&self, user: UserId, producer: &str) -> Result<u64> {
         let mut total = 0u64;
         loop {
-            let deleted = self.purge_batch(&self.purge, &self.user_key(user), &user.to_string(), producer).await?;
+            let deleted = self
+                .purge_batch(&self.purge, &self.user_key(user), &user.to_string(), producer)
+                .await?;
             total += deleted as u64;
             if deleted < PURGE_BATCH {
                 return Ok(total);

@@ -47,7 +47,8 @@ const REVOCATIONS: &str = "revocations";
 const ERASURES: &str = "erasures";
 /// Every event feeds analytics.
 pub const ANALYTICS: &str = "analytics";
-/// Deletions reach comment-service, which deletes the message's comments.
+/// Deletions and hidings reach comment-service, which deletes the message's
+/// comments or stops listing them.
 pub const COMMENTS: &str = "comments";
 /// Messages erased per transaction: bounded work per step, well within a
 /// transaction's limits, however many messages the user wrote.
@@ -56,7 +57,7 @@ const ERASE_CHUNK: i64 = 200;
 /// Where an event goes.
 fn destinations(payload: &Payload) -> &'static [&'static str] {
     match payload {
-        Payload::MessageDeleted { .. } => &[ANALYTICS, COMMENTS],
+        Payload::MessageDeleted { .. } | Payload::MessageHidden { .. } => &[ANALYTICS, COMMENTS],
         _ => &[ANALYTICS],
     }
 }

@@ -137,8 +137,13 @@ impl Store {
         .fetch_optional(self.ready()?)
         .await
         .map_err(classify)?;
-        row.map(|row| Ok((standing_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
-            .transpose()
+        row.map(|row| {
+            Ok((
+                standing_from_row(&row)?,
+                row.try_get("password_hash").map_err(internal)?,
+            ))
+        })
+        .transpose()
     }
 
     /// The standing of `id` and their password hash, by primary key.
@@ -150,36 +155,44 @@ impl Store {
         .fetch_optional(self.ready()?)
         .await
         .map_err(classify)?;
-        row.map(|row| Ok((standing_from_row(&row)?, row.try_get("password_hash").map_err(internal)?)))
-            .transpose()
+        row.map(|row| {
+            Ok((
+                standing_from_row(&row)?,
+                row.try_get("password_hash").map_err(internal)?,
+            ))
+        })
+        .transpose()
     }
 
     /// Replaces the password hash and voids earlier tokens, writing the
     /// revocation event in the same transaction. `false` when the user is
     /// gone.
+    /// Sets a new password hash and voids earlier tokens (see
+    /// [`NEXT_CUTOFF`]); the cutoff stored, `None` when no such user.
     pub async fn change_password(
         &self,
         id: UserId,
         hash: &str,
-        valid_from: DateTime<Utc>,
-        revoked: &Event,
-    ) -> Result<bool> {
+        earliest: DateTime<Utc>,
+        revoked: &Revoke<'_>,
+    ) -> Result<Option<DateTime<Utc>>> {
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let done = sqlx::query(
-            "UPDATE users SET password_hash = $2, tokens_valid_from = greatest(tokens_valid_from, $3) WHERE id = $1",
-        )
+        let cutoff: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+            "UPDATE users SET password_hash = $2, tokens_valid_from = {NEXT_CUTOFF} WHERE id = $1
+             RETURNING tokens_valid_from"
+        ))
         .bind(id.as_uuid())
         .bind(hash)
-        .bind(valid_from)
-        .execute(&mut *tx)
+        .bind(earliest)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        write_event(&mut tx, revoked).await?;
+        let Some(cutoff) = cutoff else {
+            return Ok(None);
+        };
+        write_event(&mut tx, &revoked(cutoff)).await?;
         tx.commit().await.map_err(classify)?;
-        Ok(true)
+        Ok(Some(cutoff))
     }
 
     pub async fn user(&self, id: UserId) -> Result<Option<User>> {
@@ -300,23 +313,23 @@ impl Store {
         &self,
         id: UserId,
         role: Role,
-        valid_from: DateTime<Utc>,
-        revoked: &Event,
+        earliest: DateTime<Utc>,
+        revoked: &Revoke<'_>,
     ) -> Result<Option<User>> {
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
         let changed = sqlx::query(&format!(
-            "UPDATE users SET role = $2, tokens_valid_from = greatest(tokens_valid_from, $3)
-             WHERE id = $1 AND role <> $2 RETURNING {USER_COLUMNS}"
+            "UPDATE users SET role = $2, tokens_valid_from = {NEXT_CUTOFF}
+             WHERE id = $1 AND role <> $2 RETURNING {USER_COLUMNS}, tokens_valid_from"
         ))
         .bind(id.as_uuid())
         .bind(role.as_str())
-        .bind(valid_from)
+        .bind(earliest)
         .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
         if let Some(row) = changed {
             let user = user_from_row(&row)?;
-            write_event(&mut tx, revoked).await?;
+            write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
             tx.commit().await.map_err(classify)?;
             return Ok(Some(user));
         }
@@ -335,8 +348,9 @@ impl Store {
         id: UserId,
         ban: Option<&BanReason>,
         below: Role,
-        valid_from: DateTime<Utc>,
+        earliest: DateTime<Utc>,
         events: &[Event],
+        revoked: &Revoke<'_>,
     ) -> Result<Moderated> {
         let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
             .into_iter()
@@ -345,22 +359,19 @@ impl Store {
             .collect();
         let sql = if ban.is_some() {
             format!(
-                "UPDATE users SET banned_at = now(), ban_reason = $4,
-                        tokens_valid_from = greatest(tokens_valid_from, $3)
-                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NULL RETURNING {USER_COLUMNS}"
+                "UPDATE users SET banned_at = now(), ban_reason = $4, tokens_valid_from = {NEXT_CUTOFF}
+                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NULL
+                 RETURNING {USER_COLUMNS}, tokens_valid_from"
             )
         } else {
             format!(
-                "UPDATE users SET banned_at = NULL, ban_reason = NULL,
-                        tokens_valid_from = greatest(tokens_valid_from, $3)
-                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NOT NULL RETURNING {USER_COLUMNS}"
+                "UPDATE users SET banned_at = NULL, ban_reason = NULL, tokens_valid_from = {NEXT_CUTOFF}
+                 WHERE id = $1 AND role = ANY($2) AND banned_at IS NOT NULL
+                 RETURNING {USER_COLUMNS}, tokens_valid_from"
             )
         };
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let query = sqlx::query(&sql)
-            .bind(id.as_uuid())
-            .bind(&lower_roles)
-            .bind(valid_from);
+        let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles).bind(earliest);
         let query = match ban {
             Some(reason) => query.bind(reason.as_str()),
             None => query,
@@ -371,6 +382,7 @@ impl Store {
             for event in events {
                 write_event(&mut tx, event).await?;
             }
+            write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
             tx.commit().await.map_err(classify)?;
             return Ok(Moderated::Changed(user));
         }
@@ -384,16 +396,28 @@ impl Store {
 
     /// Deletes the user and, by cascade, their follow edges. `false` when no
     /// such user existed.
-    pub async fn delete_user(&self, id: UserId, events: &[Event]) -> Result<bool> {
+    pub async fn delete_user(
+        &self,
+        id: UserId,
+        earliest: DateTime<Utc>,
+        revoked: &Revoke<'_>,
+        events: &[Event],
+    ) -> Result<bool> {
         let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(id.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if done.rows_affected() == 0 {
+        let stored: Option<Option<DateTime<Utc>>> =
+            sqlx::query_scalar("DELETE FROM users WHERE id = $1 RETURNING tokens_valid_from")
+                .bind(id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+        let Some(stored) = stored else {
             return Ok(false);
-        }
+        };
+        // The same rule as NEXT_CUTOFF: past every token ever issued.
+        let cutoff = stored.map_or(earliest, |from| earliest.max(from + chrono::Duration::seconds(1)));
+        // The revocation first, so every service refuses the user's tokens
+        // before it starts erasing their content.
+        write_event(&mut tx, &revoked(cutoff)).await?;
         for event in events {
             write_event(&mut tx, event).await?;
         }
@@ -438,6 +462,22 @@ pub fn destinations(payload: &Payload) -> &'static [&'static str] {
 pub const ANALYTICS: &str = "analytics";
 pub const COMMENTS: &str = "comments";
 pub const MESSAGES: &str = "messages";
+
+/// Builds the `TokensRevoked` event for the cutoff a change stored.
+pub type Revoke<'a> = dyn Fn(DateTime<Utc>) -> Event + Send + Sync + 'a;
+
+/// The new `tokens_valid_from` of a change that voids a user's tokens: at
+/// least `$3` (the next whole second), and strictly after the one stored.
+/// Token `iat`s are whole seconds and a login right after a revocation is
+/// stamped with its cutoff, so without the second rule a token issued
+/// between two revocations in the same second would outlive the second one
+/// (promote, log in, demote: an admin token that keeps working).
+const NEXT_CUTOFF: &str = "greatest($3, tokens_valid_from + interval '1 second')";
+
+fn cutoff_from_row(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>> {
+    let cutoff: Option<DateTime<Utc>> = row.try_get("tokens_valid_from").map_err(internal)?;
+    cutoff.ok_or_else(|| Error::Internal(anyhow::anyhow!("tokens_valid_from unset right after setting it")))
+}
 
 async fn write_event(tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<()> {
     let json = event.to_json()?;

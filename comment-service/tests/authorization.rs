@@ -1,0 +1,210 @@
+//! comment-service's authorization matrix: every RPC, called by every kind
+//! of caller, on content of every rank.
+
+mod common;
+
+use std::time::Duration;
+
+use chirp_proto::comment::v1 as pb;
+use common::{Backing, TestApp};
+use service_kit::auth::{Caller, Claims, Role, TokenSigner, ISSUER};
+use test_support::authz::{assert_matrix, cell, CALLERS};
+use tonic::{Request, Status};
+
+/// A test's callers: index i is `CALLERS[i]`; `None` sends no token.
+struct Callers {
+    tokens: Vec<Option<String>>,
+    /// Id of the user column.
+    user: String,
+}
+
+fn callers(backing: &Backing) -> Callers {
+    let (user, user_token) = backing.user(Role::User);
+    let (_, moderator_token) = backing.user(Role::Moderator);
+    let (admin, admin_token) = backing.user(Role::Admin);
+    let now = chrono::Utc::now().timestamp();
+    let expired = backing
+        .signer
+        .sign(&Claims {
+            sub: user.clone(),
+            role: Role::Admin,
+            iss: ISSUER.into(),
+            iat: now - 7200,
+            exp: now - 3600,
+            scope: None,
+        })
+        .unwrap();
+    let forged = TokenSigner::generate(Duration::from_secs(60))
+        .unwrap()
+        .issue(
+            Caller {
+                user_id: uuid::Uuid::parse_str(&admin).unwrap(),
+                role: Role::Admin,
+            },
+            now,
+        )
+        .unwrap()
+        .0;
+    let system = backing.signer.service_token(now, Duration::from_secs(60)).unwrap();
+    Callers {
+        tokens: vec![
+            None,
+            Some(expired),
+            Some(forged),
+            Some(system),
+            Some(user_token),
+            Some(moderator_token),
+            Some(admin_token),
+        ],
+        user,
+    }
+}
+
+fn request<T>(message: T, token: Option<&str>) -> Request<T> {
+    match token {
+        Some(token) => test_support::grpc::authed(message, token),
+        None => Request::new(message),
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_admits_exactly_the_callers_it_documents() {
+    let backing = Backing::shared().await;
+    let app = TestApp::spawn(&backing).await;
+    let who = callers(&backing);
+    // Content of the user column, and of others of every rank.
+    let (other, other_token) = backing.user(Role::User);
+    let (other_moderator, other_moderator_token) = backing.user(Role::Moderator);
+    let (other_admin, other_admin_token) = backing.user(Role::Admin);
+    let owners = [
+        ("own", who.user.clone(), who.tokens[4].clone().unwrap()),
+        ("another user's", other.clone(), other_token),
+        ("another moderator's", other_moderator, other_moderator_token),
+        ("another admin's", other_admin, other_admin_token),
+    ];
+    let message = backing.message(&other);
+
+    let mut actual = Vec::new();
+
+    // Public reads: a token, even a bad one, is not looked at.
+    let mut cells = Vec::new();
+    for token in &who.tokens {
+        let reply = app
+            .client()
+            .list_comments(request(
+                pb::ListCommentsRequest {
+                    message_id: message.clone(),
+                    page_size: 0,
+                    page_token: String::new(),
+                },
+                token.as_deref(),
+            ))
+            .await;
+        cells.push(cell(&reply));
+    }
+    actual.push(("ListComments".to_owned(), cells));
+
+    let mut cells = Vec::new();
+    for token in &who.tokens {
+        let reply = app
+            .client()
+            .add_comment(request(
+                pb::AddCommentRequest {
+                    message_id: message.clone(),
+                    body: "hello".into(),
+                },
+                token.as_deref(),
+            ))
+            .await;
+        cells.push(cell(&reply));
+    }
+    actual.push(("AddComment".to_owned(), cells));
+
+    for (whose, _, owner_token) in &owners {
+        let mut cells = Vec::new();
+        for token in &who.tokens {
+            let comment = app
+                .client()
+                .add_comment(request(
+                    pb::AddCommentRequest {
+                        message_id: message.clone(),
+                        body: "to delete".into(),
+                    },
+                    Some(owner_token),
+                ))
+                .await
+                .expect("the owner comments")
+                .into_inner()
+                .comment
+                .unwrap();
+            let reply = app
+                .client()
+                .delete_comment(request(
+                    pb::DeleteCommentRequest { comment_id: comment.id },
+                    token.as_deref(),
+                ))
+                .await;
+            cells.push(cell(&reply));
+        }
+        actual.push((format!("DeleteComment of {whose}"), cells));
+    }
+
+    for (whose, owner, _) in &owners {
+        let mut cells = Vec::new();
+        for token in &who.tokens {
+            let reply = app
+                .client()
+                .purge_user_comments(request(
+                    pb::PurgeUserCommentsRequest { user_id: owner.clone() },
+                    token.as_deref(),
+                ))
+                .await;
+            cells.push(cell(&reply));
+        }
+        actual.push((format!("PurgeUserComments of {whose}"), cells));
+    }
+
+    let mut cells = Vec::new();
+    for token in &who.tokens {
+        let revoked = service_kit::events::Event::new(
+            "user-service",
+            service_kit::events::Payload::TokensRevoked {
+                user_id: uuid::Uuid::new_v4(),
+                issued_before: chrono::Utc::now(),
+                reason: service_kit::events::RevocationReason::SessionEnded,
+            },
+        );
+        let reply: Result<_, Status> = app
+            .client()
+            .apply_events(request(
+                pb::ApplyEventsRequest {
+                    events: vec![revoked.to_pb()],
+                },
+                token.as_deref(),
+            ))
+            .await;
+        cells.push(cell(&reply));
+    }
+    actual.push(("ApplyEvents (user-service's)".to_owned(), cells));
+
+    assert_eq!(CALLERS.len(), who.tokens.len());
+    const U: &str = "UNAUTH";
+    const D: &str = "DENIED";
+    assert_matrix(
+        &actual,
+        &[
+            // no token, expired, forged, system, user, moderator, admin
+            ("ListComments", ["ok", "ok", "ok", "ok", "ok", "ok", "ok"]),
+            ("AddComment", [U, U, U, D, "ok", "ok", "ok"]),
+            ("DeleteComment of own", [U, U, U, D, "ok", "ok", "ok"]),
+            ("DeleteComment of another user's", [U, U, U, D, D, "ok", "ok"]),
+            ("DeleteComment of another moderator's", [U, U, U, D, D, D, "ok"]),
+            ("DeleteComment of another admin's", [U, U, U, D, D, D, D]),
+            ("PurgeUserComments of own", [U, U, U, D, D, "ok", "ok"]),
+            ("PurgeUserComments of another user's", [U, U, U, D, D, "ok", "ok"]),
+            ("PurgeUserComments of another moderator's", [U, U, U, D, D, D, "ok"]),
+            ("PurgeUserComments of another admin's", [U, U, U, D, D, D, D]),
+            ("ApplyEvents (user-service's)", [U, U, U, "ok", D, D, D]),
+        ],
+    );
+}
