@@ -3,62 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use chirp_proto::comment::v1 as pb;
 use common::{Backing, TestApp};
-use service_kit::auth::{Caller, Claims, Role, TokenSigner, ISSUER};
+use service_kit::auth::Role;
 use test_support::authz::{assert_matrix, cell, CALLERS};
 use tonic::{Request, Status};
-
-/// A test's callers: index i is `CALLERS[i]`; `None` sends no token.
-struct Callers {
-    tokens: Vec<Option<String>>,
-    /// Id of the user column.
-    user: String,
-}
-
-fn callers(backing: &Backing) -> Callers {
-    let (user, user_token) = backing.user(Role::User);
-    let (_, moderator_token) = backing.user(Role::Moderator);
-    let (admin, admin_token) = backing.user(Role::Admin);
-    let now = chrono::Utc::now().timestamp();
-    let expired = backing
-        .signer
-        .sign(&Claims {
-            sub: user.clone(),
-            role: Role::Admin,
-            iss: ISSUER.into(),
-            iat: now - 7200,
-            exp: now - 3600,
-            scope: None,
-        })
-        .unwrap();
-    let forged = TokenSigner::generate(Duration::from_secs(60))
-        .unwrap()
-        .issue(
-            Caller {
-                user_id: uuid::Uuid::parse_str(&admin).unwrap(),
-                role: Role::Admin,
-            },
-            now,
-        )
-        .unwrap()
-        .0;
-    let system = backing.signer.service_token(now, Duration::from_secs(60)).unwrap();
-    Callers {
-        tokens: vec![
-            None,
-            Some(expired),
-            Some(forged),
-            Some(system),
-            Some(user_token),
-            Some(moderator_token),
-            Some(admin_token),
-        ],
-        user,
-    }
-}
 
 fn request<T>(message: T, token: Option<&str>) -> Request<T> {
     match token {
@@ -71,13 +20,17 @@ fn request<T>(message: T, token: Option<&str>) -> Request<T> {
 async fn every_rpc_admits_exactly_the_callers_it_documents() {
     let backing = Backing::shared().await;
     let app = TestApp::spawn(&backing).await;
-    let who = callers(&backing);
+    let (user, user_token) = backing.user(Role::User);
+    let (moderator, _) = backing.user(Role::Moderator);
+    let (admin, _) = backing.user(Role::Admin);
+    let id = |s: &str| uuid::Uuid::parse_str(s).unwrap();
+    let tokens = service_kit::testing::matrix_tokens(&backing.signer, id(&user), id(&moderator), id(&admin));
     // Content of the user column, and of others of every rank.
     let (other, other_token) = backing.user(Role::User);
     let (other_moderator, other_moderator_token) = backing.user(Role::Moderator);
     let (other_admin, other_admin_token) = backing.user(Role::Admin);
     let owners = [
-        ("own", who.user.clone(), who.tokens[4].clone().unwrap()),
+        ("own", user.clone(), user_token),
         ("another user's", other.clone(), other_token),
         ("another moderator's", other_moderator, other_moderator_token),
         ("another admin's", other_admin, other_admin_token),
@@ -88,7 +41,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
 
     // Public reads: a token, even a bad one, is not looked at.
     let mut cells = Vec::new();
-    for token in &who.tokens {
+    for token in &tokens {
         let reply = app
             .client()
             .list_comments(request(
@@ -105,7 +58,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     actual.push(("ListComments".to_owned(), cells));
 
     let mut cells = Vec::new();
-    for token in &who.tokens {
+    for token in &tokens {
         let reply = app
             .client()
             .add_comment(request(
@@ -122,7 +75,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
 
     for (whose, _, owner_token) in &owners {
         let mut cells = Vec::new();
-        for token in &who.tokens {
+        for token in &tokens {
             let comment = app
                 .client()
                 .add_comment(request(
@@ -151,7 +104,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
 
     for (whose, owner, _) in &owners {
         let mut cells = Vec::new();
-        for token in &who.tokens {
+        for token in &tokens {
             let reply = app
                 .client()
                 .purge_user_comments(request(
@@ -165,7 +118,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     }
 
     let mut cells = Vec::new();
-    for token in &who.tokens {
+    for token in &tokens {
         let revoked = service_kit::events::Event::new(
             "user-service",
             service_kit::events::Payload::TokensRevoked {
@@ -187,7 +140,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     }
     actual.push(("ApplyEvents (user-service's)".to_owned(), cells));
 
-    assert_eq!(CALLERS.len(), who.tokens.len());
+    assert_eq!(CALLERS.len(), tokens.len());
     const U: &str = "UNAUTH";
     const D: &str = "DENIED";
     assert_matrix(

@@ -30,4 +30,6 @@ pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod validate;

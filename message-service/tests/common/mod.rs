@@ -332,6 +332,12 @@ impl TestApp {
                 id: id.to_string(),
                 username: username.into(),
                 display_name: username.to_uppercase(),
+                role: match role {
+                    Role::User => upb::Role::User,
+                    Role::Moderator => upb::Role::Moderator,
+                    Role::Admin => upb::Role::Admin,
+                }
+                .into(),
                 ..Default::default()
             },
         );
