@@ -9,14 +9,7 @@ use chirp_proto::analytics::v1 as pb;
 use common::{event, ingest, Backing, TestApp};
 use service_kit::events::Payload;
 use test_support::authz::{assert_matrix, cell};
-use tonic::Request;
-
-fn request<T>(message: T, token: Option<&str>) -> Request<T> {
-    match token {
-        Some(token) => test_support::grpc::authed(message, token),
-        None => Request::new(message),
-    }
-}
+use test_support::grpc::as_caller;
 
 fn window() -> (Option<prost_types::Timestamp>, Option<prost_types::Timestamp>) {
     let now = chrono::Utc::now().timestamp();
@@ -44,7 +37,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
         ($name:expr, $method:ident, $message:expr) => {{
             let mut cells = Vec::new();
             for token in &tokens {
-                let reply = app.client().$method(request($message, token.as_deref())).await;
+                let reply = app.client().$method(as_caller($message, token.as_deref())).await;
                 cells.push(cell(&reply));
             }
             actual.push(($name.to_owned(), cells));

@@ -7,14 +7,8 @@ use chirp_proto::comment::v1 as pb;
 use common::{Backing, TestApp};
 use service_kit::auth::Role;
 use test_support::authz::{assert_matrix, cell, CALLERS};
-use tonic::{Request, Status};
-
-fn request<T>(message: T, token: Option<&str>) -> Request<T> {
-    match token {
-        Some(token) => test_support::grpc::authed(message, token),
-        None => Request::new(message),
-    }
-}
+use test_support::grpc::as_caller;
+use tonic::Status;
 
 #[tokio::test]
 async fn every_rpc_admits_exactly_the_callers_it_documents() {
@@ -44,7 +38,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     for token in &tokens {
         let reply = app
             .client()
-            .list_comments(request(
+            .list_comments(as_caller(
                 pb::ListCommentsRequest {
                     message_id: message.clone(),
                     page_size: 0,
@@ -61,7 +55,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     for token in &tokens {
         let reply = app
             .client()
-            .add_comment(request(
+            .add_comment(as_caller(
                 pb::AddCommentRequest {
                     message_id: message.clone(),
                     body: "hello".into(),
@@ -78,7 +72,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
         for token in &tokens {
             let comment = app
                 .client()
-                .add_comment(request(
+                .add_comment(as_caller(
                     pb::AddCommentRequest {
                         message_id: message.clone(),
                         body: "to delete".into(),
@@ -92,7 +86,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
                 .unwrap();
             let reply = app
                 .client()
-                .delete_comment(request(
+                .delete_comment(as_caller(
                     pb::DeleteCommentRequest { comment_id: comment.id },
                     token.as_deref(),
                 ))
@@ -107,7 +101,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
         for token in &tokens {
             let reply = app
                 .client()
-                .purge_user_comments(request(
+                .purge_user_comments(as_caller(
                     pb::PurgeUserCommentsRequest { user_id: owner.clone() },
                     token.as_deref(),
                 ))
@@ -119,19 +113,11 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
 
     let mut cells = Vec::new();
     for token in &tokens {
-        let revoked = service_kit::events::Event::new(
-            "user-service",
-            service_kit::events::Payload::TokensRevoked {
-                user_id: uuid::Uuid::new_v4(),
-                issued_before: chrono::Utc::now(),
-                reason: service_kit::events::RevocationReason::SessionEnded,
-            },
-        );
         let reply: Result<_, Status> = app
             .client()
-            .apply_events(request(
+            .apply_events(as_caller(
                 pb::ApplyEventsRequest {
-                    events: vec![revoked.to_pb()],
+                    events: vec![service_kit::testing::revocation_event().to_pb()],
                 },
                 token.as_deref(),
             ))

@@ -7,14 +7,7 @@ use chirp_proto::message::v1;
 use common::TestApp;
 use service_kit::auth::Role;
 use test_support::authz::{assert_matrix, cell};
-use tonic::Request;
-
-fn request<T>(message: T, token: Option<&str>) -> Request<T> {
-    match token {
-        Some(token) => test_support::grpc::authed(message, token),
-        None => Request::new(message),
-    }
-}
+use test_support::grpc::as_caller;
 
 #[tokio::test]
 async fn every_rpc_admits_exactly_the_callers_it_documents() {
@@ -39,7 +32,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     for token in &tokens {
         let reply = app
             .v1()
-            .get_message(request(
+            .get_message(as_caller(
                 v1::GetMessageRequest {
                     message_id: posted.id.clone(),
                 },
@@ -54,7 +47,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     for token in &tokens {
         let reply = app
             .v1()
-            .post_message(request(
+            .post_message(as_caller(
                 v1::PostMessageRequest { body: "hello".into() },
                 token.as_deref(),
             ))
@@ -67,7 +60,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     for token in &tokens {
         let reply = app
             .v1()
-            .home_timeline(request(v1::HomeTimelineRequest::default(), token.as_deref()))
+            .home_timeline(as_caller(v1::HomeTimelineRequest::default(), token.as_deref()))
             .await;
         cells.push(cell(&reply));
     }
@@ -79,7 +72,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
             let message = app.post(owner_token, "to delete").await;
             let reply = app
                 .v1()
-                .delete_message(request(
+                .delete_message(as_caller(
                     v1::DeleteMessageRequest { message_id: message.id },
                     token.as_deref(),
                 ))
@@ -94,7 +87,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
         for token in &tokens {
             let reply = app
                 .v1()
-                .set_user_messages_hidden(request(
+                .set_user_messages_hidden(as_caller(
                     v1::SetUserMessagesHiddenRequest {
                         user_id: owner.clone(),
                         hidden: true,
@@ -109,19 +102,11 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
 
     let mut cells = Vec::new();
     for token in &tokens {
-        let revoked = service_kit::events::Event::new(
-            "user-service",
-            service_kit::events::Payload::TokensRevoked {
-                user_id: uuid::Uuid::new_v4(),
-                issued_before: chrono::Utc::now(),
-                reason: service_kit::events::RevocationReason::SessionEnded,
-            },
-        );
         let reply = app
             .v1()
-            .apply_user_events(request(
+            .apply_user_events(as_caller(
                 v1::ApplyUserEventsRequest {
-                    events: vec![revoked.to_pb()],
+                    events: vec![service_kit::testing::revocation_event().to_pb()],
                 },
                 token.as_deref(),
             ))

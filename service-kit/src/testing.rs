@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::auth::{Caller, Claims, Role, TokenSigner, ISSUER};
+use crate::{
+    auth::{Caller, Claims, Role, TokenSigner, ISSUER},
+    events::{Event, Payload, RevocationReason},
+};
 
 /// `None` (no token), an expired admin token of `user`, an admin token of
 /// `admin` signed by another key, user-service's service token, then valid
@@ -49,4 +52,18 @@ pub fn matrix_tokens(signer: &TokenSigner, user: Uuid, moderator: Uuid, admin: U
         Some(valid(moderator, Role::Moderator)),
         Some(valid(admin, Role::Admin)),
     ]
+}
+
+/// A harmless event of user-service's (a stranger's tokens revoked), for
+/// calls that apply user-service's events.
+#[must_use]
+pub fn revocation_event() -> Event {
+    Event::new(
+        "user-service",
+        Payload::TokensRevoked {
+            user_id: Uuid::new_v4(),
+            issued_before: chrono::Utc::now(),
+            reason: RevocationReason::SessionEnded,
+        },
+    )
 }

@@ -123,6 +123,14 @@ pub fn authed<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+/// `message` as the holder of `token`, or with no token at all.
+pub fn as_caller<T>(message: T, token: Option<&str>) -> Request<T> {
+    match token {
+        Some(token) => authed(message, token),
+        None => Request::new(message),
+    }
+}
+
 /// `message` with a `grpc-timeout`.
 pub fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);

@@ -9,7 +9,8 @@ use chirp_proto::user::v1 as pb;
 use common::{authed, TestApp, PASSWORD};
 use service_kit::auth::Role;
 use test_support::authz::{assert_matrix, cell, CALLERS};
-use tonic::{Request, Status};
+use test_support::grpc::as_caller;
+use tonic::Status;
 
 /// Whose account a row acts on.
 #[derive(Clone, Copy)]
@@ -32,13 +33,6 @@ enum Rpc {
     UnbanUser,
     DeleteUser,
     ChangePassword,
-}
-
-fn request<T>(message: T, token: Option<&str>) -> Request<T> {
-    match token {
-        Some(token) => authed(message, token),
-        None => Request::new(message),
-    }
 }
 
 fn pb_role(role: Role) -> pb::Role {
@@ -74,19 +68,19 @@ async fn call(app: &TestApp, rpc: Rpc, token: Option<&str>, target: &str) -> Res
     let user_id = target.to_owned();
     match rpc {
         Rpc::GetUser => client
-            .get_user(request(pb::GetUserRequest { user_id }, token))
+            .get_user(as_caller(pb::GetUserRequest { user_id }, token))
             .await
             .map(|_| ()),
         Rpc::Follow => client
-            .follow(request(pb::FollowRequest { user_id }, token))
+            .follow(as_caller(pb::FollowRequest { user_id }, token))
             .await
             .map(|_| ()),
         Rpc::Unfollow => client
-            .unfollow(request(pb::UnfollowRequest { user_id }, token))
+            .unfollow(as_caller(pb::UnfollowRequest { user_id }, token))
             .await
             .map(|_| ()),
         Rpc::SetRole => client
-            .set_role(request(
+            .set_role(as_caller(
                 pb::SetRoleRequest {
                     user_id,
                     role: pb::Role::Moderator.into(),
@@ -96,7 +90,7 @@ async fn call(app: &TestApp, rpc: Rpc, token: Option<&str>, target: &str) -> Res
             .await
             .map(|_| ()),
         Rpc::BanUser => client
-            .ban_user(request(
+            .ban_user(as_caller(
                 pb::BanUserRequest {
                     user_id,
                     reason: String::new(),
@@ -106,15 +100,15 @@ async fn call(app: &TestApp, rpc: Rpc, token: Option<&str>, target: &str) -> Res
             .await
             .map(|_| ()),
         Rpc::UnbanUser => client
-            .unban_user(request(pb::UnbanUserRequest { user_id }, token))
+            .unban_user(as_caller(pb::UnbanUserRequest { user_id }, token))
             .await
             .map(|_| ()),
         Rpc::DeleteUser => client
-            .delete_user(request(pb::DeleteUserRequest { user_id }, token))
+            .delete_user(as_caller(pb::DeleteUserRequest { user_id }, token))
             .await
             .map(|_| ()),
         Rpc::ChangePassword => client
-            .change_password(request(
+            .change_password(as_caller(
                 pb::ChangePasswordRequest {
                     current_password: PASSWORD.into(),
                     new_password: "another good passphrase".into(),
