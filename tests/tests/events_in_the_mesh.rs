@@ -138,6 +138,20 @@ async fn every_acknowledged_write_is_counted_exactly_once_through_an_analytics_o
                     .unwrap();
                 truth.bump(&people[who].id, MESSAGES, -1);
                 all_messages.retain(|(m, _)| *m != message);
+                // Its comments go with it (comment-service purges them when
+                // the deletion reaches it), each counted down like a deletion.
+                let author = people[who].id.clone();
+                for person in &mut people {
+                    let (gone, kept) = person.comments.drain(..).partition(|(_, m)| *m == message);
+                    person.comments = kept;
+                    let gone: Vec<(String, String)> = gone;
+                    let n = i64::try_from(gone.len()).unwrap();
+                    truth.bump(&person.id, COMMENTS, -n);
+                    truth.bump(&author, RECEIVED, -n);
+                }
+                if let Some(entry) = truth.messages.get_mut(&message) {
+                    entry.1 = 0;
+                }
             }
             7 | 8 => {
                 if all_messages.is_empty() {
