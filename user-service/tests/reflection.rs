@@ -245,6 +245,7 @@ async fn reflection_describes_the_service_exactly_as_compiled() {
             "BanUser",
             "UnbanUser",
             "DeleteUser",
+            "ChangePassword",
             "GetPublicKeys"
         ]
     );

@@ -366,7 +366,7 @@ impl TestApp {
         client.database(self.mongo.database()).collection("messages")
     }
 
-    /// Event types waiting in the outbox, oldest first.
+    /// Event types waiting in the outbox, by destination, then oldest first.
     pub async fn outbox(&self) -> Vec<String> {
         use futures::TryStreamExt as _;
         let client = mongodb::Client::with_uri_str(self.mongo.uri())
