@@ -63,7 +63,9 @@ pub async fn run(
     )?;
 
     let api = grpc::AnalyticsApi::new(store, verifier, revocations, config.ingest_token.clone());
-    let routes = tonic::service::Routes::new(grpc::AnalyticsServiceServer::new(api));
+    let routes = tonic::service::Routes::new(
+        grpc::AnalyticsServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+    );
     service_kit::server::serve(
         ServeOptions::new("analytics-service", vec![SERVICE_NAME], &config.common),
         health,

@@ -88,11 +88,10 @@ pub async fn run(
         comments.clone(),
     )?;
 
-    let routes = tonic::service::Routes::new(grpc::CommentServiceServer::new(grpc::CommentApi::new(
-        comments,
-        verifier,
-        config.ingest_token.clone(),
-    )));
+    let api = grpc::CommentApi::new(comments, verifier, config.ingest_token.clone());
+    let routes = tonic::service::Routes::new(
+        grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+    );
     service_kit::server::serve(
         ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common),
         health,

@@ -107,8 +107,13 @@ pub async fn run(
     )?;
 
     let shared = Arc::new(grpc::Shared { messages, verifier });
-    let routes = tonic::service::Routes::new(grpc::v1::MessageServiceServer::new(grpc::v1::Api(shared.clone())))
-        .add_service(grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)));
+    let routes = tonic::service::Routes::new(
+        grpc::v1::MessageServiceServer::new(grpc::v1::Api(shared.clone()))
+            .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+    );
     service_kit::server::serve(
         ServeOptions::new("message-service", apis, &config.common),
         health,

@@ -16,6 +16,11 @@ use crate::validate::{self, violation, FieldViolation};
 
 /// Most events one delivery carries (a relay's batch).
 pub const MAX_BATCH: usize = 200;
+/// Room for one encoded event in a request-size limit: a valid event is a
+/// few ids, a timestamp and a kind, well under this.
+pub const MAX_EVENT_BYTES: usize = 1024;
+/// Largest request of an RPC that applies a batch of events.
+pub const MAX_BATCH_REQUEST_BYTES: usize = MAX_BATCH * MAX_EVENT_BYTES + 1024;
 
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +391,27 @@ mod tests {
             assert_eq!(Event::from_json(&event.to_json().unwrap()).unwrap(), event);
             assert_eq!(Event::from_pb("e", &event.to_pb()).unwrap(), event);
         }
+    }
+
+    #[test]
+    fn a_full_batch_of_the_largest_events_fits_the_request_limit() {
+        use prost::Message as _;
+        let ids = || Uuid::new_v4();
+        let largest = Event::new(
+            "comment-service",
+            Payload::CommentDeleted {
+                comment_id: ids(),
+                message_id: ids(),
+                author_id: ids(),
+                message_author_id: ids(),
+            },
+        )
+        .to_pb();
+        assert!(largest.encoded_len() < MAX_EVENT_BYTES / 4, "{}", largest.encoded_len());
+        let batch = chirp_proto::comment::v1::ApplyEventsRequest {
+            events: vec![largest; MAX_BATCH],
+        };
+        assert!(batch.encoded_len() < MAX_BATCH_REQUEST_BYTES);
     }
 
     #[test]

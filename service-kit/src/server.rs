@@ -74,8 +74,17 @@ impl Health {
 
     fn server(&self) -> HealthServer<HealthService> {
         HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+            .max_decoding_message_size(SMALL_REQUEST_BYTES)
     }
 }
+
+/// Largest request health and reflection accept: a service or symbol name.
+const SMALL_REQUEST_BYTES: usize = 4 * 1024;
+
+/// The start of tonic's OUT_OF_RANGE for a request over a server's
+/// `max_decoding_message_size` (it reads only the length prefix, so such a
+/// request costs no more than refusing it).
+const TOO_LARGE_PREFIX: &str = "Error, decoded message length too large";
 
 /// Settings of [`serve`].
 #[derive(Clone, Debug)]
@@ -141,8 +150,8 @@ pub async fn serve(
         .context("building reflection v1alpha")?;
     let routes = routes
         .add_service(health.server())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection_v1.max_decoding_message_size(SMALL_REQUEST_BYTES))
+        .add_service(reflection_v1alpha.max_decoding_message_size(SMALL_REQUEST_BYTES));
 
     let local_addr = listener.local_addr()?;
     let server = tonic::transport::Server::builder()
@@ -346,6 +355,26 @@ impl RpcMetrics {
 
 /// Wraps each RPC in a span with its method and request id, scopes its
 /// [`RequestContext`], echoes the request id, and records metrics.
+/// gRPC's own implementations answer a request over the size limit with
+/// RESOURCE_EXHAUSTED, the code clients treat as "too much, do not retry
+/// as is"; tonic says OUT_OF_RANGE. Chirp's handlers never use OUT_OF_RANGE,
+/// so the one that carries tonic's message is rewritten.
+fn too_large_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    // grpc-message is percent-encoded (tonic encodes its spaces).
+    let too_large = headers.get("grpc-status").is_some_and(|v| v.as_bytes() == b"11")
+        && headers.get("grpc-message").is_some_and(|m| {
+            m.to_str()
+                .is_ok_and(|m| m.replace("%20", " ").starts_with(TOO_LARGE_PREFIX))
+        });
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the request is larger than this RPC accepts"),
+        );
+    }
+}
+
 #[derive(Clone)]
 struct RpcLayer {
     metrics: Arc<RpcMetrics>,
@@ -404,6 +433,7 @@ where
                             if let Ok(value) = http::HeaderValue::from_str(&request_id) {
                                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
                             }
+                            too_large_is_resource_exhausted(response.headers_mut());
                             // Unary errors are sent trailers-only, so their code is
                             // in the headers; a code in the trailers is OK here.
                             response

@@ -123,6 +123,9 @@ impl Mesh {
                     "user-service".to_owned(),
                     format!("--database-url={}", self.database.url()),
                     "--password-hash-memory-kib=256".to_owned(),
+                    // Scenarios log in far more often than a person.
+                    "--auth-requests-per-address-per-minute=0".to_owned(),
+                    "--login-attempts-per-username-per-minute=0".to_owned(),
                     format!("--admin-username={ADMIN}"),
                     format!("--admin-password={PASSWORD}"),
                     format!("--comment-service-url={}", self.url(Service::Comment)),

@@ -75,6 +75,26 @@ pub struct Config {
     /// Memory of one argon2id password hash, in KiB (OWASP's minimum is 19456)
     #[arg(long, env = "PASSWORD_HASH_MEMORY_KIB", default_value_t = 19_456)]
     pub password_hash_memory_kib: u32,
+
+    /// Password hashes (Register, Login, ChangePassword) running at once; each
+    /// holds PASSWORD_HASH_MEMORY_KIB. Default: the number of CPUs
+    #[arg(long, env = "PASSWORD_HASH_CONCURRENCY")]
+    pub password_hash_concurrency: Option<usize>,
+
+    /// How long a call waits for a hashing slot before RESOURCE_EXHAUSTED
+    #[arg(long, env = "PASSWORD_HASH_QUEUE_WAIT", value_parser = parse_duration, default_value = "250ms")]
+    pub password_hash_queue_wait: Duration,
+
+    /// Login and Register calls allowed per client address per minute (also
+    /// the burst); 0 turns the limit off
+    #[arg(long, env = "AUTH_REQUESTS_PER_ADDRESS_PER_MINUTE", default_value_t = 60)]
+    pub auth_requests_per_address_per_minute: u32,
+
+    /// Login attempts allowed per username per minute (also the burst), so
+    /// guessing one account's password slows only that account; 0 turns the
+    /// limit off
+    #[arg(long, env = "LOGIN_ATTEMPTS_PER_USERNAME_PER_MINUTE", default_value_t = 10)]
+    pub login_attempts_per_username_per_minute: u32,
 }
 
 /// gRPC port of user-service in DESIGN.md.
@@ -83,6 +103,12 @@ pub const DEFAULT_PORT: u16 = 50051;
 pub const DEFAULT_METRICS_PORT: u16 = 9451;
 
 impl Config {
+    #[must_use]
+    pub fn password_hash_concurrency(&self) -> usize {
+        self.password_hash_concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+    }
+
     #[must_use]
     pub fn listen_addr(&self) -> SocketAddr {
         self.common.listen_addr(DEFAULT_PORT)

@@ -21,6 +21,18 @@ pub enum Error {
     /// knows and the request was refused without trying.
     #[error("the user store is unavailable")]
     StoreUnavailable(#[source] Option<anyhow::Error>),
+    /// Every password-hashing slot stayed busy for the whole short wait.
+    #[error("too many {what} at once; retry shortly")]
+    Overloaded {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// A client address or a username used its allowance.
+    #[error("too many {what}; retry later")]
+    RateLimited {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }

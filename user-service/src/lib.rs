@@ -9,6 +9,8 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod limits;
+pub mod memory;
 mod password;
 pub mod service;
 pub mod store;
@@ -30,6 +32,7 @@ use crate::{
     config::Config,
     domain::{Password, Username},
     grpc::{UserApi, UserServiceServer},
+    limits::AuthLimits,
     service::{AdminAccount, Users},
     store::Store,
 };
@@ -73,15 +76,25 @@ pub async fn run(
     let status = StoreStatus::new();
     let store = Store::connect_lazy(&config.database_url, config.database_max_connections, status.clone())
         .context("DATABASE_URL")?;
-    let hasher = password::Hasher::new(config.password_hash_memory_kib)?;
+    let registry = prometheus::Registry::new();
+    let hasher = password::Hasher::new(
+        config.password_hash_memory_kib,
+        config.password_hash_concurrency(),
+        config.password_hash_queue_wait,
+        &registry,
+    )?;
     let users = Arc::new(
         Users::new(store.clone(), hasher, signer, retired_keys, admin)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
+    let limits = AuthLimits::new(
+        config.auth_requests_per_address_per_minute,
+        config.login_attempts_per_username_per_minute,
+    );
+    let _forgetting = limits.spawn_forgetting();
 
     let health = Health::new();
-    let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
     let _monitor = StoreMonitor::watch(
         "postgresql",
@@ -127,7 +140,9 @@ pub async fn run(
         ),
     ];
 
-    let routes = tonic::service::Routes::new(UserServiceServer::new(UserApi::new(users)));
+    let routes = tonic::service::Routes::new(
+        UserServiceServer::new(UserApi::new(users, limits)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+    );
     service_kit::server::serve(
         ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common),
         health,

@@ -1,8 +1,15 @@
 use clap::Parser as _;
 use user_service::config::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    user_service::memory::return_large_blocks_to_the_system();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<std::process::ExitCode> {
     // `user-service healthcheck`: for container healthchecks.
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         return Ok(

@@ -124,7 +124,9 @@ impl Users {
     }
 
     pub async fn register(&self, registration: Registration) -> Result<User> {
-        if self.admin.as_ref().is_some_and(|a| a.username == registration.username) {
+        if self.admin.as_ref().is_some_and(|a| a.username == registration.username)
+            || self.store.username_taken(registration.username.as_str()).await?
+        {
             return Err(Error::AlreadyExists("the username is taken"));
         }
         let display_name = match registration.display_name {

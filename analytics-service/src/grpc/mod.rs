@@ -17,6 +17,10 @@ use crate::{
     store::Store,
 };
 
+/// Largest request analytics-service accepts: a RecordEvents batch of
+/// [`MAX_BATCH`] events.
+pub const MAX_REQUEST_BYTES: usize = MAX_BATCH * service_kit::events::MAX_EVENT_BYTES + 1024;
+
 pub use pb::analytics_service_server::{AnalyticsServiceServer, SERVICE_NAME};
 
 pub use service_kit::relay::INGEST_TOKEN_HEADER;

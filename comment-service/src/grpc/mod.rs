@@ -18,6 +18,11 @@ use crate::{
     service::{Comments, Producer},
 };
 
+/// Largest request comment-service accepts: a batch of events
+/// (ApplyEvents); CountComments' 100 ids and a comment's 500 characters are
+/// far smaller.
+pub const MAX_REQUEST_BYTES: usize = service_kit::events::MAX_BATCH_REQUEST_BYTES;
+
 pub use pb::comment_service_server::{CommentServiceServer, SERVICE_NAME};
 
 pub struct CommentApi {

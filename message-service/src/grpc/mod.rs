@@ -18,6 +18,10 @@ use crate::{
     service::Messages,
 };
 
+/// Largest request message-service accepts: a batch of user-service's
+/// events (ApplyUserEvents); a post is at most 280 characters (1,120 bytes).
+pub const MAX_REQUEST_BYTES: usize = service_kit::events::MAX_BATCH_REQUEST_BYTES;
+
 /// What both API versions share.
 pub struct Shared {
     pub messages: Arc<Messages>,

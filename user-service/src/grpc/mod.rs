@@ -13,21 +13,32 @@ use tonic::{Request, Response, Status};
 use crate::{
     domain::{BanReason, Caller, UserId, UserIds},
     error::Error,
+    limits::AuthLimits,
     service::Users,
 };
+
+/// Largest request user-service accepts: BatchGetUsers' 100 ids (under
+/// 4 KiB) is the largest valid one; a Register of the longest username,
+/// password and display name, in 4-byte characters, is under 1 KiB.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 pub use pb::user_service_server::UserServiceServer;
 
 pub struct UserApi {
     users: Arc<Users>,
     verifier: TokenVerifier,
+    limits: Arc<AuthLimits>,
 }
 
 impl UserApi {
     #[must_use]
-    pub fn new(users: Arc<Users>) -> Self {
+    pub fn new(users: Arc<Users>, limits: Arc<AuthLimits>) -> Self {
         let verifier = TokenVerifier::with_keys(&users.public_keys());
-        Self { users, verifier }
+        Self {
+            users,
+            verifier,
+            limits,
+        }
     }
 
     /// The caller as the database says they are now (see
@@ -43,7 +54,9 @@ type Reply<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl UserService for UserApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Reply<pb::RegisterResponse> {
+        let address = request.remote_addr().map(|a| a.ip());
         let registration = request.into_inner().try_into()?;
+        self.limits.address(address)?;
         let user = self.users.register(registration).await?;
         Ok(Response::new(pb::RegisterResponse {
             user: Some(user.into()),
@@ -51,7 +64,10 @@ impl UserService for UserApi {
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Reply<pb::LoginResponse> {
+        let address = request.remote_addr().map(|a| a.ip());
         let convert::Login { username, password } = request.into_inner().try_into()?;
+        self.limits.address(address)?;
+        self.limits.username(&username)?;
         let session = self.users.login(&username, password).await?;
         Ok(Response::new(pb::LoginResponse {
             access_token: session.token,
@@ -199,6 +215,14 @@ impl From<Error> for Status {
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::NotFound(what) => Status::not_found(what),
             Error::AlreadyExists(what) => Status::already_exists(what),
+            Error::Overloaded { retry_after, .. } | Error::RateLimited { retry_after, .. } => {
+                use tonic_types::{ErrorDetails, StatusExt as _};
+                Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    err.to_string(),
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                )
+            }
             Error::StoreUnavailable(cause) => {
                 if let Some(cause) = cause {
                     tracing::warn!(error = format!("{cause:#}"), "user store unavailable");

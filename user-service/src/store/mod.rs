@@ -128,6 +128,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `username` is taken (the unique index answers it), so
+    /// Register refuses a taken name before spending a password hash on it.
+    pub async fn username_taken(&self, username: &str) -> Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
+            .bind(username)
+            .fetch_one(self.ready()?)
+            .await
+            .map_err(classify)
+    }
+
     /// The user with `username`, their standing and password hash.
     pub async fn credentials(&self, username: &str) -> Result<Option<(Standing, String)>> {
         let row = sqlx::query(&format!(

@@ -39,9 +39,14 @@ pub struct TestApp {
 impl TestApp {
     /// On the shared PostgreSQL, in a fresh database; waits until SERVING.
     pub async fn spawn() -> Self {
+        Self::spawn_on_fresh(&[]).await
+    }
+
+    /// On a fresh database, with extra flags; returns once SERVING.
+    pub async fn spawn_on_fresh(extra_args: &[&str]) -> Self {
         let database = TestDatabase::create().await.expect("creating a test database");
         let url = database.url().to_owned();
-        let app = Self::spawn_on(&url, Some(database), &[]).await;
+        let app = Self::spawn_on(&url, Some(database), extra_args).await;
         app.wait_for(ServingStatus::Serving).await;
         app
     }
@@ -59,8 +64,6 @@ impl TestApp {
             format!("--jwt-signing-key-file={}", key_file.display()),
             format!("--admin-username={ADMIN}"),
             format!("--admin-password={ADMIN_PASSWORD}"),
-            // Cheap hashes: tests hash hundreds of passwords.
-            "--password-hash-memory-kib=256".to_owned(),
             "--store-probe-interval=100ms".to_owned(),
             // No peers in these tests: deliveries stay in the outbox (port 1
             // refuses at once), where tests can read them.
@@ -68,6 +71,18 @@ impl TestApp {
             "--comment-service-url=http://127.0.0.1:1".to_owned(),
             "--message-service-url=http://127.0.0.1:1".to_owned(),
         ];
+        // Cheap hashes (tests hash hundreds of passwords), and no login
+        // limits (tests log in far more often than a person), unless a test
+        // sets what it exercises.
+        for (flag, value) in [
+            ("--password-hash-memory-kib", "256"),
+            ("--auth-requests-per-address-per-minute", "0"),
+            ("--login-attempts-per-username-per-minute", "0"),
+        ] {
+            if !extra_args.iter().any(|a| a.starts_with(flag)) {
+                args.push(format!("{flag}={value}"));
+            }
+        }
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         let config = Config::try_parse_from(args).expect("valid test configuration");
 
@@ -198,16 +213,19 @@ impl TestApp {
     }
 
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .expect("metrics port");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("sending a request");
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.expect("reading the reply");
-        body
+        metrics_at(self.metrics_addr).await
     }
+}
+
+/// What `/metrics` at `addr` says.
+pub async fn metrics_at(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("sending a request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("reading the reply");
+    body
 }
