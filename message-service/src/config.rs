@@ -67,9 +67,11 @@ pub struct Config {
     #[arg(long, env = "FOLLOWING_CACHE_MAX_AGE", value_parser = parse_duration, default_value = "60m")]
     pub following_cache_max_age: Duration,
 
-    /// Users whose following lists are cached at once
-    #[arg(long, env = "FOLLOWING_CACHE_CAPACITY", default_value_t = 10_000)]
-    pub following_cache_capacity: u64,
+    /// Followed user ids the following-list cache holds in all (a list
+    /// weighs its length plus one), so memory stays bounded whoever follows
+    /// how many: 16 bytes an id, about 3 MiB by default
+    #[arg(long, env = "FOLLOWING_CACHE_MAX_IDS", default_value_t = 200_000)]
+    pub following_cache_max_ids: u64,
 
     /// Comments shown under a message by GetMessage
     #[arg(long, env = "COMMENT_PREVIEW_SIZE", default_value_t = 3)]

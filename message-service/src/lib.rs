@@ -86,7 +86,7 @@ pub async fn run(
         &CacheSettings {
             ttl: config.following_cache_ttl,
             max_age: config.following_cache_max_age,
-            capacity: config.following_cache_capacity,
+            max_ids: config.following_cache_max_ids,
         },
         config.comment_preview_size,
         &registry,

@@ -34,7 +34,8 @@ use crate::{
 pub const PRODUCER: &str = "message-service";
 
 /// Following lists, fresh for `ttl`, usable as a fallback up to `max_age`.
-/// Bounded in entries, so it cannot grow with the user base.
+/// Bounded by the ids it holds in all, not by its number of lists, so
+/// neither the user base nor a few users who follow thousands can grow it.
 struct FollowingCache {
     entries: moka::sync::Cache<UserId, (Instant, std::sync::Arc<Vec<UserId>>)>,
     ttl: Duration,
@@ -43,7 +44,8 @@ struct FollowingCache {
 pub struct CacheSettings {
     pub ttl: Duration,
     pub max_age: Duration,
-    pub capacity: u64,
+    /// Followed ids held in all.
+    pub max_ids: u64,
 }
 
 pub struct Messages {
@@ -93,7 +95,10 @@ impl Messages {
             comments,
             following: FollowingCache {
                 entries: moka::sync::Cache::builder()
-                    .max_capacity(cache.capacity)
+                    .weigher(|_, (_, list): &(Instant, std::sync::Arc<Vec<UserId>>)| {
+                        u32::try_from(list.len()).unwrap_or(u32::MAX).saturating_add(1)
+                    })
+                    .max_capacity(cache.max_ids)
                     .time_to_live(cache.max_age)
                     .build(),
                 ttl: cache.ttl,

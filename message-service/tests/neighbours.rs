@@ -232,6 +232,53 @@ async fn the_timeline_falls_back_to_the_last_known_following_list_and_says_so() 
 }
 
 #[tokio::test]
+async fn the_following_cache_is_bounded_by_the_ids_it_holds_not_by_its_lists() {
+    let app = TestApp::spawn_with(Options {
+        following_cache_ttl: "0s",
+        following_cache_max_ids: 10,
+        ..Options::default()
+    })
+    .await;
+    let (bob, bob_token) = app.user("bob", Role::User);
+    app.post(&bob_token, "bob's").await;
+    // Alice follows bob and 19 others: her list alone outweighs the cache.
+    let (alice, alice_token) = app.user("alice", Role::User);
+    let mut hers = vec![bob.clone()];
+    hers.extend((0..19).map(|_| uuid::Uuid::new_v4().to_string()));
+    let (carol, carol_token) = app.user("carol", Role::User);
+    {
+        let mut following = app.users.following.lock().unwrap();
+        following.insert(alice, hers);
+        following.insert(carol, vec![bob]);
+    }
+    let timeline = |token: &str| {
+        let mut client = app.v1();
+        let request = authed(v1::HomeTimelineRequest::default(), token);
+        async move { client.home_timeline(request).await.unwrap().into_inner() }
+    };
+    for token in [&alice_token, &carol_token] {
+        assert_eq!(timeline(token).await.messages.len(), 1, "bob's message, fresh");
+    }
+    // Let the cache settle its weights.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    timeline(&carol_token).await;
+
+    app.users.behaviour.set(Mode::Fail);
+    let carols = timeline(&carol_token).await;
+    assert_eq!(
+        (carols.messages.len(), carols.degraded),
+        (1, true),
+        "carol's small list was kept"
+    );
+    let alices = timeline(&alice_token).await;
+    assert_eq!(
+        (alices.messages.len(), alices.degraded),
+        (0, true),
+        "alice's list was too big to keep"
+    );
+}
+
+#[tokio::test]
 async fn without_any_following_list_the_timeline_shows_own_messages_and_says_so() {
     let app = TestApp::spawn().await;
     let (me, token) = app.user("alice", Role::User);

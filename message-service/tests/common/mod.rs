@@ -231,6 +231,8 @@ pub struct Options {
     /// of a key file.
     pub keys_from_user_service: bool,
     pub following_cache_ttl: &'static str,
+    /// Followed ids the following cache may hold in all.
+    pub following_cache_max_ids: u64,
     /// A private MongoDB server the test can stop, even when `MONGODB_URI`
     /// names a shared one.
     pub private_mongo: bool,
@@ -241,6 +243,7 @@ impl Default for Options {
         Self {
             keys_from_user_service: false,
             following_cache_ttl: "30s",
+            following_cache_max_ids: 200_000,
             private_mongo: false,
         }
     }
@@ -282,6 +285,7 @@ impl TestApp {
             format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
             "--store-probe-interval=100ms".to_owned(),
             format!("--following-cache-ttl={}", options.following_cache_ttl),
+            format!("--following-cache-max-ids={}", options.following_cache_max_ids),
             // Deliveries stay in the outbox (port 1 refuses at once).
             "--analytics-service-url=http://127.0.0.1:1".to_owned(),
         ];
