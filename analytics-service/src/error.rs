@@ -13,6 +13,12 @@ pub enum Error {
     BadIngestToken,
     #[error("{0}")]
     PermissionDenied(&'static str),
+    /// Every reader stayed busy for the whole short wait.
+    #[error("too many {0} at once; retry shortly")]
+    Overloaded(&'static str),
+    /// A read ran out of time and SQLite stopped it.
+    #[error("the query ran past its deadline")]
+    DeadlineExceeded,
     #[error("the analytics store is unavailable")]
     StoreUnavailable(#[source] Option<anyhow::Error>),
     #[error("internal error")]

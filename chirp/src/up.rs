@@ -315,7 +315,12 @@ impl Supervisor {
                         c.env("DATABASE_URL", &postgres_url)
                             .env("JWT_SIGNING_KEY_FILE", data.join("keys").join("signing.pem"))
                             .env("ADMIN_USERNAME", ADMIN)
-                            .env("ADMIN_PASSWORD", ADMIN_PASSWORD);
+                            .env("ADMIN_PASSWORD", ADMIN_PASSWORD)
+                            // Every client of a local mesh is 127.0.0.1 and
+                            // logs in as a few demo users: the production
+                            // limits would throttle the demo, not an attacker.
+                            .env("AUTH_REQUESTS_PER_ADDRESS_PER_MINUTE", "600")
+                            .env("LOGIN_ATTEMPTS_PER_USERNAME_PER_MINUTE", "120");
                     }
                     Part::MessageService => {
                         c.env("MONGODB_URI", &mongodb_uri);

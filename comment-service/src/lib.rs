@@ -69,7 +69,12 @@ pub async fn run(
         RelayMetrics::register(&registry)?,
     );
     let _revocation_sync = revocations.sync(store.revocation_store());
-    let purges = service_kit::jobs::spawn(service::Purges(store.clone()), &registry)?;
+    let purges = service_kit::jobs::spawn(
+        "erasures_pending",
+        "Purges of users' and deleted messages' comments recorded and not finished",
+        service::Purges(store.clone()),
+        &registry,
+    )?;
     let comments = Arc::new(Comments::new(
         store,
         messages,

@@ -78,7 +78,18 @@ pub async fn run(
         ),
     ];
     let _revocation_sync = revocations.sync(store.revocation_store());
-    let erasures = service_kit::jobs::spawn(service::Erasures(store.clone()), &registry)?;
+    let erasures = service_kit::jobs::spawn(
+        "erasures_pending",
+        "Erasures of deleted users' messages recorded and not finished",
+        service::Erasures(store.clone()),
+        &registry,
+    )?;
+    let visibility = service_kit::jobs::spawn(
+        "visibility_changes_pending",
+        "Bans and unbans whose users' messages are not all hidden or shown yet",
+        service::Visibility(store.clone()),
+        &registry,
+    )?;
     let messages = Arc::new(Messages::new(
         store,
         UserClient::new(user_peer),
@@ -91,7 +102,10 @@ pub async fn run(
         config.comment_preview_size,
         &registry,
         revocations,
-        erasures.waker(),
+        service::Wakers {
+            erasures: erasures.waker(),
+            visibility: visibility.waker(),
+        },
     )?);
 
     let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];

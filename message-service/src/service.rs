@@ -48,6 +48,12 @@ pub struct CacheSettings {
     pub max_ids: u64,
 }
 
+/// How to wake the background workers when a job is recorded.
+pub struct Wakers {
+    pub erasures: std::sync::Arc<Notify>,
+    pub visibility: std::sync::Arc<Notify>,
+}
+
 pub struct Messages {
     store: Store,
     users: UserClient,
@@ -58,6 +64,8 @@ pub struct Messages {
     revocations: std::sync::Arc<Revocations>,
     /// Wakes the erasure worker when an erasure is recorded.
     erasures: std::sync::Arc<Notify>,
+    /// Wakes the visibility worker when a ban or unban is recorded.
+    visibility: std::sync::Arc<Notify>,
 }
 
 /// What applying a batch of user-service's events did.
@@ -79,7 +87,7 @@ impl Messages {
         preview_size: u32,
         registry: &Registry,
         revocations: std::sync::Arc<Revocations>,
-        erasures: std::sync::Arc<Notify>,
+        workers: Wakers,
     ) -> anyhow::Result<Self> {
         let degraded = IntCounterVec::new(
             Opts::new(
@@ -106,7 +114,8 @@ impl Messages {
             preview_size,
             degraded,
             revocations,
-            erasures,
+            erasures: workers.erasures,
+            visibility: workers.visibility,
         })
     }
 
@@ -324,8 +333,9 @@ impl Messages {
     }
 
     /// Applies user-service's decisions, already authorised there: void
-    /// tokens, hide or show a banned or unbanned user's messages, record an
-    /// erasure (done by the worker, in chunks). Each is idempotent.
+    /// tokens, record that a banned or unbanned user's messages are to be
+    /// hidden or shown, record an erasure (both done by workers, in chunks).
+    /// Each is idempotent.
     pub async fn apply_user_events(&self, events: &[Event]) -> Result<Applied> {
         let mut done = Applied::default();
         for event in events {
@@ -344,11 +354,18 @@ impl Messages {
                     self.revocations.note(revocation);
                     true
                 }
+                // Recorded, then done by the worker in chunks: a user with
+                // 50,000 messages must not hold this delivery (or the ones
+                // behind it) past its deadline.
                 Payload::UserBanned { user_id, .. } => {
-                    self.set_hidden_unchecked(UserId::from(*user_id), true).await? > 0
+                    self.store.request_visibility(UserId::from(*user_id), true).await?;
+                    self.visibility.notify_one();
+                    true
                 }
                 Payload::UserUnbanned { user_id, .. } => {
-                    self.set_hidden_unchecked(UserId::from(*user_id), false).await? > 0
+                    self.store.request_visibility(UserId::from(*user_id), false).await?;
+                    self.visibility.notify_one();
+                    true
                 }
                 Payload::UserDeleted { user_id } => {
                     self.store.request_erasure(UserId::from(*user_id)).await?;
@@ -378,6 +395,31 @@ impl Messages {
             )
         };
         self.store.set_hidden(author, hidden, changed).await
+    }
+}
+
+/// The visibility worker's view of the store: each step hides or shows a
+/// chunk of a banned or unbanned user's messages, each change with its
+/// `MessageHidden` event.
+pub struct Visibility(pub Store);
+
+impl service_kit::jobs::Jobs for Visibility {
+    async fn pending(&self) -> anyhow::Result<u64> {
+        Ok(self.0.visibility_pending().await?)
+    }
+
+    async fn step(&self) -> anyhow::Result<bool> {
+        let changed = |message_id: MessageId, author_id: UserId, hidden: bool| {
+            Event::new(
+                PRODUCER,
+                Payload::MessageHidden {
+                    message_id: message_id.as_uuid(),
+                    author_id: author_id.as_uuid(),
+                    hidden,
+                },
+            )
+        };
+        Ok(self.0.visibility_step(changed).await?)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Background work a service keeps in its own store: erasures (a deleted
-//! user's messages or comments), which can be far too large for one call.
+//! user's messages or comments) and bans (hiding every message of a user),
+//! which can be far too large for one call.
 //!
 //! The RPC that accepts such work only records it (one small idempotent
 //! write) and answers; a worker then does it in bounded chunks, each one
@@ -7,8 +8,8 @@
 //! crash or restart resumes it where it stopped, and because each chunk
 //! deletes what remains, repeating a chunk changes nothing.
 //!
-//! Metric: `erasures_pending`, the jobs not finished yet (`chirp status`
-//! shows it per service).
+//! Each worker's gauge counts its jobs not finished yet (`erasures_pending`
+//! is shown per service by `chirp status`).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -50,12 +51,13 @@ impl Drop for Worker {
 /// How often an idle worker looks for jobs recorded by another replica.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Runs `jobs` until the worker is dropped.
+/// Runs `jobs` until the worker is dropped; gauge `metric` counts its
+/// pending jobs.
 ///
 /// # Errors
 /// When the metric is already registered.
-pub fn spawn<J: Jobs>(jobs: J, registry: &Registry) -> anyhow::Result<Worker> {
-    let gauge = IntGauge::new("erasures_pending", "Erasure jobs recorded and not finished")?;
+pub fn spawn<J: Jobs>(metric: &str, help: &str, jobs: J, registry: &Registry) -> anyhow::Result<Worker> {
+    let gauge = IntGauge::new(metric, help)?;
     registry.register(Box::new(gauge.clone()))?;
     let wake = Arc::new(Notify::new());
     let notified = wake.clone();
@@ -82,7 +84,7 @@ pub fn spawn<J: Jobs>(jobs: J, registry: &Registry) -> anyhow::Result<Worker> {
                     // Usually the service's own store is down; the job waits
                     // there, safe, and resumes when it is back.
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = format!("{err:#}"), "an erasure step failed; retrying");
+                    tracing::warn!(error = format!("{err:#}"), "a background job step failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100) * failures.min(10)).await;
                 }
             }
@@ -128,6 +130,8 @@ mod tests {
         let left = Arc::new(AtomicU64::new(1_000));
         let registry = Registry::new();
         let worker = spawn(
+            "jobs_pending",
+            "test jobs",
             Countdown {
                 left: left.clone(),
                 chunk: 100,

@@ -31,6 +31,13 @@ impl StoreStatus {
         Self(Arc::new(AtomicBool::new(false)))
     }
 
+    /// Up, and never probed: for a store used without a monitor (tools,
+    /// tests that call a store directly).
+    #[must_use]
+    pub fn always_up() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
     #[must_use]
     pub fn is_up(&self) -> bool {
         self.0.load(Ordering::Acquire)

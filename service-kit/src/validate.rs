@@ -208,6 +208,18 @@ pub fn invalid_argument(violations: &[FieldViolation]) -> tonic::Status {
     tonic::Status::with_error_details(tonic::Code::InvalidArgument, summary, details)
 }
 
+/// The `RESOURCE_EXHAUSTED` status of a bound the caller hit, with a
+/// `google.rpc.RetryInfo` detail saying when trying again can succeed.
+#[must_use]
+pub fn resource_exhausted(message: impl Into<String>, retry_after: std::time::Duration) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,6 +238,10 @@ impl From<Error> for Status {
             Error::Unauthenticated(auth) => auth.into(),
             Error::BadIngestToken => Status::unauthenticated(err.to_string()),
             Error::PermissionDenied(why) => Status::permission_denied(why),
+            Error::Overloaded(_) => {
+                service_kit::validate::resource_exhausted(err.to_string(), std::time::Duration::from_secs(1))
+            }
+            Error::DeadlineExceeded => Status::deadline_exceeded(err.to_string()),
             Error::StoreUnavailable(cause) => {
                 if let Some(cause) = cause {
                     tracing::warn!(error = format!("{cause:#}"), "analytics store unavailable");

@@ -11,6 +11,15 @@
 //! across several files or services, or moving the aggregates to a store
 //! with concurrent writers; reads could scale sooner with read replicas of
 //! the file (e.g. Litestream).
+//!
+//! # Reads cannot starve writes
+//!
+//! Reads (stats, TopMessages, histograms) run on a pool of their own,
+//! [`READERS`] read-only connections, so however many heavy reads arrive,
+//! RecordEvents and the health probe keep their own connections. A read
+//! waits at most [`READ_QUEUE_WAIT`] for a reader (then RESOURCE_EXHAUSTED),
+//! and SQLite itself interrupts a query at the caller's deadline, or after
+//! [`MAX_READ_TIME`] without one, so an abandoned read stops costing CPU.
 
 use std::{str::FromStr as _, time::Duration};
 
@@ -32,9 +41,21 @@ use crate::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Read-only connections for the read RPCs.
+const READERS: u32 = 2;
+/// How long a read waits for a free reader.
+const READ_QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// Longest a read runs when its caller set no deadline.
+const MAX_READ_TIME: Duration = Duration::from_secs(5);
+/// SQLite virtual-machine steps between two deadline checks (a few µs).
+const STEPS_PER_CHECK: i32 = 1_000;
+
 #[derive(Clone)]
 pub struct Store {
+    /// The writer, migrations, the probe and revocations.
     pool: SqlitePool,
+    /// The read RPCs.
+    reads: SqlitePool,
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
     status: StoreStatus,
 }
@@ -95,11 +116,16 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(3)
             .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        let reads = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .acquire_timeout(READ_QUEUE_WAIT)
+            .connect_lazy_with(options.read_only(true).create_if_missing(false));
         Ok(Self {
             pool,
+            reads,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             status,
         })
@@ -111,6 +137,26 @@ impl Store {
         } else {
             Err(Error::StoreUnavailable(None))
         }
+    }
+
+    /// A reader whose queries SQLite interrupts at the request's deadline
+    /// (or after [`MAX_READ_TIME`]).
+    async fn reader(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>> {
+        self.ready()?;
+        let mut conn = self.reads.acquire().await.map_err(|err| match err {
+            sqlx::Error::PoolTimedOut => Error::Overloaded("reads"),
+            other => classify(other),
+        })?;
+        let now = std::time::Instant::now();
+        let latest = now + MAX_READ_TIME;
+        let deadline = service_kit::context::current()
+            .and_then(|c| c.deadline)
+            .map_or(latest, |d| d.min(latest));
+        conn.lock_handle()
+            .await
+            .map_err(classify)?
+            .set_progress_handler(STEPS_PER_CHECK, move || std::time::Instant::now() < deadline);
+        Ok(conn)
     }
 
     pub async fn migrate(&self) -> Result<()> {
@@ -164,7 +210,7 @@ impl Store {
              FROM user_stats WHERE user_id = ?",
         )
         .bind(user)
-        .fetch_optional(self.ready()?)
+        .fetch_optional(&mut *self.reader().await?)
         .await
         .map_err(classify)?;
         let Some(row) = row else {
@@ -182,7 +228,7 @@ impl Store {
     pub async fn message_stats(&self, message: &str) -> Result<MessageStats> {
         let row = sqlx::query("SELECT author_id, comment_count, deleted FROM message_stats WHERE message_id = ?")
             .bind(message)
-            .fetch_optional(self.ready()?)
+            .fetch_optional(&mut *self.reader().await?)
             .await
             .map_err(classify)?;
         let Some(row) = row else {
@@ -209,7 +255,7 @@ impl Store {
         .bind(window.start.timestamp_millis())
         .bind(window.end.timestamp_millis())
         .bind(i64::from(limit))
-        .fetch_all(self.ready()?)
+        .fetch_all(&mut *self.reader().await?)
         .await
         .map_err(classify)?;
         rows.iter()
@@ -230,7 +276,7 @@ impl Store {
         .bind(width)
         .bind(window.start.timestamp().div_euclid(60))
         .bind(window.end.timestamp().div_euclid(60) + i64::from(window.end.timestamp().rem_euclid(60) != 0))
-        .fetch_all(self.ready()?)
+        .fetch_all(&mut *self.reader().await?)
         .await
         .map_err(classify)?;
         rows.iter()
@@ -437,6 +483,8 @@ fn internal(err: sqlx::Error) -> Error {
 
 fn classify(err: sqlx::Error) -> Error {
     match err {
+        // SQLITE_INTERRUPT: the progress handler stopped a read at its deadline.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("9") => Error::DeadlineExceeded,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
             Error::StoreUnavailable(Some(anyhow::Error::new(err)))
         }

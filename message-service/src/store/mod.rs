@@ -17,6 +17,7 @@
 //! | `outbox` | events waiting for delivery, `_id` = `{destination}:{event_id}` | `{destination, _id}` |
 //! | `revocations` | the latest `TokensRevoked` per user (`_id` = user id) | `{issued_before}` |
 //! | `erasures` | users whose messages are still being erased (`_id` = user id) | `_id` |
+//! | `visibility` | users whose messages are still being hidden or shown (`_id` = user id, `hidden`: the wanted state) | `_id` |
 
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ const COLLECTION: &str = "messages";
 const OUTBOX: &str = "outbox";
 const REVOCATIONS: &str = "revocations";
 const ERASURES: &str = "erasures";
+const VISIBILITY: &str = "visibility";
+/// Messages hidden or shown per transaction, with their events: bounded
+/// work per step however many messages the user wrote.
+const VISIBILITY_CHUNK: i64 = 500;
 /// Every event feeds analytics.
 pub const ANALYTICS: &str = "analytics";
 /// Deletions and hidings reach comment-service, which deletes the message's
@@ -68,6 +73,15 @@ struct RevocationDoc {
     user_id: String,
     issued_before: BsonDateTime,
     reason: String,
+}
+
+/// A user whose messages should all end up with `hidden`.
+#[derive(Debug, Serialize, Deserialize)]
+struct VisibilityDoc {
+    #[serde(rename = "_id")]
+    user_id: String,
+    hidden: bool,
+    requested_at: BsonDateTime,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,6 +140,7 @@ pub struct Store {
     outbox: Collection<OutboxDoc>,
     revocations: Collection<RevocationDoc>,
     erasures: Collection<ErasureDoc>,
+    visibility: Collection<VisibilityDoc>,
     status: StoreStatus,
 }
 
@@ -149,6 +164,7 @@ impl Store {
             outbox: database.collection(OUTBOX),
             revocations: database.collection(REVOCATIONS),
             erasures: database.collection(ERASURES),
+            visibility: database.collection(VISIBILITY),
             database,
             client,
             status,
@@ -201,7 +217,7 @@ impl Store {
         self.messages.create_index(index).await.map_err(classify)?;
         // A transaction cannot create a collection on every server version;
         // make sure the outbox exists before the first write needs it.
-        for name in [OUTBOX, REVOCATIONS, ERASURES] {
+        for name in [OUTBOX, REVOCATIONS, ERASURES, VISIBILITY] {
             if !existing.iter().any(|existing| existing == name) {
                 self.database.create_collection(name).await.map_err(classify)?;
             }
@@ -345,6 +361,25 @@ impl Store {
         hidden: bool,
         event_for: impl Fn(MessageId) -> Event,
     ) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let changed = self.set_hidden_chunk(author, hidden, &event_for).await?;
+            total += changed;
+            if changed < VISIBILITY_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Hides or shows up to [`VISIBILITY_CHUNK`] of `author`'s messages
+    /// not yet in that state, with their events, in one transaction; how
+    /// many changed.
+    async fn set_hidden_chunk(
+        &self,
+        author: UserId,
+        hidden: bool,
+        event_for: &impl Fn(MessageId) -> Event,
+    ) -> Result<u64> {
         let messages = self.ready()?;
         let filter = doc! { "author_id": author.to_string(), "hidden": !hidden };
         let mut session = self.client.start_session().await.map_err(classify)?;
@@ -353,6 +388,7 @@ impl Store {
             .clone_with_type::<Document>()
             .find(filter)
             .projection(doc! { "_id": 1 })
+            .limit(VISIBILITY_CHUNK)
             .session(&mut session)
             .await
             .map_err(classify)?
@@ -372,7 +408,7 @@ impl Store {
             .session(&mut session)
             .await
             .map_err(classify)?;
-        let mut entries = Vec::with_capacity(ids.len());
+        let mut entries = Vec::with_capacity(ids.len() * 2);
         for id in ids.iter().filter_map(|id| MessageId::parse("_id", id).ok()) {
             entries.extend(OutboxDoc::for_event(&event_for(id))?);
         }
@@ -383,6 +419,55 @@ impl Store {
             .map_err(classify)?;
         session.commit_transaction().await.map_err(classify)?;
         Ok(ids.len() as u64)
+    }
+
+    /// Records that every message of `user` should end up `hidden` (a ban
+    /// or its lifting); the latest request wins. The worker does it in
+    /// chunks, so the call that delivers a ban returns at once however many
+    /// messages the user wrote.
+    pub async fn request_visibility(&self, user: UserId, hidden: bool) -> Result<()> {
+        self.ready()?;
+        self.visibility
+            .update_one(
+                doc! { "_id": user.to_string() },
+                doc! { "$set": { "hidden": hidden, "requested_at": BsonDateTime::now() } },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    pub async fn visibility_pending(&self) -> Result<u64> {
+        self.visibility.count_documents(doc! {}).await.map_err(classify)
+    }
+
+    /// One chunk of the oldest visibility request; the request is dropped
+    /// once a chunk comes back short, unless a newer one replaced it
+    /// meanwhile. `false` when none is waiting.
+    pub async fn visibility_step(&self, event_for: impl Fn(MessageId, UserId, bool) -> Event) -> Result<bool> {
+        self.ready()?;
+        let Some(job) = self
+            .visibility
+            .find_one(doc! {})
+            .sort(doc! { "requested_at": 1 })
+            .await
+            .map_err(classify)?
+        else {
+            return Ok(false);
+        };
+        let author = UserId::parse("_id", &job.user_id)
+            .map_err(|_| Error::Internal(anyhow::anyhow!("a visibility request names a malformed user id")))?;
+        let changed = self
+            .set_hidden_chunk(author, job.hidden, &|id| event_for(id, author, job.hidden))
+            .await?;
+        if changed < VISIBILITY_CHUNK as u64 {
+            self.visibility
+                .delete_one(doc! { "_id": &job.user_id, "hidden": job.hidden, "requested_at": job.requested_at })
+                .await
+                .map_err(classify)?;
+        }
+        Ok(true)
     }
 
     /// Stores `revocation` unless a later one is stored already.

@@ -216,12 +216,7 @@ impl From<Error> for Status {
             Error::NotFound(what) => Status::not_found(what),
             Error::AlreadyExists(what) => Status::already_exists(what),
             Error::Overloaded { retry_after, .. } | Error::RateLimited { retry_after, .. } => {
-                use tonic_types::{ErrorDetails, StatusExt as _};
-                Status::with_error_details(
-                    tonic::Code::ResourceExhausted,
-                    err.to_string(),
-                    ErrorDetails::with_retry_info(Some(retry_after)),
-                )
+                service_kit::validate::resource_exhausted(err.to_string(), retry_after)
             }
             Error::StoreUnavailable(cause) => {
                 if let Some(cause) = cause {
