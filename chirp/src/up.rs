@@ -291,6 +291,9 @@ impl Supervisor {
             Part::Mongodb => {
                 let mut c = Command::new("secantusd-rs");
                 c.args(["--port", &port, "--cache-size", "256M", "--log-level", "WARNING"])
+                    // Flush its log at each commit, as mongod does for a
+                    // j:true write: without it a crash loses acknowledged writes.
+                    .arg("--sync-on-commit")
                     .arg("--storage-path")
                     .arg(data.join("mongodb"));
                 c

@@ -107,3 +107,66 @@ async fn comments_survive_a_restart_of_the_service_and_of_redis() {
     );
     assert_eq!(app.health(SERVICE).await, Some(ServingStatus::Serving));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_comment_is_lost_when_redis_is_killed_mid_stream() {
+    let mut backing = Backing::private().await;
+    let app = TestApp::spawn(&backing).await;
+    let (author, token) = backing.user(Role::User);
+    let message = backing.message(&author);
+    let writer = {
+        let (mut client, message, token) = (app.client(), message.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..400 {
+                let request = authed(
+                    pb::AddCommentRequest {
+                        message_id: message.clone(),
+                        body: format!("comment {i}"),
+                    },
+                    &token,
+                );
+                if client.add_comment(request).await.is_ok() {
+                    acknowledged.push(format!("comment {i}"));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    backing.redis().kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    backing.redis().start().unwrap();
+    let acknowledged = writer.await.unwrap();
+    app.wait_for(ServingStatus::Serving).await;
+
+    let mut stored = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = app
+            .client()
+            .list_comments(pb::ListCommentsRequest {
+                message_id: message.clone(),
+                page_size: 100,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        stored.extend(page.comments.into_iter().map(|c| c.body));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let lost: Vec<_> = acknowledged.iter().filter(|body| !stored.contains(body)).collect();
+    println!(
+        "redis SIGKILL: {} comments acknowledged of 400 sent, {} stored after the restart, {} lost",
+        acknowledged.len(),
+        stored.len(),
+        lost.len()
+    );
+    assert!(acknowledged.len() < 400, "the kill interrupted some writes");
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}

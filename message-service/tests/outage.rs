@@ -66,3 +66,56 @@ async fn health_and_rpcs_follow_mongodb_down_and_back_in_the_same_process() {
     app.post(&token, "after the outage").await;
     app.stop().await.expect("a clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_post_is_lost_when_mongodb_is_killed_mid_stream() {
+    let mut app = TestApp::spawn_with(common::Options {
+        private_mongo: true,
+        ..common::Options::default()
+    })
+    .await;
+    let (_, token) = app.user("alice", Role::User);
+    let writer = {
+        let (mut client, token) = (app.v1(), token.clone());
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..300 {
+                let request = common::authed(
+                    v1::PostMessageRequest {
+                        body: format!("post {i}"),
+                    },
+                    &token,
+                );
+                if let Ok(reply) = client.post_message(request).await {
+                    acknowledged.push(reply.into_inner().message.unwrap().id);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.mongo_server().kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.mongo_server().start().unwrap();
+    let acknowledged = writer.await.unwrap();
+    app.wait_for(ServingStatus::Serving).await;
+
+    let mut lost = Vec::new();
+    for id in &acknowledged {
+        let found = app
+            .v1()
+            .get_message(v1::GetMessageRequest { message_id: id.clone() })
+            .await;
+        if let Err(status) = found {
+            lost.push((id.clone(), status.code(), status.message().to_owned()));
+        }
+    }
+    println!(
+        "mongodb SIGKILL: {} posts acknowledged of 300 sent, {} lost after the restart",
+        acknowledged.len(),
+        lost.len()
+    );
+    assert!(acknowledged.len() < 300, "the kill interrupted some writes");
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}

@@ -79,6 +79,11 @@ fn spawn_tied(mut command: Command, run_as: Option<RunAs>) -> io::Result<Child> 
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // A group of its own, so a kill reaches the server's workers too
+            // (PostgreSQL's backends outlive a killed postmaster otherwise).
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -283,6 +288,9 @@ impl StoreProcess {
             Kind::Secantus => {
                 let mut c = Command::new("secantusd-rs");
                 c.args(["--port", &port, "--cache-size", "64M", "--log-level", "WARNING"])
+                    // Flush its log at each commit, as mongod does for a
+                    // j:true write: without it a crash loses acknowledged writes.
+                    .arg("--sync-on-commit")
                     .arg("--storage-path")
                     .arg(dir.join("db"));
                 (c, None)
@@ -315,6 +323,21 @@ impl StoreProcess {
                 Kind::Redis { .. } | Kind::Secantus => libc::SIGTERM,
             };
             stop_child(child, first, Duration::from_secs(10));
+        }
+    }
+
+    /// Kills the server outright (SIGKILL), as a crash or the OOM killer
+    /// would: no shutdown, nothing flushed that it had not written already.
+    /// Its data stays for [`StoreProcess::start`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: the group is our own child's, made at its spawn.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
+            let _ = child.wait();
         }
     }
 

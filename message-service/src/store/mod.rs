@@ -153,6 +153,16 @@ impl Store {
     pub async fn connect_lazy(uri: &str, database: &str, status: StoreStatus) -> anyhow::Result<Self> {
         let mut options = ClientOptions::parse(uri).await?;
         options.app_name = Some("message-service".to_owned());
+        // Acknowledge a write only once a majority has it in the journal on
+        // disk: an acknowledged post (and its outbox event) then survives a
+        // crash of the server, not only a clean shutdown. (MongoDB's own
+        // default may acknowledge before the journal is flushed.)
+        options.write_concern = Some(
+            mongodb::options::WriteConcern::builder()
+                .w(mongodb::options::Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
         // Without these a request would wait the driver's default 30 s for a
         // server that is gone.
         options.server_selection_timeout = Some(Duration::from_secs(1));
