@@ -495,3 +495,31 @@ async fn deleting_a_user_with_a_thousand_messages_and_comments_erases_them_from_
     let (again, _) = mesh.user("doomed_dan").await;
     assert_ne!(again, dan);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_message_takes_its_comments_with_it() {
+    let mesh = Mesh::start().await;
+    let (_, author) = mesh.user("poster").await;
+    let (_, reader) = mesh.user("reader").await;
+    let message = post(&mesh, &author, "short-lived").await.expect("posts");
+    for _ in 0..3 {
+        comment(&mesh, &reader, &message).await.expect("comments");
+    }
+    assert_eq!(listed_comments(&mesh, &message).await, 3);
+    mesh.messages_v1()
+        .delete_message(authed(
+            mpb::DeleteMessageRequest {
+                message_id: message.clone(),
+            },
+            &author,
+        ))
+        .await
+        .expect("the author deletes it");
+    let gone = eventually("the comments of the deleted message", WHILE_UP, || async {
+        listed_comments(&mesh, &message).await == 0
+    })
+    .await;
+    println!("message deletion: its comments gone after {} ms", ms(gone));
+    let status = comment(&mesh, &reader, &message).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
