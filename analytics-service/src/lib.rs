@@ -35,13 +35,10 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let revocations = Revocations::new();
+    let user_peer = peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?;
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token);
     let verifier = Arc::new(
-        TokenVerifier::configured(
-            &config.jwt_public_key_file,
-            peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?,
-        )?
-        .with_revocations(revocations.clone()),
+        TokenVerifier::configured(&config.jwt_public_key_file, user_peer)?.with_revocations(revocations.clone()),
     );
     let status = StoreStatus::new();
     let store = Store::connect_lazy(&config.database_url, status.clone()).context("DATABASE_URL")?;

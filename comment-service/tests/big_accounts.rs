@@ -78,7 +78,10 @@ async fn banning_a_user_with_fifty_thousand_comments_purges_them_in_steps_withou
         .await
         .expect("ApplyEvents");
     let answered = started.elapsed();
-    assert!(answered < Duration::from_secs(1), "the ban's delivery took {answered:?}");
+    assert!(
+        answered < Duration::from_secs(1),
+        "the ban's delivery took {answered:?}"
+    );
 
     let count = || {
         let mut client = app.client();
@@ -98,7 +101,11 @@ async fn banning_a_user_with_fifty_thousand_comments_purges_them_in_steps_withou
         }
     };
     while count().await > 0 {
-        assert!(started.elapsed() < Duration::from_secs(120), "{} comments left", count().await);
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{} comments left",
+            count().await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let purged = started.elapsed();
@@ -108,10 +115,7 @@ async fn banning_a_user_with_fifty_thousand_comments_purges_them_in_steps_withou
         .await
         .unwrap();
     // analytics-service is unreachable here: every deletion's event waits.
-    let events: usize = redis
-        .xlen(format!("{}outbox", backing.prefix.prefix()))
-        .await
-        .unwrap();
+    let events: usize = redis.xlen(format!("{}outbox", backing.prefix.prefix())).await.unwrap();
     println!(
         "ban of {COMMENTS} comments: delivery answered in {} ms; all purged after {:.1} s; {events} events",
         answered.as_millis(),

@@ -181,19 +181,14 @@ impl Event {
                 user_id,
                 issued_before,
                 reason,
-            } => P::TokensRevoked(pb::TokensRevoked {
-                user_id: s(user_id),
-                issued_before: Some(prost_types::Timestamp {
-                    seconds: issued_before.timestamp(),
-                    nanos: 0,
-                }),
-                reason: match reason {
-                    RevocationReason::Banned => pb::RevocationReason::Banned,
-                    RevocationReason::Deleted => pb::RevocationReason::Deleted,
-                    RevocationReason::SessionEnded => pb::RevocationReason::SessionEnded,
+            } => P::TokensRevoked(
+                crate::revocation::Revocation {
+                    user_id: *user_id,
+                    issued_before: *issued_before,
+                    reason: *reason,
                 }
-                .into(),
-            }),
+                .to_pb(),
+            ),
             Payload::MessagePosted { message_id, author_id } => P::MessagePosted(pb::MessagePosted {
                 message_id: s(message_id),
                 author_id: s(author_id),
@@ -303,25 +298,14 @@ impl Event {
             Some(P::UserDeleted(p)) => Payload::UserDeleted {
                 user_id: id("user_id", &p.user_id)?,
             },
-            Some(P::TokensRevoked(p)) => Payload::TokensRevoked {
-                user_id: id("user_id", &p.user_id)?,
-                issued_before: p
-                    .issued_before
-                    .as_ref()
-                    .and_then(|t| Utc.timestamp_opt(t.seconds, 0).single())
-                    .ok_or_else(|| violation(&format!("{field}.issued_before"), "is required"))?,
-                reason: match pb::RevocationReason::try_from(p.reason) {
-                    Ok(pb::RevocationReason::Banned) => RevocationReason::Banned,
-                    Ok(pb::RevocationReason::Deleted) => RevocationReason::Deleted,
-                    Ok(pb::RevocationReason::SessionEnded) => RevocationReason::SessionEnded,
-                    _ => {
-                        return Err(violation(
-                            &format!("{field}.reason"),
-                            "must be BANNED, DELETED or SESSION_ENDED",
-                        ))
-                    }
-                },
-            },
+            Some(P::TokensRevoked(p)) => {
+                let revocation = crate::revocation::Revocation::from_pb(field, p)?;
+                Payload::TokensRevoked {
+                    user_id: revocation.user_id,
+                    issued_before: revocation.issued_before,
+                    reason: revocation.reason,
+                }
+            }
             Some(P::MessagePosted(p)) => Payload::MessagePosted {
                 message_id: id("message_id", &p.message_id)?,
                 author_id: id("author_id", &p.author_id)?,

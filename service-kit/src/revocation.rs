@@ -8,8 +8,10 @@
 //! and keeps a copy in memory ([`Revocations`]) that the token verifier
 //! consults on every request without a store round trip.
 //!
-//! The memory copy is read from the store before the service turns SERVING
-//! (and until it is, a token is answered UNAVAILABLE, not trusted),
+//! The memory copy is read from the store, and caught up with user-service
+//! (`ListRevocations`: what was decided while this service was down and not
+//! delivered yet), before the service turns SERVING (and until it is, a
+//! token is answered UNAVAILABLE, not trusted),
 //! then merged again every [`SYNC_INTERVAL`] so a revocation applied by
 //! another replica takes effect here too. Revocations are never undone (a
 //! lifted ban is a new revocation with reason `SessionEnded`), so merging
@@ -26,13 +28,15 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, Utc};
+use chirp_proto::events::v1 as pb;
+use chrono::{DateTime, TimeZone as _, Utc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::{
     auth::{AuthError, MAX_TOKEN_LIFETIME},
     events::RevocationReason,
+    validate::{violation, FieldViolation},
 };
 
 /// How often the memory copy is merged with the store.
@@ -58,6 +62,52 @@ impl Revocation {
     }
 }
 
+impl Revocation {
+    /// The wire form (events and ListRevocations).
+    #[must_use]
+    pub fn to_pb(&self) -> pb::TokensRevoked {
+        pb::TokensRevoked {
+            user_id: self.user_id.to_string(),
+            issued_before: Some(prost_types::Timestamp {
+                seconds: self.issued_before.timestamp(),
+                nanos: 0,
+            }),
+            reason: match self.reason {
+                RevocationReason::Banned => pb::RevocationReason::Banned,
+                RevocationReason::Deleted => pb::RevocationReason::Deleted,
+                RevocationReason::SessionEnded => pb::RevocationReason::SessionEnded,
+            }
+            .into(),
+        }
+    }
+
+    /// Parses the wire form; `field` names it in violations.
+    ///
+    /// # Errors
+    /// The first field that does not parse.
+    pub fn from_pb(field: &str, p: &pb::TokensRevoked) -> Result<Self, FieldViolation> {
+        Ok(Self {
+            user_id: crate::validate::uuid(&format!("{field}.user_id"), &p.user_id)?,
+            issued_before: p
+                .issued_before
+                .as_ref()
+                .and_then(|t| Utc.timestamp_opt(t.seconds, 0).single())
+                .ok_or_else(|| violation(&format!("{field}.issued_before"), "is required"))?,
+            reason: match pb::RevocationReason::try_from(p.reason) {
+                Ok(pb::RevocationReason::Banned) => RevocationReason::Banned,
+                Ok(pb::RevocationReason::Deleted) => RevocationReason::Deleted,
+                Ok(pb::RevocationReason::SessionEnded) => RevocationReason::SessionEnded,
+                _ => {
+                    return Err(violation(
+                        &format!("{field}.reason"),
+                        "must be BANNED, DELETED or SESSION_ENDED",
+                    ))
+                }
+            },
+        })
+    }
+}
+
 /// A service's store of revocations.
 pub trait RevocationStore: Send + Sync + 'static {
     /// Every stored revocation with a cutoff after `since`.
@@ -77,12 +127,34 @@ pub fn horizon(now: DateTime<Utc>) -> DateTime<Utc> {
 #[derive(Default)]
 pub struct Revocations {
     by_user: RwLock<Option<HashMap<Uuid, Revocation>>>,
+    catch_up: Option<CatchUp>,
+}
+
+/// Where [`Revocations::refresh`] catches up from: user-service, with the
+/// producers' ingest token.
+struct CatchUp {
+    user_service: Arc<crate::client::Peer>,
+    ingest_token: String,
 }
 
 impl Revocations {
+    /// Knows only what its service's store holds.
     #[must_use]
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Also asks user-service, when first read, for what the store missed
+    /// (see [`catch_up`]).
+    #[must_use]
+    pub fn catching_up_from(user_service: Arc<crate::client::Peer>, ingest_token: &str) -> Arc<Self> {
+        Arc::new(Self {
+            by_user: RwLock::default(),
+            catch_up: Some(CatchUp {
+                user_service,
+                ingest_token: ingest_token.to_owned(),
+            }),
+        })
     }
 
     /// Whether a token of `user` issued at `issued_at` (Unix seconds) may
@@ -143,6 +215,22 @@ impl Revocations {
         let now = Utc::now();
         let stored = store.active(horizon(now)).await?;
         self.load(stored, now);
+        if let Some(source) = &self.catch_up {
+            // Revocations decided while this service was down are still in
+            // user-service's outbox; asking now makes them known before the
+            // first request rather than at the relay's next retry. They
+            // reach the store too, when the relay delivers them.
+            match catch_up(&source.user_service, &source.ingest_token).await {
+                Ok(missed) => {
+                    tracing::info!(revocations = missed.len(), "caught up with user-service's revocations");
+                    self.load(missed, Utc::now());
+                }
+                Err(err) => tracing::warn!(
+                    error = format!("{err:#}"),
+                    "cannot catch up with user-service's revocations; serving with the stored ones"
+                ),
+            }
+        }
         Ok(())
     }
 
@@ -171,6 +259,56 @@ impl Revocations {
         });
         SyncHandle(task)
     }
+}
+
+/// Most pages one catch-up reads (100 revocations a page).
+const MAX_CATCH_UP_PAGES: usize = 1_000;
+
+/// Asks user-service for every revocation that may still void a live token
+/// (`ListRevocations`, with the producers' ingest token). A service calls it
+/// before it turns SERVING, so the revocations decided while it was down
+/// are known before its first request, not when user-service's relay next
+/// retries.
+///
+/// # Errors
+/// When user-service cannot answer (the caller then serves with what its
+/// own store holds; the relay delivers the rest).
+pub async fn catch_up(user_service: &crate::client::Peer, ingest_token: &str) -> anyhow::Result<Vec<Revocation>> {
+    use chirp_proto::user::v1::{user_service_client::UserServiceClient, ListRevocationsRequest};
+    let token: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = ingest_token
+        .parse()
+        .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?;
+    let mut revocations = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..MAX_CATCH_UP_PAGES {
+        let request = ListRevocationsRequest {
+            page_size: 100,
+            page_token,
+        };
+        let page = user_service
+            .call(
+                crate::client::Idempotency::Idempotent,
+                request,
+                |channel, mut request| {
+                    request
+                        .metadata_mut()
+                        .insert(crate::relay::INGEST_TOKEN_HEADER, token.clone());
+                    async move { UserServiceClient::new(channel).list_revocations(request).await }
+                },
+            )
+            .await
+            .map_err(|status| anyhow::anyhow!("ListRevocations: {:?} {}", status.code(), status.message()))?;
+        for (i, raw) in page.revocations.iter().enumerate() {
+            let revocation = Revocation::from_pb(&format!("revocations[{i}]"), raw)
+                .map_err(|v| anyhow::anyhow!("user-service sent a bad revocation: {v}"))?;
+            revocations.push(revocation);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(revocations);
+        }
+        page_token = page.next_page_token;
+    }
+    anyhow::bail!("ListRevocations did not end within {MAX_CATCH_UP_PAGES} pages")
 }
 
 fn merge(by_user: &mut HashMap<Uuid, Revocation>, revocation: Revocation) {

@@ -84,6 +84,9 @@ impl pb::user_service_server::UserService for FakeKeys {
     async fn change_password(&self, _: Request<pb::ChangePasswordRequest>) -> R<pb::ChangePasswordResponse> {
         Err(not_faked())
     }
+    async fn list_revocations(&self, _: Request<pb::ListRevocationsRequest>) -> R<pb::ListRevocationsResponse> {
+        Err(not_faked())
+    }
 }
 
 async fn fake(keys: &[PublicKey]) -> (FakeKeys, Arc<service_kit::client::Peer>) {

@@ -209,6 +209,14 @@ async fn a_service_that_was_down_during_a_ban_refuses_the_token_within_five_seco
     let back = Instant::now();
     mesh.restart(Service::Message).await;
     let serving = back.elapsed();
+    // It caught up with user-service before turning SERVING: the very first
+    // post after that is refused, not one after the relay's next retry.
+    let first = post(&mesh, &token, "after").await;
+    assert_eq!(
+        first.map(|_| ()).unwrap_err().code(),
+        Code::PermissionDenied,
+        "the first post once SERVING"
+    );
     let refused = refused_after("PostMessage", Code::PermissionDenied, back, AFTER_RESTART, || {
         post(&mesh, &token, "after")
     })

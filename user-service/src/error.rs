@@ -11,6 +11,9 @@ pub enum Error {
     Unauthenticated(#[from] AuthError),
     #[error("invalid username or password")]
     BadCredentials,
+    /// A call only Chirp's services may make, without their ingest token.
+    #[error("a valid x-chirp-ingest-token is required")]
+    BadServiceCredential,
     #[error("{0}")]
     PermissionDenied(&'static str),
     #[error("{0}")]

@@ -141,7 +141,8 @@ pub async fn run(
     ];
 
     let routes = tonic::service::Routes::new(
-        UserServiceServer::new(UserApi::new(users, limits)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+        UserServiceServer::new(UserApi::new(users, limits, config.ingest_token.clone()))
+            .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     service_kit::server::serve(
         ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common),

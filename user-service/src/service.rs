@@ -355,6 +355,17 @@ impl Users {
         }
     }
 
+    /// Revocations that may still void a live token, in (cutoff, user)
+    /// order after `after`: at most `limit`.
+    pub async fn revocations(
+        &self,
+        after: Option<(DateTime<Utc>, uuid::Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<service_kit::revocation::Revocation>> {
+        let since = service_kit::revocation::horizon(Utc::now());
+        self.store.revocations(since, after, limit).await
+    }
+
     /// The signing key first, then retired keys still verifying.
     #[must_use]
     pub fn public_keys(&self) -> Vec<PublicKey> {

@@ -282,3 +282,56 @@ async fn a_token_issued_between_two_revocations_in_the_same_second_dies_with_the
     let caller = verifier.verify(&fresh).await.expect("a fresh token verifies");
     assert_eq!(caller.role, Role::User);
 }
+
+#[tokio::test]
+async fn list_revocations_pages_through_every_live_revocation_for_holders_of_the_ingest_token_only() {
+    let app = TestApp::spawn_on_fresh(&["--ingest-token=the-ingest-token"]).await;
+    let admin = app.admin_token().await;
+    let mut banned = Vec::new();
+    for name in ["rev_a", "rev_b", "rev_c"] {
+        let user = app.register(name).await;
+        app.client()
+            .ban_user(authed(
+                pb::BanUserRequest {
+                    user_id: user.id.clone(),
+                    reason: String::new(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+        banned.push(user.id);
+    }
+    let page = |token: &'static str, page_token: String| {
+        let mut client = app.client();
+        let mut request = Request::new(pb::ListRevocationsRequest {
+            page_size: 2,
+            page_token,
+        });
+        request
+            .metadata_mut()
+            .insert("x-chirp-ingest-token", token.parse().unwrap());
+        async move { client.list_revocations(request).await.map(tonic::Response::into_inner) }
+    };
+    let status = page("not-the-token", String::new()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let first = page("the-ingest-token", String::new()).await.unwrap();
+    assert_eq!(first.revocations.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = page("the-ingest-token", first.next_page_token).await.unwrap();
+    assert_eq!(second.revocations.len(), 1);
+    assert!(second.next_page_token.is_empty());
+    let mut listed: Vec<String> = first
+        .revocations
+        .iter()
+        .chain(&second.revocations)
+        .map(|r| r.user_id.clone())
+        .collect();
+    listed.sort();
+    banned.sort();
+    assert_eq!(listed, banned);
+    assert!(first
+        .revocations
+        .iter()
+        .all(|r| r.reason == chirp_proto::events::v1::RevocationReason::Banned as i32));
+}

@@ -33,6 +33,7 @@ enum Rpc {
     UnbanUser,
     DeleteUser,
     ChangePassword,
+    ListRevocations,
 }
 
 fn pb_role(role: Role) -> pb::Role {
@@ -107,6 +108,10 @@ async fn call(app: &TestApp, rpc: Rpc, token: Option<&str>, target: &str) -> Res
             .delete_user(as_caller(pb::DeleteUserRequest { user_id }, token))
             .await
             .map(|_| ()),
+        Rpc::ListRevocations => client
+            .list_revocations(as_caller(pb::ListRevocationsRequest::default(), token))
+            .await
+            .map(|_| ()),
         Rpc::ChangePassword => client
             .change_password(as_caller(
                 pb::ChangePasswordRequest {
@@ -131,8 +136,10 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     fixed.truncate(CALLERS.len() - 3);
     let roles = [Role::User, Role::Moderator, Role::Admin];
 
-    let rows: [(&str, Rpc, Target); 17] = [
+    let rows: [(&str, Rpc, Target); 18] = [
         ("GetUser", Rpc::GetUser, Target::Fresh(Role::User)),
+        // For Chirp's services, with the ingest token: no bearer token opens it.
+        ("ListRevocations", Rpc::ListRevocations, Target::Fresh(Role::User)),
         ("Follow", Rpc::Follow, Target::Fresh(Role::User)),
         ("Unfollow", Rpc::Unfollow, Target::Fresh(Role::User)),
         ("SetRole of self", Rpc::SetRole, Target::Own),
@@ -196,6 +203,7 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
         &[
             // no token, expired, forged, system, user, moderator, admin
             ("GetUser", [OK, OK, OK, OK, OK, OK, OK]),
+            ("ListRevocations", [U, U, U, U, U, U, U]),
             ("Follow", [U, U, U, D, OK, OK, OK]),
             ("Unfollow", [U, U, U, D, OK, OK, OK]),
             ("SetRole of self", [U, U, U, D, D, D, D]),

@@ -246,7 +246,8 @@ async fn reflection_describes_the_service_exactly_as_compiled() {
             "UnbanUser",
             "DeleteUser",
             "ChangePassword",
-            "GetPublicKeys"
+            "GetPublicKeys",
+            "ListRevocations"
         ]
     );
     let compiled = DescriptorPool::decode(chirp_proto::FILE_DESCRIPTOR_SET).expect("the compiled set");

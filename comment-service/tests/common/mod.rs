@@ -157,6 +157,10 @@ impl upb::user_service_server::UserService for FakeUsers {
     async fn get_public_keys(&self, _: Request<upb::GetPublicKeysRequest>) -> R<upb::GetPublicKeysResponse> {
         Err(not_faked())
     }
+    async fn list_revocations(&self, _: Request<upb::ListRevocationsRequest>) -> R<upb::ListRevocationsResponse> {
+        self.behaviour.enter("ListRevocations").await?;
+        Ok(Response::new(upb::ListRevocationsResponse::default()))
+    }
 }
 
 /// Where the service's Redis is, kept across restarts of the service.

@@ -82,6 +82,14 @@ impl upb::user_service_server::UserService for FakeUsers {
         }))
     }
 
+    async fn list_revocations(
+        &self,
+        _: Request<upb::ListRevocationsRequest>,
+    ) -> Result<Response<upb::ListRevocationsResponse>, Status> {
+        self.behaviour.enter("ListRevocations").await?;
+        Ok(Response::new(upb::ListRevocationsResponse::default()))
+    }
+
     async fn get_public_keys(
         &self,
         _: Request<upb::GetPublicKeysRequest>,

@@ -144,3 +144,41 @@ impl From<User> for pb::User {
         }
     }
 }
+
+/// A page of ListRevocations: its size, and the (cutoff, user) it follows.
+pub struct RevocationPage {
+    pub size: u32,
+    pub after: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
+}
+
+impl TryFrom<&pb::ListRevocationsRequest> for RevocationPage {
+    type Error = Error;
+
+    fn try_from(r: &pb::ListRevocationsRequest) -> Result<Self, Error> {
+        use chrono::TimeZone as _;
+        let mut v = Violations::new();
+        let size = v.check(service_kit::validate::page_size(r.page_size));
+        let cursor = v.check(service_kit::validate::decode_page_token(&r.page_token));
+        v.finish()?;
+        let after = match cursor.flatten() {
+            None => None,
+            Some(cursor) => {
+                let bad =
+                    || service_kit::validate::violation("page_token", "is not a page token from a previous reply");
+                let (micros, user) = cursor.split_once('/').ok_or_else(bad)?;
+                let micros: i64 = micros.parse().map_err(|_| bad())?;
+                let at = chrono::Utc.timestamp_micros(micros).single().ok_or_else(bad)?;
+                Some((at, uuid::Uuid::try_parse(user).map_err(|_| bad())?))
+            }
+        };
+        Ok(Self {
+            size: size.unwrap_or(20),
+            after,
+        })
+    }
+}
+
+/// The page token that continues after `last`.
+pub fn revocation_cursor(last: &service_kit::revocation::Revocation) -> String {
+    service_kit::validate::encode_page_token(&format!("{}/{}", last.issued_before.timestamp_micros(), last.user_id))
+}

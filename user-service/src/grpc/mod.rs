@@ -28,16 +28,19 @@ pub struct UserApi {
     users: Arc<Users>,
     verifier: TokenVerifier,
     limits: Arc<AuthLimits>,
+    /// The producers' shared secret: what opens ListRevocations.
+    ingest_token: String,
 }
 
 impl UserApi {
     #[must_use]
-    pub fn new(users: Arc<Users>, limits: Arc<AuthLimits>) -> Self {
+    pub fn new(users: Arc<Users>, limits: Arc<AuthLimits>, ingest_token: String) -> Self {
         let verifier = TokenVerifier::with_keys(&users.public_keys());
         Self {
             users,
             verifier,
             limits,
+            ingest_token,
         }
     }
 
@@ -60,6 +63,35 @@ impl UserService for UserApi {
         let user = self.users.register(registration).await?;
         Ok(Response::new(pb::RegisterResponse {
             user: Some(user.into()),
+        }))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Reply<pb::ListRevocationsResponse> {
+        let presented = request
+            .metadata()
+            .get(service_kit::relay::INGEST_TOKEN_HEADER)
+            .map(tonic::metadata::MetadataValue::as_bytes)
+            .unwrap_or_default();
+        if !service_kit::relay::ingest_token_matches(presented, &self.ingest_token) {
+            return Err(Error::BadServiceCredential.into());
+        }
+        let convert::RevocationPage { size, after } = request.get_ref().try_into()?;
+        let mut revocations = self.users.revocations(after, size + 1).await?;
+        let next_page_token = if revocations.len() > size as usize {
+            revocations.truncate(size as usize);
+            revocations.last().map(convert::revocation_cursor).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListRevocationsResponse {
+            revocations: revocations
+                .iter()
+                .map(service_kit::revocation::Revocation::to_pb)
+                .collect(),
+            next_page_token,
         }))
     }
 
@@ -211,7 +243,7 @@ impl From<Error> for Status {
         match err {
             Error::InvalidArgument(violations) => invalid_argument(&violations),
             Error::Unauthenticated(auth) => auth.into(),
-            Error::BadCredentials => Status::unauthenticated(err.to_string()),
+            Error::BadCredentials | Error::BadServiceCredential => Status::unauthenticated(err.to_string()),
             Error::PermissionDenied(why) => Status::permission_denied(why),
             Error::NotFound(what) => Status::not_found(what),
             Error::AlreadyExists(what) => Status::already_exists(what),

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use service_kit::{
-    events::{Event, Payload},
+    events::{Event, Payload, RevocationReason},
     relay::{Backlog, Outbox, Pending},
+    revocation::Revocation,
     store::StoreStatus,
 };
 use sqlx::{
@@ -473,6 +474,41 @@ pub const ANALYTICS: &str = "analytics";
 pub const COMMENTS: &str = "comments";
 pub const MESSAGES: &str = "messages";
 
+impl Store {
+    /// Revocations with a cutoff after `since`, in (cutoff, user) order,
+    /// after `after`; at most `limit`.
+    pub async fn revocations(
+        &self,
+        since: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<Revocation>> {
+        let (after_cutoff, after_user) = after.unwrap_or((since, Uuid::nil()));
+        let rows: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
+            "SELECT user_id, issued_before, reason FROM revocations
+             WHERE issued_before > $1 AND (issued_before, user_id) > ($2, $3)
+             ORDER BY issued_before, user_id LIMIT $4",
+        )
+        .bind(since)
+        .bind(after_cutoff)
+        .bind(after_user)
+        .bind(i64::from(limit))
+        .fetch_all(self.ready()?)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(user_id, issued_before, reason)| {
+                Ok(Revocation {
+                    user_id,
+                    issued_before,
+                    reason: RevocationReason::parse(&reason)
+                        .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored revocation reason {reason:?}")))?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Builds the `TokensRevoked` event for the cutoff a change stored.
 pub type Revoke<'a> = dyn Fn(DateTime<Utc>) -> Event + Send + Sync + 'a;
 
@@ -490,6 +526,25 @@ fn cutoff_from_row(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>> {
 }
 
 async fn write_event(tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<()> {
+    if let Payload::TokensRevoked {
+        user_id,
+        issued_before,
+        reason,
+    } = &event.payload
+    {
+        // The catch-up copy (ListRevocations); the later cutoff wins.
+        sqlx::query(
+            "INSERT INTO revocations (user_id, issued_before, reason) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id) DO UPDATE SET issued_before = excluded.issued_before, reason = excluded.reason
+             WHERE excluded.issued_before >= revocations.issued_before",
+        )
+        .bind(user_id)
+        .bind(issued_before)
+        .bind(reason.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(classify)?;
+    }
     let json = event.to_json()?;
     for destination in destinations(&event.payload) {
         sqlx::query("INSERT INTO outbox (destination, event_id, event, occurred_at) VALUES ($1, $2, $3, $4)")
