@@ -205,26 +205,11 @@ async fn paging_returns_every_comment_exactly_once_in_time_order() {
             .unwrap();
         expected.push(c.id);
     }
-    let mut seen = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = app
-            .client()
-            .list_comments(pb::ListCommentsRequest {
-                message_id: message.clone(),
-                page_size: 7,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(page.comments.len() <= 7);
-        seen.extend(page.comments.into_iter().map(|c| c.id));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let seen: Vec<String> = common::all_comments(&app, &message, 7)
+        .await
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     assert_eq!(seen, expected);
 }
 

@@ -141,25 +141,11 @@ async fn no_acknowledged_comment_is_lost_when_redis_is_killed_mid_stream() {
     let acknowledged = writer.await.unwrap();
     app.wait_for(ServingStatus::Serving).await;
 
-    let mut stored = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = app
-            .client()
-            .list_comments(pb::ListCommentsRequest {
-                message_id: message.clone(),
-                page_size: 100,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        stored.extend(page.comments.into_iter().map(|c| c.body));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let stored: Vec<String> = common::all_comments(&app, &message, 100)
+        .await
+        .into_iter()
+        .map(|c| c.body)
+        .collect();
     let lost: Vec<_> = acknowledged.iter().filter(|body| !stored.contains(body)).collect();
     println!(
         "redis SIGKILL: {} comments acknowledged of 400 sent, {} stored after the restart, {} lost",

@@ -14,7 +14,7 @@ use std::{
 };
 
 use chirp_proto::{
-    comment::v1::comment_service_client::CommentServiceClient,
+    comment::v1::{self as pb, comment_service_client::CommentServiceClient},
     message::v1::{self as mpb, message_service_server::MessageServiceServer},
     user::v1::{self as upb, user_service_server::UserServiceServer},
 };
@@ -288,6 +288,31 @@ impl TestApp {
 
     pub async fn stop(self) -> anyhow::Result<()> {
         self.server.stop().await
+    }
+}
+
+/// Every comment of `message`, read through ListComments `page_size` at a
+/// time (each page checked to hold at most that many).
+pub async fn all_comments(app: &TestApp, message: &str, page_size: i32) -> Vec<pb::Comment> {
+    let mut comments = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = app
+            .client()
+            .list_comments(pb::ListCommentsRequest {
+                message_id: message.to_owned(),
+                page_size,
+                page_token,
+            })
+            .await
+            .expect("ListComments")
+            .into_inner();
+        assert!(page.comments.len() <= usize::try_from(page_size).unwrap_or_default());
+        comments.extend(page.comments);
+        if page.next_page_token.is_empty() {
+            return comments;
+        }
+        page_token = page.next_page_token;
     }
 }
 
