@@ -169,3 +169,89 @@ async fn writes_until(
     }
     (writes, slowest)
 }
+
+/// analytics-service as its own process on `file`: SQLite lives in it, so
+/// killing it is killing the store.
+fn spawn_process(backing: &Backing, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_analytics-service"))
+        .args([
+            format!("--database-url={}", backing.file.url()),
+            format!("--listen-addr=127.0.0.1:{port}"),
+            "--metrics-addr=127.0.0.1:0".to_owned(),
+            format!("--ingest-token={}", common::INGEST_TOKEN),
+            format!("--jwt-public-key-file={}", backing.public_key_file().display()),
+            "--store-probe-interval=100ms".to_owned(),
+            // No user-service: the revocation catch-up fails fast.
+            "--user-service-url=http://127.0.0.1:1".to_owned(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the analytics-service binary")
+}
+
+async fn serving(port: u16) -> tonic::transport::Channel {
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_lazy();
+    test_support::grpc::wait_for(&channel, &[SERVICE], ServingStatus::Serving).await;
+    channel
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_event_is_lost_when_the_process_holding_sqlite_is_killed() {
+    let backing = Backing::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = spawn_process(&backing, port);
+    let channel = serving(port).await;
+    let writer = tokio::spawn(async move {
+        let mut client = pb::analytics_service_client::AnalyticsServiceClient::new(channel);
+        let mut acknowledged = Vec::new();
+        for _ in 0..400 {
+            let batch: Vec<_> = (0..5)
+                .map(|_| {
+                    event(Payload::MessagePosted {
+                        message_id: uuid::Uuid::now_v7(),
+                        author_id: uuid::Uuid::new_v4(),
+                    })
+                })
+                .collect();
+            if client.record_events(ingest(&batch)).await.is_ok() {
+                acknowledged.extend(batch.iter().map(|e| e.id.to_string()));
+            } else {
+                break;
+            }
+        }
+        acknowledged
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!writer.is_finished(), "the kill comes in the middle of the writes");
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let acknowledged = writer.await.unwrap();
+
+    let mut child = spawn_process(&backing, port);
+    serving(port).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut conn = sqlx::SqliteConnection::connect(&backing.file.url()).await.unwrap();
+    let mut lost = 0;
+    for id in &acknowledged {
+        let found: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE event_id = ?")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        lost += 1 - found;
+    }
+    println!(
+        "sqlite (analytics-service) SIGKILL: {} events acknowledged, {lost} lost after the restart",
+        acknowledged.len()
+    );
+    assert!(!acknowledged.is_empty());
+    assert_eq!(lost, 0);
+}

@@ -41,6 +41,11 @@ impl Backing {
         }
     }
 
+    /// The PEM file holding the signer's public key.
+    pub fn public_key_file(&self) -> std::path::PathBuf {
+        self.key_dir.path().join("public.pem")
+    }
+
     pub fn token(&self, role: Role) -> String {
         let caller = Caller {
             user_id: uuid::Uuid::new_v4(),
