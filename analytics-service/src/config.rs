@@ -42,7 +42,7 @@ pub struct Config {
     pub jwt_public_key_file: Vec<PathBuf>,
 }
 
-/// gRPC port of analytics-service in DESIGN.md.
+/// gRPC port of analytics-service in ARCHITECTURE.md.
 pub const DEFAULT_PORT: u16 = 50054;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9454;

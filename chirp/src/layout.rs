@@ -1,7 +1,7 @@
 //! Where a local mesh lives: one data directory, one block of ports.
 //!
 //! With port base `B` (default 50050): gRPC of user-, message-, comment- and
-//! analytics-service on `B+1`..`B+4` (the ports in DESIGN.md), their
+//! analytics-service on `B+1`..`B+4` (the ports in ARCHITECTURE.md), their
 //! `/metrics` on `B+11`..`B+14`, and the private stores on `B+21`
 //! (PostgreSQL), `B+22` (Redis), `B+23` (MongoDB).
 

@@ -64,7 +64,7 @@ pub struct Config {
     pub message_exists_cache_ttl: Duration,
 }
 
-/// gRPC port of comment-service in DESIGN.md.
+/// gRPC port of comment-service in ARCHITECTURE.md.
 pub const DEFAULT_PORT: u16 = 50053;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9453;

@@ -1,4 +1,4 @@
-//! DESIGN.md invariant 4 for comment-service, and durability: comments
+//! ARCHITECTURE.md invariant 4 for comment-service, and durability: comments
 //! survive a restart of the service and of an append-only Redis.
 
 mod common;

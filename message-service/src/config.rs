@@ -78,7 +78,7 @@ pub struct Config {
     pub comment_preview_size: u32,
 }
 
-/// gRPC port of message-service in DESIGN.md.
+/// gRPC port of message-service in ARCHITECTURE.md.
 pub const DEFAULT_PORT: u16 = 50052;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9452;

@@ -1,7 +1,7 @@
 //! The rules of message-service and how its replies are put together from
 //! its own store and its neighbours' answers.
 //!
-//! What happens when a neighbour fails (DESIGN.md, "Calls between services"):
+//! What happens when a neighbour fails (ARCHITECTURE.md, "Calls between services"):
 //!
 //! | call | on failure |
 //! |---|---|

@@ -1,4 +1,4 @@
-//! DESIGN.md invariant 4 for message-service: while MongoDB is down the
+//! ARCHITECTURE.md invariant 4 for message-service: while MongoDB is down the
 //! process stays up, both API versions are NOT_SERVING and answer
 //! UNAVAILABLE within the caller's deadline; when MongoDB returns, the same
 //! process serves again.

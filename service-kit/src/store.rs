@@ -1,4 +1,4 @@
-//! Watches a service's store and makes its health follow it (DESIGN.md
+//! Watches a service's store and makes its health follow it (ARCHITECTURE.md
 //! invariant 4): while the store does not answer, the service's API reports
 //! NOT_SERVING and its handlers fail fast with UNAVAILABLE instead of waiting
 //! on a connection that will not come; when the store answers again, both

@@ -1,4 +1,4 @@
-//! DESIGN.md invariant 5 across the mesh: every acknowledged write's event
+//! ARCHITECTURE.md invariant 5 across the mesh: every acknowledged write's event
 //! reaches analytics-service exactly once in effect, through an outage of
 //! analytics-service, and a ban reaches the services holding the banned
 //! user's content once they are back.

@@ -97,7 +97,7 @@ pub struct Config {
     pub login_attempts_per_username_per_minute: u32,
 }
 
-/// gRPC port of user-service in DESIGN.md.
+/// gRPC port of user-service in ARCHITECTURE.md.
 pub const DEFAULT_PORT: u16 = 50051;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9451;

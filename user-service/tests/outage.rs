@@ -1,4 +1,4 @@
-//! DESIGN.md invariant 4 for user-service: while PostgreSQL is down the
+//! ARCHITECTURE.md invariant 4 for user-service: while PostgreSQL is down the
 //! process stays up, its API is NOT_SERVING and answers UNAVAILABLE within
 //! the caller's deadline; when PostgreSQL returns, everything recovers in the
 //! same process.

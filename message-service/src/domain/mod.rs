@@ -106,7 +106,7 @@ pub fn now() -> DateTime<Utc> {
 }
 
 /// A stored message. It holds its author's id, never their name or role
-/// (DESIGN.md invariant 2).
+/// (ARCHITECTURE.md invariant 2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     pub id: MessageId,

@@ -92,7 +92,7 @@ struct ErasureDoc {
 }
 const TIMELINE_INDEX: &str = "author_time_id";
 
-/// A message as stored: references only (DESIGN.md invariant 2).
+/// A message as stored: references only (ARCHITECTURE.md invariant 2).
 #[derive(Debug, Serialize, Deserialize)]
 struct MessageDoc {
     #[serde(rename = "_id")]
