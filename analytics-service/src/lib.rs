@@ -36,7 +36,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let user_peer = peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token);
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token)?;
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer)?.with_revocations(revocations.clone()),
     );

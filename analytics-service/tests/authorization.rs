@@ -8,7 +8,7 @@ mod common;
 use chirp_proto::analytics::v1 as pb;
 use common::{event, ingest, Backing, TestApp};
 use service_kit::events::Payload;
-use test_support::authz::{assert_matrix, cell};
+use test_support::authz::{assert_matrix, row};
 use test_support::grpc::as_caller;
 
 fn window() -> (Option<prost_types::Timestamp>, Option<prost_types::Timestamp>) {
@@ -35,11 +35,12 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     let mut actual = Vec::new();
     macro_rules! row {
         ($name:expr, $method:ident, $message:expr) => {{
-            let mut cells = Vec::new();
-            for token in &tokens {
-                let reply = app.client().$method(as_caller($message, token.as_deref())).await;
-                cells.push(cell(&reply));
-            }
+            let cells = row(&tokens, |token| {
+                let mut client = app.client();
+                let request = as_caller($message, token.as_deref());
+                async move { client.$method(request).await }
+            })
+            .await;
             actual.push(($name.to_owned(), cells));
         }};
     }

@@ -4,11 +4,10 @@
 mod common;
 
 use chirp_proto::comment::v1 as pb;
-use common::{Backing, TestApp};
+use common::{add, Backing, TestApp};
 use service_kit::auth::Role;
-use test_support::authz::{assert_matrix, cell, CALLERS};
+use test_support::authz::{assert_matrix, row, CALLERS};
 use test_support::grpc::as_caller;
-use tonic::Status;
 
 #[tokio::test]
 async fn every_rpc_admits_exactly_the_callers_it_documents() {
@@ -32,98 +31,70 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     let message = backing.message(&other);
 
     let mut actual = Vec::new();
-
     // Public reads: a token, even a bad one, is not looked at.
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .client()
-            .list_comments(as_caller(
-                pb::ListCommentsRequest {
-                    message_id: message.clone(),
-                    page_size: 0,
-                    page_token: String::new(),
-                },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.client();
+        let request = as_caller(
+            pb::ListCommentsRequest {
+                message_id: message.clone(),
+                page_size: 0,
+                page_token: String::new(),
+            },
+            token.as_deref(),
+        );
+        async move { client.list_comments(request).await }
+    })
+    .await;
     actual.push(("ListComments".to_owned(), cells));
 
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .client()
-            .add_comment(as_caller(
-                pb::AddCommentRequest {
-                    message_id: message.clone(),
-                    body: "hello".into(),
-                },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.client();
+        let request = as_caller(add(&message, "hello"), token.as_deref());
+        async move { client.add_comment(request).await }
+    })
+    .await;
     actual.push(("AddComment".to_owned(), cells));
 
     for (whose, _, owner_token) in &owners {
-        let mut cells = Vec::new();
-        for token in &tokens {
-            let comment = app
-                .client()
-                .add_comment(as_caller(
-                    pb::AddCommentRequest {
-                        message_id: message.clone(),
-                        body: "to delete".into(),
-                    },
-                    Some(owner_token),
-                ))
-                .await
-                .expect("the owner comments")
-                .into_inner()
-                .comment
-                .unwrap();
-            let reply = app
-                .client()
-                .delete_comment(as_caller(
-                    pb::DeleteCommentRequest { comment_id: comment.id },
-                    token.as_deref(),
-                ))
-                .await;
-            cells.push(cell(&reply));
-        }
+        // A fresh comment of the owner's for each caller to delete.
+        let cells = row(&tokens, |token| {
+            let mut client = app.client();
+            let add = as_caller(add(&message, "to delete"), Some(owner_token));
+            async move {
+                let comment = client.add_comment(add).await.expect("the owner comments");
+                let comment_id = comment.into_inner().comment.unwrap().id;
+                let request = as_caller(pb::DeleteCommentRequest { comment_id }, token.as_deref());
+                client.delete_comment(request).await
+            }
+        })
+        .await;
         actual.push((format!("DeleteComment of {whose}"), cells));
     }
 
     for (whose, owner, _) in &owners {
-        let mut cells = Vec::new();
-        for token in &tokens {
-            let reply = app
-                .client()
-                .purge_user_comments(as_caller(
-                    pb::PurgeUserCommentsRequest { user_id: owner.clone() },
-                    token.as_deref(),
-                ))
-                .await;
-            cells.push(cell(&reply));
-        }
+        let cells = row(&tokens, |token| {
+            let mut client = app.client();
+            let request = as_caller(
+                pb::PurgeUserCommentsRequest { user_id: owner.clone() },
+                token.as_deref(),
+            );
+            async move { client.purge_user_comments(request).await }
+        })
+        .await;
         actual.push((format!("PurgeUserComments of {whose}"), cells));
     }
 
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply: Result<_, Status> = app
-            .client()
-            .apply_events(as_caller(
-                pb::ApplyEventsRequest {
-                    events: vec![service_kit::testing::revocation_event().to_pb()],
-                },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.client();
+        let request = as_caller(
+            pb::ApplyEventsRequest {
+                events: vec![service_kit::testing::revocation_event().to_pb()],
+            },
+            token.as_deref(),
+        );
+        async move { client.apply_events(request).await }
+    })
+    .await;
     actual.push(("ApplyEvents (user-service's)".to_owned(), cells));
 
     assert_eq!(CALLERS.len(), tokens.len());

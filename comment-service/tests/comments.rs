@@ -5,16 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chirp_proto::comment::v1 as pb;
-use common::{authed, keys, violated_fields, Backing, Mode, TestApp, PEER_TIMEOUT};
+use common::{add, authed, keys, violated_fields, Backing, Mode, TestApp, PEER_TIMEOUT};
 use service_kit::auth::Role;
 use tonic::Code;
-
-fn add(message_id: &str, body: &str) -> pb::AddCommentRequest {
-    pb::AddCommentRequest {
-        message_id: message_id.into(),
-        body: body.into(),
-    }
-}
 
 #[tokio::test]
 async fn comments_are_added_listed_counted_and_deleted() {

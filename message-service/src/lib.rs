@@ -47,7 +47,7 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token);
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token)?;
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
             .with_revocations(revocations.clone()),

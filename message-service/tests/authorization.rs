@@ -6,7 +6,7 @@ mod common;
 use chirp_proto::message::v1;
 use common::TestApp;
 use service_kit::auth::Role;
-use test_support::authz::{assert_matrix, cell};
+use test_support::authz::{assert_matrix, row};
 use test_support::grpc::as_caller;
 
 #[tokio::test]
@@ -28,91 +28,83 @@ async fn every_rpc_admits_exactly_the_callers_it_documents() {
     let posted = app.post(&owners[1].2, "a message").await;
 
     let mut actual = Vec::new();
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .v1()
-            .get_message(as_caller(
-                v1::GetMessageRequest {
-                    message_id: posted.id.clone(),
-                },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.v1();
+        let request = as_caller(
+            v1::GetMessageRequest {
+                message_id: posted.id.clone(),
+            },
+            token.as_deref(),
+        );
+        async move { client.get_message(request).await }
+    })
+    .await;
     actual.push(("GetMessage".to_owned(), cells));
 
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .v1()
-            .post_message(as_caller(
-                v1::PostMessageRequest { body: "hello".into() },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.v1();
+        let request = as_caller(v1::PostMessageRequest { body: "hello".into() }, token.as_deref());
+        async move { client.post_message(request).await }
+    })
+    .await;
     actual.push(("PostMessage".to_owned(), cells));
 
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .v1()
-            .home_timeline(as_caller(v1::HomeTimelineRequest::default(), token.as_deref()))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.v1();
+        let request = as_caller(v1::HomeTimelineRequest::default(), token.as_deref());
+        async move { client.home_timeline(request).await }
+    })
+    .await;
     actual.push(("HomeTimeline".to_owned(), cells));
 
     for (whose, _, owner_token) in &owners {
-        let mut cells = Vec::new();
-        for token in &tokens {
-            let message = app.post(owner_token, "to delete").await;
-            let reply = app
-                .v1()
-                .delete_message(as_caller(
-                    v1::DeleteMessageRequest { message_id: message.id },
-                    token.as_deref(),
-                ))
-                .await;
-            cells.push(cell(&reply));
-        }
+        // A fresh message of the owner's for each caller to delete.
+        let cells = row(&tokens, |token| {
+            let mut client = app.v1();
+            let post = as_caller(
+                v1::PostMessageRequest {
+                    body: "to delete".into(),
+                },
+                Some(owner_token),
+            );
+            async move {
+                let posted = client.post_message(post).await.expect("the owner posts");
+                let message_id = posted.into_inner().message.unwrap().id;
+                let request = as_caller(v1::DeleteMessageRequest { message_id }, token.as_deref());
+                client.delete_message(request).await
+            }
+        })
+        .await;
         actual.push((format!("DeleteMessage of {whose}"), cells));
     }
 
     for (whose, owner, _) in &owners {
-        let mut cells = Vec::new();
-        for token in &tokens {
-            let reply = app
-                .v1()
-                .set_user_messages_hidden(as_caller(
-                    v1::SetUserMessagesHiddenRequest {
-                        user_id: owner.clone(),
-                        hidden: true,
-                    },
-                    token.as_deref(),
-                ))
-                .await;
-            cells.push(cell(&reply));
-        }
+        let cells = row(&tokens, |token| {
+            let mut client = app.v1();
+            let request = as_caller(
+                v1::SetUserMessagesHiddenRequest {
+                    user_id: owner.clone(),
+                    hidden: true,
+                },
+                token.as_deref(),
+            );
+            async move { client.set_user_messages_hidden(request).await }
+        })
+        .await;
         actual.push((format!("SetUserMessagesHidden of {whose}"), cells));
     }
 
-    let mut cells = Vec::new();
-    for token in &tokens {
-        let reply = app
-            .v1()
-            .apply_user_events(as_caller(
-                v1::ApplyUserEventsRequest {
-                    events: vec![service_kit::testing::revocation_event().to_pb()],
-                },
-                token.as_deref(),
-            ))
-            .await;
-        cells.push(cell(&reply));
-    }
+    let cells = row(&tokens, |token| {
+        let mut client = app.v1();
+        let request = as_caller(
+            v1::ApplyUserEventsRequest {
+                events: vec![service_kit::testing::revocation_event().to_pb()],
+            },
+            token.as_deref(),
+        );
+        async move { client.apply_user_events(request).await }
+    })
+    .await;
     actual.push(("ApplyUserEvents".to_owned(), cells));
 
     const U: &str = "UNAUTH";

@@ -93,10 +93,40 @@ pub fn ingest_token_matches(presented: &[u8], expected: &str) -> bool {
     presented.ct_eq(&expected).into()
 }
 
+/// Whether `metadata` carries the ingest token `expected` (see
+/// [`ingest_token_matches`]); a missing token does not.
+#[must_use]
+pub fn presents_ingest_token(metadata: &tonic::metadata::MetadataMap, expected: &str) -> bool {
+    metadata
+        .get(INGEST_TOKEN_HEADER)
+        .is_some_and(|presented| ingest_token_matches(presented.as_bytes(), expected))
+}
+
+/// The producers' shared secret as a caller sends it, checked once when the
+/// service starts.
+#[derive(Clone)]
+pub struct IngestToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl IngestToken {
+    /// # Errors
+    /// When the token is not a valid metadata value.
+    pub fn new(token: &str) -> anyhow::Result<Self> {
+        token
+            .parse()
+            .map(Self)
+            .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))
+    }
+
+    /// Puts the token on an outgoing request.
+    pub fn attach<T>(&self, request: &mut tonic::Request<T>) {
+        request.metadata_mut().insert(INGEST_TOKEN_HEADER, self.0.clone());
+    }
+}
+
 /// analytics-service, the destination every producer has.
 pub struct Analytics {
     peer: Arc<crate::client::Peer>,
-    ingest_token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ingest_token: IngestToken,
 }
 
 impl Analytics {
@@ -105,9 +135,7 @@ impl Analytics {
     pub fn new(peer: Arc<crate::client::Peer>, ingest_token: &str) -> anyhow::Result<Self> {
         Ok(Self {
             peer,
-            ingest_token: ingest_token
-                .parse()
-                .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?,
+            ingest_token: IngestToken::new(ingest_token)?,
         })
     }
 }
@@ -124,9 +152,7 @@ impl Destination for Analytics {
                 crate::client::Idempotency::Idempotent,
                 request,
                 |channel, mut request| {
-                    request
-                        .metadata_mut()
-                        .insert(INGEST_TOKEN_HEADER, self.ingest_token.clone());
+                    self.ingest_token.attach(&mut request);
                     async move { AnalyticsServiceClient::new(channel).record_events(request).await }
                 },
             )

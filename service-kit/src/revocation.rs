@@ -36,6 +36,7 @@ use uuid::Uuid;
 use crate::{
     auth::{AuthError, MAX_TOKEN_LIFETIME},
     events::RevocationReason,
+    relay::IngestToken,
     validate::{violation, FieldViolation},
 };
 
@@ -134,7 +135,7 @@ pub struct Revocations {
 /// producers' ingest token.
 struct CatchUp {
     user_service: Arc<crate::client::Peer>,
-    ingest_token: String,
+    ingest_token: IngestToken,
 }
 
 impl Revocations {
@@ -146,15 +147,17 @@ impl Revocations {
 
     /// Also asks user-service, when first read, for what the store missed
     /// (see [`catch_up`]).
-    #[must_use]
-    pub fn catching_up_from(user_service: Arc<crate::client::Peer>, ingest_token: &str) -> Arc<Self> {
-        Arc::new(Self {
+    ///
+    /// # Errors
+    /// When the ingest token is not a valid metadata value.
+    pub fn catching_up_from(user_service: Arc<crate::client::Peer>, ingest_token: &str) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
             by_user: RwLock::default(),
             catch_up: Some(CatchUp {
                 user_service,
-                ingest_token: ingest_token.to_owned(),
+                ingest_token: IngestToken::new(ingest_token)?,
             }),
-        })
+        }))
     }
 
     /// Whether a token of `user` issued at `issued_at` (Unix seconds) may
@@ -273,11 +276,11 @@ const MAX_CATCH_UP_PAGES: usize = 1_000;
 /// # Errors
 /// When user-service cannot answer (the caller then serves with what its
 /// own store holds; the relay delivers the rest).
-pub async fn catch_up(user_service: &crate::client::Peer, ingest_token: &str) -> anyhow::Result<Vec<Revocation>> {
+pub async fn catch_up(
+    user_service: &crate::client::Peer,
+    ingest_token: &IngestToken,
+) -> anyhow::Result<Vec<Revocation>> {
     use chirp_proto::user::v1::{user_service_client::UserServiceClient, ListRevocationsRequest};
-    let token: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = ingest_token
-        .parse()
-        .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?;
     let mut revocations = Vec::new();
     let mut page_token = String::new();
     for _ in 0..MAX_CATCH_UP_PAGES {
@@ -290,9 +293,7 @@ pub async fn catch_up(user_service: &crate::client::Peer, ingest_token: &str) ->
                 crate::client::Idempotency::Idempotent,
                 request,
                 |channel, mut request| {
-                    request
-                        .metadata_mut()
-                        .insert(crate::relay::INGEST_TOKEN_HEADER, token.clone());
+                    ingest_token.attach(&mut request);
                     async move { UserServiceClient::new(channel).list_revocations(request).await }
                 },
             )

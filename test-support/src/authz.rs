@@ -25,6 +25,20 @@ pub fn cell<T>(result: &Result<T, Status>) -> &'static str {
     }
 }
 
+/// One row of a matrix: `call` made once as each caller (`None`: no
+/// token), each answer as its cell.
+pub async fn row<T, F, Fut>(tokens: &[Option<String>], mut call: F) -> Vec<&'static str>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut cells = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        cells.push(cell(&call(token.clone()).await));
+    }
+    cells
+}
+
 /// Panics, printing both tables, unless `actual` equals `expected` (rows of
 /// `(row name, one cell per caller)`).
 ///

@@ -53,11 +53,7 @@ impl AnalyticsApi {
     }
 
     fn check_ingest_token(&self, metadata: &MetadataMap) -> Result<(), Error> {
-        let presented = metadata
-            .get(INGEST_TOKEN_HEADER)
-            .map(|v| v.as_bytes())
-            .ok_or(Error::BadIngestToken)?;
-        if service_kit::relay::ingest_token_matches(presented, &self.ingest_token) {
+        if service_kit::relay::presents_ingest_token(metadata, &self.ingest_token) {
             Ok(())
         } else {
             Err(Error::BadIngestToken)

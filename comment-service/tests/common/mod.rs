@@ -291,6 +291,14 @@ impl TestApp {
     }
 }
 
+/// An AddComment request.
+pub fn add(message_id: &str, body: &str) -> pb::AddCommentRequest {
+    pb::AddCommentRequest {
+        message_id: message_id.into(),
+        body: body.into(),
+    }
+}
+
 /// Every comment of `message`, read through ListComments `page_size` at a
 /// time (each page checked to hold at most that many).
 pub async fn all_comments(app: &TestApp, message: &str, page_size: i32) -> Vec<pb::Comment> {

@@ -79,7 +79,7 @@ impl CommentClient {
 /// accepts only message events with it.
 pub struct CommentEvents {
     peer: Arc<Peer>,
-    ingest_token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ingest_token: service_kit::relay::IngestToken,
 }
 
 impl CommentEvents {
@@ -88,9 +88,7 @@ impl CommentEvents {
     pub fn new(peer: Arc<Peer>, ingest_token: &str) -> anyhow::Result<Self> {
         Ok(Self {
             peer,
-            ingest_token: ingest_token
-                .parse()
-                .map_err(|_| anyhow::anyhow!("INGEST_TOKEN must be printable ASCII"))?,
+            ingest_token: service_kit::relay::IngestToken::new(ingest_token)?,
         })
     }
 }
@@ -102,9 +100,7 @@ impl service_kit::relay::Destination for CommentEvents {
         };
         self.peer
             .call(Idempotency::Idempotent, request, |channel, mut request| {
-                request
-                    .metadata_mut()
-                    .insert(service_kit::relay::INGEST_TOKEN_HEADER, self.ingest_token.clone());
+                self.ingest_token.attach(&mut request);
                 async move { CommentServiceClient::new(channel).apply_events(request).await }
             })
             .await

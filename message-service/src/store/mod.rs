@@ -27,7 +27,7 @@ use mongodb::{
     bson::{doc, Bson, DateTime as BsonDateTime, Document},
     error::ErrorKind,
     options::{ClientOptions, IndexOptions},
-    Client, Collection, Database, IndexModel,
+    Client, ClientSession, Collection, Database, IndexModel,
 };
 use serde::{Deserialize, Serialize};
 use service_kit::{
@@ -394,21 +394,7 @@ impl Store {
         let filter = doc! { "author_id": author.to_string(), "hidden": !hidden };
         let mut session = self.client.start_session().await.map_err(classify)?;
         session.start_transaction().await.map_err(classify)?;
-        let ids: Vec<String> = messages
-            .clone_with_type::<Document>()
-            .find(filter)
-            .projection(doc! { "_id": 1 })
-            .limit(VISIBILITY_CHUNK)
-            .session(&mut session)
-            .await
-            .map_err(classify)?
-            .stream(&mut session)
-            .try_collect::<Vec<Document>>()
-            .await
-            .map_err(classify)?
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let ids = self.message_ids(&mut session, filter, VISIBILITY_CHUNK).await?;
         if ids.is_empty() {
             session.abort_transaction().await.map_err(classify)?;
             return Ok(0);
@@ -429,6 +415,27 @@ impl Store {
             .map_err(classify)?;
         session.commit_transaction().await.map_err(classify)?;
         Ok(ids.len() as u64)
+    }
+
+    /// Ids of up to `limit` messages matching `filter`, read in `session`.
+    async fn message_ids(&self, session: &mut ClientSession, filter: Document, limit: i64) -> Result<Vec<String>> {
+        let docs: Vec<Document> = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! { "_id": 1 })
+            .limit(limit)
+            .session(&mut *session)
+            .await
+            .map_err(classify)?
+            .stream(session)
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect())
     }
 
     /// Records that every message of `user` should end up `hidden` (a ban
@@ -457,13 +464,7 @@ impl Store {
     /// meanwhile. `false` when none is waiting.
     pub async fn visibility_step(&self, event_for: impl Fn(MessageId, UserId, bool) -> Event) -> Result<bool> {
         self.ready()?;
-        let Some(job) = self
-            .visibility
-            .find_one(doc! {})
-            .sort(doc! { "requested_at": 1 })
-            .await
-            .map_err(classify)?
-        else {
+        let Some(job) = oldest(&self.visibility).await? else {
             return Ok(false);
         };
         let author = UserId::parse("_id", &job.user_id)
@@ -533,35 +534,16 @@ impl Store {
     /// removed in the transaction that finds nothing more. `false` when no
     /// erasure is waiting.
     pub async fn erase_step(&self, event_for: impl Fn(MessageId, UserId) -> Event) -> Result<bool> {
-        let Some(job) = self
-            .erasures
-            .find_one(doc! {})
-            .sort(doc! { "requested_at": 1 })
-            .await
-            .map_err(classify)?
-        else {
+        let Some(job) = oldest(&self.erasures).await? else {
             return Ok(false);
         };
         let author = UserId::parse("_id", &job.user_id)
             .map_err(|_| Error::Internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
         let mut session = self.client.start_session().await.map_err(classify)?;
         session.start_transaction().await.map_err(classify)?;
-        let ids: Vec<String> = self
-            .messages
-            .clone_with_type::<Document>()
-            .find(doc! { "author_id": &job.user_id })
-            .projection(doc! { "_id": 1 })
-            .limit(ERASE_CHUNK)
-            .session(&mut session)
-            .await
-            .map_err(classify)?
-            .stream(&mut session)
-            .try_collect::<Vec<Document>>()
-            .await
-            .map_err(classify)?
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let ids = self
+            .message_ids(&mut session, doc! { "author_id": &job.user_id }, ERASE_CHUNK)
+            .await?;
         if ids.is_empty() {
             self.erasures
                 .delete_one(doc! { "_id": &job.user_id })
@@ -732,4 +714,15 @@ fn classify(err: mongodb::error::Error) -> Error {
     } else {
         Error::Internal(anyhow::Error::new(err).context("querying MongoDB"))
     }
+}
+
+/// The oldest job waiting in `jobs` (erasures, visibility changes).
+async fn oldest<T>(jobs: &Collection<T>) -> Result<Option<T>>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    jobs.find_one(doc! {})
+        .sort(doc! { "requested_at": 1 })
+        .await
+        .map_err(classify)
 }

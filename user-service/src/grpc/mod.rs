@@ -70,12 +70,7 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::ListRevocationsRequest>,
     ) -> Reply<pb::ListRevocationsResponse> {
-        let presented = request
-            .metadata()
-            .get(service_kit::relay::INGEST_TOKEN_HEADER)
-            .map(tonic::metadata::MetadataValue::as_bytes)
-            .unwrap_or_default();
-        if !service_kit::relay::ingest_token_matches(presented, &self.ingest_token) {
+        if !service_kit::relay::presents_ingest_token(request.metadata(), &self.ingest_token) {
             return Err(Error::BadServiceCredential.into());
         }
         let convert::RevocationPage { size, after } = request.get_ref().try_into()?;
