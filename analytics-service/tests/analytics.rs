@@ -240,17 +240,36 @@ async fn every_invalid_request_is_refused_with_its_fields_and_records_nothing() 
     if let Some(chirp_proto::events::v1::event::Payload::UserRegistered(p)) = bad_ref.payload.as_mut() {
         p.user_id = "x".into();
     }
+    // A batch with bad events is not refused whole: each bad event is
+    // rejected on its own, naming its field, and the good one is stored.
     let mut request = ingest(&[]);
     request.get_mut().events = vec![good.to_pb(), bad_id, no_payload, bad_ref];
-    let status = app.client().record_events(request).await.unwrap_err();
+    let recorded = app.client().record_events(request).await.unwrap().into_inner();
+    let answers: Vec<(i32, String)> = recorded
+        .outcomes
+        .iter()
+        .map(|o| (o.disposition, o.reason.split(':').next().unwrap_or_default().to_owned()))
+        .collect();
+    let rejected = chirp_proto::events::v1::EventDisposition::Rejected as i32;
     assert_eq!(
-        violated_fields(&status),
-        ["events[1].event_id", "events[2].payload", "events[3].user_id"]
+        answers,
+        [
+            (chirp_proto::events::v1::EventDisposition::Applied as i32, String::new()),
+            (rejected, "events[1].event_id".to_owned()),
+            (rejected, "events[2].payload".to_owned()),
+            (rejected, "events[3].user_id".to_owned()),
+        ]
     );
-    let recorded = app.client().record_events(ingest(&[good])).await.unwrap().into_inner();
+    assert_eq!((recorded.accepted_count, recorded.duplicate_count), (1, 0));
+    let again = app.client().record_events(ingest(&[good])).await.unwrap().into_inner();
     assert_eq!(
-        recorded.accepted_count, 1,
-        "the rejected batch recorded nothing, not even its good event"
+        (again.accepted_count, again.duplicate_count),
+        (0, 1),
+        "the good event was stored once"
+    );
+    assert_eq!(
+        again.outcomes[0].disposition,
+        chirp_proto::events::v1::EventDisposition::Skipped as i32
     );
 
     let status = app

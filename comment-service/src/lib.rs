@@ -18,7 +18,7 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
-    relay::{self, Analytics, RelayConfig, RelayMetrics},
+    relay::{self, Analytics, RelayConfig, Relays},
     revocation::Revocations,
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
@@ -59,15 +59,16 @@ pub async fn run(
     let health = Health::new();
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let _relay = relay::spawn(
+    let mut relays = Relays::new(&registry)?;
+    relays.spawn(
         RelayConfig::new("analytics"),
         store.outbox(),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
             &config.ingest_token,
         )?,
-        RelayMetrics::register(&registry)?,
     );
+    let relays = Arc::new(relays);
     let _revocation_sync = revocations.sync(store.revocation_store());
     let purges = service_kit::jobs::spawn(
         "erasures_pending",
@@ -98,7 +99,8 @@ pub async fn run(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     service_kit::server::serve(
-        ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common),
+        ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common)
+            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
         health,
         registry,
         listener,

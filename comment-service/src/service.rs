@@ -24,13 +24,6 @@ use crate::{
     store::{PurgeOf, Store},
 };
 
-/// What applying a batch of events did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub applied: u64,
-    pub ignored: u64,
-}
-
 /// Who sent a batch to ApplyEvents, proven by the credential presented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Producer {
@@ -196,9 +189,10 @@ impl Comments {
     /// comments (purges are recorded, then done by the worker in batches),
     /// stop listing a hidden message's comments (and list them again when it
     /// is shown).
-    /// Events of a kind this producer may not send here are ignored.
-    pub async fn apply_events(&self, producer: Producer, events: &[Event]) -> Result<Applied> {
-        let mut done = Applied::default();
+    /// Events of a kind this producer may not send here are ignored. Returns,
+    /// for each event in order, whether it changed something.
+    pub async fn apply_events(&self, producer: Producer, events: &[Event]) -> Result<Vec<bool>> {
+        let mut done = Vec::with_capacity(events.len());
         for event in events {
             let applied = match (producer, &event.payload) {
                 (
@@ -241,13 +235,9 @@ impl Comments {
                 }
                 _ => false,
             };
-            if applied {
-                done.applied += 1;
-            } else {
-                done.ignored += 1;
-            }
+            done.push(applied);
         }
-        if done.applied > 0 {
+        if done.contains(&true) {
             self.purges.notify_one();
         }
         Ok(done)

@@ -19,7 +19,7 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
-    relay::{self, Analytics, RelayConfig, RelayMetrics},
+    relay::{self, Analytics, RelayConfig, Relays},
     revocation::Revocations,
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
@@ -59,24 +59,21 @@ pub async fn run(
         .context("MONGODB_URI")?;
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let relay_metrics = RelayMetrics::register(&registry)?;
-    let _relays = [
-        relay::spawn(
-            RelayConfig::new(store::ANALYTICS),
-            store.outbox(store::ANALYTICS),
-            Analytics::new(
-                peer("analytics-service", &config.analytics_service_url)?,
-                &config.ingest_token,
-            )?,
-            relay_metrics.clone(),
-        ),
-        relay::spawn(
-            RelayConfig::new(store::COMMENTS),
-            store.outbox(store::COMMENTS),
-            CommentEvents::new(comment_peer.clone(), &config.ingest_token)?,
-            relay_metrics,
-        ),
-    ];
+    let mut relays = Relays::new(&registry)?;
+    relays.spawn(
+        RelayConfig::new(store::ANALYTICS),
+        store.outbox(store::ANALYTICS),
+        Analytics::new(
+            peer("analytics-service", &config.analytics_service_url)?,
+            &config.ingest_token,
+        )?,
+    );
+    relays.spawn(
+        RelayConfig::new(store::COMMENTS),
+        store.outbox(store::COMMENTS),
+        CommentEvents::new(comment_peer.clone(), &config.ingest_token)?,
+    );
+    let relays = Arc::new(relays);
     let _revocation_sync = revocations.sync(store.revocation_store());
     let erasures = service_kit::jobs::spawn(
         "erasures_pending",
@@ -129,7 +126,8 @@ pub async fn run(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     service_kit::server::serve(
-        ServeOptions::new("message-service", apis, &config.common),
+        ServeOptions::new("message-service", apis, &config.common)
+            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
         health,
         registry,
         listener,

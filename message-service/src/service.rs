@@ -68,13 +68,6 @@ pub struct Messages {
     visibility: std::sync::Arc<Notify>,
 }
 
-/// What applying a batch of user-service's events did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub applied: u64,
-    pub ignored: u64,
-}
-
 impl Messages {
     /// # Errors
     /// When the metrics cannot be registered.
@@ -335,9 +328,10 @@ impl Messages {
     /// Applies user-service's decisions, already authorised there: void
     /// tokens, record that a banned or unbanned user's messages are to be
     /// hidden or shown, record an erasure (both done by workers, in chunks).
-    /// Each is idempotent.
-    pub async fn apply_user_events(&self, events: &[Event]) -> Result<Applied> {
-        let mut done = Applied::default();
+    /// Each is idempotent. Returns, for each event in order, whether it was
+    /// one this service acts on.
+    pub async fn apply_user_events(&self, events: &[Event]) -> Result<Vec<bool>> {
+        let mut done = Vec::with_capacity(events.len());
         for event in events {
             let applied = match &event.payload {
                 Payload::TokensRevoked {
@@ -374,11 +368,7 @@ impl Messages {
                 }
                 _ => false,
             };
-            if applied {
-                done.applied += 1;
-            } else {
-                done.ignored += 1;
-            }
+            done.push(applied);
         }
         Ok(done)
     }

@@ -240,25 +240,6 @@ impl Event {
         }
     }
 
-    /// Parses a delivered batch (1 to [`MAX_BATCH`] events), naming every
-    /// bad field.
-    ///
-    /// # Errors
-    /// The violations, if any event or the batch size is wrong.
-    pub fn parse_batch(raw: &[pb::Event]) -> Result<Vec<Self>, Vec<FieldViolation>> {
-        if raw.is_empty() || raw.len() > MAX_BATCH {
-            return Err(vec![violation("events", format!("must hold 1 to {MAX_BATCH} events"))]);
-        }
-        let mut violations = validate::Violations::new();
-        let events = raw
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| violations.check(Self::from_pb(&format!("events[{i}]"), e)))
-            .collect();
-        violations.finish()?;
-        Ok(events)
-    }
-
     /// Parses an event from the wire; `field` prefixes violations (e.g.
     /// `events[3]`).
     ///
@@ -339,6 +320,117 @@ impl Event {
             payload,
         })
     }
+}
+
+/// What a consumer did with one delivered event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It changed something.
+    Applied,
+    /// Nothing to do: seen before, or of a kind the consumer ignores.
+    Skipped,
+    /// Never applicable as it stands; the producer dead-letters it.
+    Rejected(String),
+}
+
+impl Outcome {
+    /// Reads a consumer's answer. A disposition this version does not know
+    /// counts as delivered: only an explicit rejection sets an event aside.
+    #[must_use]
+    pub fn from_pb(outcome: &pb::EventOutcome) -> Self {
+        match pb::EventDisposition::try_from(outcome.disposition) {
+            Ok(pb::EventDisposition::Applied) => Self::Applied,
+            Ok(pb::EventDisposition::Rejected) => Self::Rejected(outcome.reason.clone()),
+            _ => Self::Skipped,
+        }
+    }
+
+    #[must_use]
+    pub fn to_pb(&self, event_id: &str) -> pb::EventOutcome {
+        let (disposition, reason) = match self {
+            Self::Applied => (pb::EventDisposition::Applied, String::new()),
+            Self::Skipped => (pb::EventDisposition::Skipped, String::new()),
+            Self::Rejected(reason) => (pb::EventDisposition::Rejected, reason.clone()),
+        };
+        pb::EventOutcome {
+            event_id: event_id.to_owned(),
+            disposition: disposition.into(),
+            reason,
+        }
+    }
+}
+
+/// A delivered batch, parsed event by event: the batch as a whole is refused
+/// only when its size is wrong, and a bad event is rejected on its own so
+/// that the events behind it still apply.
+#[derive(Debug)]
+pub struct Batch {
+    /// Each event's id as sent, and the event or why it is rejected.
+    entries: Vec<(String, Result<Event, String>)>,
+}
+
+impl Batch {
+    /// Parses 1 to `max` events (a relay sends at most [`MAX_BATCH`]); an
+    /// event that does not parse, or
+    /// whose producer is not `producer` (when the credential names one), is
+    /// rejected with the reason.
+    ///
+    /// # Errors
+    /// A violation of `events` when the batch is empty or too large.
+    pub fn parse(raw: &[pb::Event], max: usize, producer: Option<&str>) -> Result<Self, Vec<FieldViolation>> {
+        if raw.is_empty() || raw.len() > max {
+            return Err(vec![violation("events", format!("must hold 1 to {max} events"))]);
+        }
+        let entries = raw
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let field = format!("events[{i}]");
+                let parsed = Event::from_pb(&field, e)
+                    .map_err(|v| v.to_string())
+                    .and_then(|event| match producer {
+                        Some(producer) if event.producer != producer => Err(format!(
+                            "{field}.producer: must be {producer}, the producer the credential names"
+                        )),
+                        _ => Ok(event),
+                    });
+                (e.event_id.clone(), parsed)
+            })
+            .collect();
+        Ok(Self { entries })
+    }
+
+    /// The events that parsed, in the order sent.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.entries.iter().filter_map(|(_, parsed)| parsed.as_ref().ok())
+    }
+
+    /// The answer for every event sent, in order: `applied[i]` tells whether
+    /// the `i`-th event of [`Self::events`] changed something.
+    #[must_use]
+    pub fn outcomes(&self, applied: &[bool]) -> Vec<pb::EventOutcome> {
+        let mut applied = applied.iter();
+        self.entries
+            .iter()
+            .map(|(id, parsed)| {
+                let outcome = match parsed {
+                    Err(reason) => Outcome::Rejected(reason.clone()),
+                    Ok(_) if applied.next().copied().unwrap_or(false) => Outcome::Applied,
+                    Ok(_) => Outcome::Skipped,
+                };
+                outcome.to_pb(id)
+            })
+            .collect()
+    }
+}
+
+/// How many of a batch's applied flags are set and unset, as the
+/// `applied_count`/`ignored_count` fields of a reply carry them.
+#[must_use]
+pub fn tally(applied: &[bool]) -> (i64, i64) {
+    let set = applied.iter().filter(|a| **a).count();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    (count(set), count(applied.len() - set))
 }
 
 #[cfg(test)]
@@ -424,5 +516,48 @@ mod tests {
             Event::from_pb("events[0]", &event).unwrap_err().field,
             "events[0].payload"
         );
+    }
+
+    #[test]
+    fn a_bad_event_is_rejected_on_its_own_and_the_others_still_apply() {
+        let good = || {
+            Event::new(
+                "user-service",
+                Payload::UserDeleted {
+                    user_id: Uuid::new_v4(),
+                },
+            )
+            .to_pb()
+        };
+        let mut malformed = good();
+        malformed.payload = None;
+        let mut foreign = good();
+        foreign.producer = "message-service".into();
+        let raw = [good(), malformed.clone(), foreign, good()];
+        let batch = Batch::parse(&raw, MAX_BATCH, Some("user-service")).unwrap();
+        assert_eq!(batch.events().count(), 2);
+        let outcomes: Vec<Outcome> = batch.outcomes(&[true, false]).iter().map(Outcome::from_pb).collect();
+        assert_eq!(outcomes[0], Outcome::Applied);
+        assert_eq!(outcomes[1], Outcome::Rejected("events[1].payload: is required".into()));
+        assert!(matches!(&outcomes[2], Outcome::Rejected(r) if r.starts_with("events[2].producer")));
+        assert_eq!(outcomes[3], Outcome::Skipped);
+        assert_eq!(batch.outcomes(&[]).len(), 4, "one answer per event sent");
+        assert_eq!(batch.outcomes(&[])[1].event_id, malformed.event_id);
+    }
+
+    #[test]
+    fn a_batch_of_the_wrong_size_is_refused_whole() {
+        assert!(Batch::parse(&[], MAX_BATCH, None).is_err());
+        let raw = vec![
+            Event::new(
+                "x",
+                Payload::UserRegistered {
+                    user_id: Uuid::new_v4()
+                }
+            )
+            .to_pb();
+            MAX_BATCH + 1
+        ];
+        assert_eq!(Batch::parse(&raw, MAX_BATCH, None).unwrap_err()[0].field, "events");
     }
 }

@@ -2,37 +2,68 @@
 //! to one destination, in order, in batches, until they are acknowledged.
 //!
 //! A producer implements [`Outbox`] over its own store (one view per
-//! destination) and a [`Destination`] over a peer's API; [`spawn`] runs the
-//! loop. Delivery is at least once: a relay that dies after delivering and
-//! before marking delivered sends the batch again, and consumers apply each
-//! event id once. While a destination fails, the relay backs off (full
-//! jitter, capped) and the events wait in the store, where they are safe.
+//! destination) and a [`Destination`] over a peer's API; [`Relays::spawn`]
+//! runs the loop. Delivery is at least once: a relay that dies after
+//! delivering and before marking delivered sends the batch again, and
+//! consumers apply each event id once. While a destination fails, the relay
+//! backs off (equal jitter, capped) and the events wait in the store, where
+//! they are safe.
+//!
+//! A poison event never blocks the events behind it. The consumer answers
+//! every event (applied, skipped, or rejected with a reason); a rejected
+//! event, and a stored event this version cannot even read, are moved to
+//! the outbox's dead letters in the producer's own store with the reason,
+//! and the relay goes on. An operator inspects and re-sends them through
+//! [`operator_routes`] (`chirp outbox list|retry <service>`).
 //!
 //! Metrics, labelled by destination: `outbox_depth`, `outbox_oldest_age_seconds`,
-//! `outbox_delivered_total`, `outbox_delivery_failures_total`.
+//! `outbox_dead_letters`, `outbox_delivered_total`,
+//! `outbox_delivery_failures_total`.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng as _;
+use serde::Serialize;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::events::Event;
+use crate::events::{Event, Outcome};
 
 /// An event waiting in an outbox, with whatever the store needs to mark it
 /// delivered (a row id, a stream id).
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub position: String,
-    pub event: Event,
+    /// The event, or why its stored text cannot be read (written by a newer
+    /// version, or damaged): such an entry goes straight to the dead letters.
+    pub event: Result<Event, String>,
 }
 
-/// How much waits for one destination.
+/// An outbox entry to set aside, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub position: String,
+    pub reason: String,
+}
+
+/// An event set aside: the consumer rejected it or it could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub position: String,
+    /// The event id, when the stored event could be read.
+    pub event_id: Option<String>,
+    pub reason: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+/// How much waits for one destination, and how much was set aside.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backlog {
     pub depth: u64,
     pub oldest: Option<DateTime<Utc>>,
+    pub dead_letters: u64,
 }
 
 /// One destination's view of a producer's outbox.
@@ -41,12 +72,22 @@ pub trait Outbox: Send + Sync + 'static {
     fn pending(&self, limit: usize) -> impl Future<Output = anyhow::Result<Vec<Pending>>> + Send;
     /// Marks events delivered, so they are not sent again.
     fn mark_delivered(&self, delivered: &[Pending]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Moves entries from the outbox to its dead letters, as stored, with
+    /// the reason; at once, so an entry is never in both or in neither.
+    fn dead_letter(&self, rejected: &[Rejected]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// The oldest dead letters.
+    fn dead_letters(&self, limit: usize) -> impl Future<Output = anyhow::Result<Vec<DeadLetter>>> + Send;
+    /// Moves up to `limit` dead letters back into the outbox, oldest first;
+    /// returns how many moved.
+    fn retry_dead_letters(&self, limit: usize) -> impl Future<Output = anyhow::Result<u64>> + Send;
     fn backlog(&self) -> impl Future<Output = anyhow::Result<Backlog>> + Send;
 }
 
-/// Where events go: a peer that applies each event id once.
+/// Where events go: a peer that applies each event id once and answers for
+/// each event, in the order sent. An answer with fewer outcomes than events
+/// (a consumer that predates outcomes) counts the rest as delivered.
 pub trait Destination: Send + Sync + 'static {
-    fn deliver(&self, events: &[Event]) -> impl Future<Output = Result<(), tonic::Status>> + Send;
+    fn deliver(&self, events: &[Event]) -> impl Future<Output = Result<Vec<Outcome>, tonic::Status>> + Send;
 }
 
 #[derive(Clone, Debug)]
@@ -54,7 +95,7 @@ pub struct RelayConfig {
     /// Label of the destination in logs and metrics, e.g. `analytics`.
     pub destination: &'static str,
     pub batch_size: usize,
-    /// How often an idle relay looks for new events (a [`RelayHandle::wake`]
+    /// How often an idle relay looks for new events (a retry of dead letters
     /// makes it look at once).
     pub poll_interval: Duration,
     pub backoff_base: Duration,
@@ -141,7 +182,7 @@ impl Analytics {
 }
 
 impl Destination for Analytics {
-    async fn deliver(&self, events: &[Event]) -> Result<(), tonic::Status> {
+    async fn deliver(&self, events: &[Event]) -> Result<Vec<Outcome>, tonic::Status> {
         use chirp_proto::analytics::v1::{analytics_service_client::AnalyticsServiceClient, RecordEventsRequest};
         let request = RecordEventsRequest {
             events: events.iter().map(Event::to_pb).collect(),
@@ -157,92 +198,228 @@ impl Destination for Analytics {
                 },
             )
             .await
-            .map(drop)
+            .map(|reply| reply.outcomes.iter().map(Outcome::from_pb).collect())
     }
 }
 
 /// The relay metrics of one service, shared by its relays.
 #[derive(Clone)]
-pub struct RelayMetrics {
+struct RelayMetrics {
     depth: IntGaugeVec,
     oldest_age: IntGaugeVec,
+    dead_letters: IntGaugeVec,
     delivered: IntCounterVec,
     failures: IntCounterVec,
 }
 
 impl RelayMetrics {
-    /// # Errors
-    /// When the metrics are already registered.
-    pub fn register(registry: &Registry) -> anyhow::Result<Self> {
+    fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["destination"]);
+        let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["destination"]);
         let metrics = Self {
-            depth: IntGaugeVec::new(
-                Opts::new("outbox_depth", "Events waiting for delivery"),
-                &["destination"],
+            depth: gauge("outbox_depth", "Events waiting for delivery")?,
+            oldest_age: gauge(
+                "outbox_oldest_age_seconds",
+                "Age of the oldest event waiting for delivery",
             )?,
-            oldest_age: IntGaugeVec::new(
-                Opts::new(
-                    "outbox_oldest_age_seconds",
-                    "Age of the oldest event waiting for delivery",
-                ),
-                &["destination"],
+            dead_letters: gauge(
+                "outbox_dead_letters",
+                "Events set aside: rejected by the destination or unreadable",
             )?,
-            delivered: IntCounterVec::new(
-                Opts::new("outbox_delivered_total", "Events delivered and acknowledged"),
-                &["destination"],
-            )?,
-            failures: IntCounterVec::new(
-                Opts::new("outbox_delivery_failures_total", "Failed delivery attempts"),
-                &["destination"],
-            )?,
+            delivered: counter("outbox_delivered_total", "Events delivered and acknowledged")?,
+            failures: counter("outbox_delivery_failures_total", "Failed delivery attempts")?,
         };
         registry.register(Box::new(metrics.depth.clone()))?;
         registry.register(Box::new(metrics.oldest_age.clone()))?;
+        registry.register(Box::new(metrics.dead_letters.clone()))?;
         registry.register(Box::new(metrics.delivered.clone()))?;
         registry.register(Box::new(metrics.failures.clone()))?;
         Ok(metrics)
     }
 }
 
-/// A running relay; stops when dropped.
-pub struct RelayHandle {
+/// What an operator may do with one outbox, whatever its store.
+trait DeadLetterOps: Send + Sync {
+    fn list(&self, limit: usize) -> BoxFuture<'_, anyhow::Result<Vec<DeadLetter>>>;
+    fn retry(&self, limit: usize) -> BoxFuture<'_, anyhow::Result<u64>>;
+}
+
+impl<O: Outbox> DeadLetterOps for O {
+    fn list(&self, limit: usize) -> BoxFuture<'_, anyhow::Result<Vec<DeadLetter>>> {
+        Box::pin(self.dead_letters(limit))
+    }
+
+    fn retry(&self, limit: usize) -> BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(self.retry_dead_letters(limit))
+    }
+}
+
+struct Running {
+    destination: &'static str,
+    outbox: Arc<dyn DeadLetterOps>,
     wake: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
-impl RelayHandle {
-    /// Tells the relay new events are waiting.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    /// A waker to hand to the code that writes events.
-    #[must_use]
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
-    }
-}
-
-impl Drop for RelayHandle {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Runs a relay from `outbox` to `destination` until the handle is dropped.
-pub fn spawn<O: Outbox, D: Destination>(
-    config: RelayConfig,
-    outbox: O,
-    destination: D,
+/// The relays of one service, one per destination, so a destination that is
+/// down holds back only its own deliveries. They stop when this is dropped.
+pub struct Relays {
     metrics: RelayMetrics,
-) -> RelayHandle {
-    let wake = Arc::new(Notify::new());
-    let task = tokio::spawn(run(config, outbox, destination, metrics, wake.clone()));
-    RelayHandle { wake, task }
+    running: Vec<Running>,
+}
+
+/// Most dead letters moved back by one retry request; a retry that moved
+/// this many says so, and the operator runs it again.
+pub const MAX_RETRY: usize = 10_000;
+
+impl Relays {
+    /// # Errors
+    /// When the relay metrics are already registered.
+    pub fn new(registry: &Registry) -> anyhow::Result<Self> {
+        Ok(Self {
+            metrics: RelayMetrics::register(registry)?,
+            running: Vec::new(),
+        })
+    }
+
+    /// Starts relaying `outbox` to `destination`.
+    pub fn spawn<O: Outbox, D: Destination>(&mut self, config: RelayConfig, outbox: O, destination: D) {
+        let wake = Arc::new(Notify::new());
+        let outbox = Arc::new(outbox);
+        let task = tokio::spawn(run(
+            config.clone(),
+            outbox.clone(),
+            destination,
+            self.metrics.clone(),
+            wake.clone(),
+        ));
+        self.running.push(Running {
+            destination: config.destination,
+            outbox,
+            wake,
+            task,
+        });
+    }
+
+    /// The oldest `limit` dead letters of each destination.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<(&'static str, Vec<DeadLetter>)>> {
+        let mut all = Vec::new();
+        for relay in &self.running {
+            all.push((relay.destination, relay.outbox.list(limit).await?));
+        }
+        Ok(all)
+    }
+
+    /// Moves every destination's dead letters (up to [`MAX_RETRY`] each)
+    /// back into its outbox and wakes its relay: each is delivered again,
+    /// and set aside again if the destination still rejects it.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    pub async fn retry(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
+        let mut moved = Vec::new();
+        for relay in &self.running {
+            let n = relay.outbox.retry(MAX_RETRY).await?;
+            tracing::info!(
+                destination = relay.destination,
+                events = n,
+                "dead letters sent back to the outbox"
+            );
+            relay.wake.notify_one();
+            moved.push((relay.destination, n));
+        }
+        Ok(moved)
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for relay in &self.running {
+            relay.task.abort();
+        }
+    }
+}
+
+/// The operator's endpoints for a service's outboxes, served beside
+/// `/metrics` and opened only by the producers' ingest token (header
+/// `x-chirp-ingest-token`): `GET /outbox/dead-letters` lists the oldest 100
+/// per destination, `POST /outbox/retry` sends them all back.
+pub fn operator_routes(relays: Arc<Relays>, ingest_token: &str) -> axum::Router {
+    use axum::{extract::State, http::HeaderMap, routing};
+
+    #[derive(Clone)]
+    struct Operator {
+        relays: Arc<Relays>,
+        token: Arc<str>,
+    }
+
+    type Reply = (http::StatusCode, String);
+
+    fn authorized(operator: &Operator, headers: &HeaderMap) -> Result<(), Reply> {
+        match headers.get(INGEST_TOKEN_HEADER) {
+            Some(presented) if ingest_token_matches(presented.as_bytes(), &operator.token) => Ok(()),
+            _ => Err((
+                http::StatusCode::UNAUTHORIZED,
+                format!("{{\"error\":\"present the ingest token in {INGEST_TOKEN_HEADER}\"}}"),
+            )),
+        }
+    }
+
+    fn answer(result: anyhow::Result<serde_json::Value>) -> Reply {
+        match result {
+            Ok(body) => (http::StatusCode::OK, body.to_string()),
+            Err(err) => {
+                tracing::warn!(error = format!("{err:#}"), "operator request on the outbox");
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    r#"{"error":"the store cannot be reached"}"#.to_owned(),
+                )
+            }
+        }
+    }
+
+    async fn list(State(operator): State<Operator>, headers: HeaderMap) -> Reply {
+        if let Err(reply) = authorized(&operator, &headers) {
+            return reply;
+        }
+        answer(operator.relays.dead_letters(100).await.map(|all| {
+            serde_json::Value::Object(
+                all.into_iter()
+                    .map(|(destination, letters)| (destination.to_owned(), serde_json::json!(letters)))
+                    .collect(),
+            )
+        }))
+    }
+
+    async fn retry(State(operator): State<Operator>, headers: HeaderMap) -> Reply {
+        if let Err(reply) = authorized(&operator, &headers) {
+            return reply;
+        }
+        answer(operator.relays.retry().await.map(|moved| {
+            serde_json::Value::Object(
+                moved
+                    .into_iter()
+                    .map(|(destination, n)| (destination.to_owned(), serde_json::json!(n)))
+                    .collect(),
+            )
+        }))
+    }
+
+    axum::Router::new()
+        .route("/outbox/dead-letters", routing::get(list))
+        .route("/outbox/retry", routing::post(retry))
+        .with_state(Operator {
+            relays,
+            token: Arc::from(ingest_token),
+        })
 }
 
 async fn run<O: Outbox, D: Destination>(
     config: RelayConfig,
-    outbox: O,
+    outbox: Arc<O>,
     destination: D,
     metrics: RelayMetrics,
     wake: Arc<Notify>,
@@ -254,10 +431,12 @@ async fn run<O: Outbox, D: Destination>(
         // The gauges cost a query; once a second is plenty for a scraper.
         if last_backlog.elapsed() >= Duration::from_secs(1) {
             if let Ok(backlog) = outbox.backlog().await {
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics.depth.with_label_values(&label).set(gauge(backlog.depth));
                 metrics
-                    .depth
+                    .dead_letters
                     .with_label_values(&label)
-                    .set(i64::try_from(backlog.depth).unwrap_or(i64::MAX));
+                    .set(gauge(backlog.dead_letters));
                 let age = backlog.oldest.map_or(0, |at| (Utc::now() - at).num_seconds().max(0));
                 metrics.oldest_age.with_label_values(&label).set(age);
             }
@@ -287,42 +466,110 @@ async fn run<O: Outbox, D: Destination>(
             continue;
         }
 
-        let events: Vec<Event> = batch.iter().map(|p| p.event.clone()).collect();
-        match destination.deliver(&events).await {
-            Ok(()) => {
-                failures = 0;
-                metrics
-                    .delivered
-                    .with_label_values(&label)
-                    .inc_by(u64::try_from(events.len()).unwrap_or(0));
-                if let Err(err) = outbox.mark_delivered(&batch).await {
-                    // The batch will be sent again; the destination dedupes.
-                    tracing::warn!(
-                        destination = config.destination,
-                        error = format!("{err:#}"),
-                        "marking events delivered"
-                    );
-                }
-            }
-            Err(status) => {
+        match deliver_batch(&config, &*outbox, &destination, &metrics, batch).await {
+            Ok(()) => failures = 0,
+            Err(()) => {
                 failures = failures.saturating_add(1);
-                metrics.failures.with_label_values(&label).inc();
-                let wait = backoff(&config, failures);
-                tracing::warn!(
-                    destination = config.destination,
-                    code = ?status.code(),
-                    reason = status.message(),
-                    waiting = events.len(),
-                    retry_in = ?wait,
-                    "delivery failed; events stay in the outbox"
-                );
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(backoff(&config, failures)).await;
             }
         }
     }
 }
 
-/// Full jitter up to `base * 2^failures`, capped.
+/// Delivers one batch: unreadable entries and the events the destination
+/// rejects are set aside, the rest marked delivered. `Err` means try again
+/// after a pause (nothing was lost: the batch is still in the outbox).
+async fn deliver_batch<O: Outbox, D: Destination>(
+    config: &RelayConfig,
+    outbox: &O,
+    destination: &D,
+    metrics: &RelayMetrics,
+    batch: Vec<Pending>,
+) -> Result<(), ()> {
+    let label = [config.destination];
+    let mut rejected = Vec::new();
+    let mut readable = Vec::new();
+    for pending in batch {
+        match &pending.event {
+            Ok(_) => readable.push(pending),
+            Err(reason) => rejected.push(Rejected {
+                position: pending.position.clone(),
+                reason: format!("unreadable in the outbox: {reason}"),
+            }),
+        }
+    }
+    let events: Vec<Event> = readable.iter().filter_map(|p| p.event.as_ref().ok().cloned()).collect();
+    let mut delivered = Vec::new();
+    if !events.is_empty() {
+        let outcomes = match destination.deliver(&events).await {
+            Ok(outcomes) => outcomes,
+            Err(status) => {
+                metrics.failures.with_label_values(&label).inc();
+                tracing::warn!(
+                    destination = config.destination,
+                    code = ?status.code(),
+                    reason = status.message(),
+                    waiting = events.len(),
+                    "delivery failed; events stay in the outbox"
+                );
+                return Err(());
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        for pending in readable {
+            match outcomes.next() {
+                Some(Outcome::Rejected(reason)) => rejected.push(Rejected {
+                    position: pending.position,
+                    reason,
+                }),
+                _ => delivered.push(pending),
+            }
+        }
+    }
+
+    // Set aside first: if that fails, the whole batch goes again and the
+    // destination dedupes what it applied.
+    if !rejected.is_empty() {
+        if let Err(err) = outbox.dead_letter(&rejected).await {
+            tracing::warn!(
+                destination = config.destination,
+                error = format!("{err:#}"),
+                "moving events to the dead letters"
+            );
+            return Err(());
+        }
+        for r in &rejected {
+            tracing::error!(
+                destination = config.destination,
+                position = r.position,
+                reason = r.reason,
+                "event set aside in the outbox's dead letters"
+            );
+        }
+        metrics
+            .dead_letters
+            .with_label_values(&label)
+            .add(i64::try_from(rejected.len()).unwrap_or(i64::MAX));
+    }
+    if !delivered.is_empty() {
+        metrics
+            .delivered
+            .with_label_values(&label)
+            .inc_by(u64::try_from(delivered.len()).unwrap_or(0));
+        if let Err(err) = outbox.mark_delivered(&delivered).await {
+            // The batch will be sent again; the destination dedupes.
+            tracing::warn!(
+                destination = config.destination,
+                error = format!("{err:#}"),
+                "marking events delivered"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Equal jitter: half of `base * 2^failures` (capped) plus a random part of
+/// the other half, so retries spread out but never come back at once.
 fn backoff(config: &RelayConfig, failures: u32) -> Duration {
     let ceiling = config
         .backoff_base
@@ -342,25 +589,68 @@ mod tests {
         },
     };
 
+    use uuid::Uuid;
+
     use super::*;
     use crate::events::Payload;
 
+    /// An outbox in memory: entries are (position, event, state).
     #[derive(Clone, Default)]
     struct MemoryOutbox {
-        events: Arc<Mutex<Vec<(String, Event, bool)>>>,
+        entries: Arc<Mutex<Vec<(String, Result<Event, String>, State)>>>,
         /// Marking fails this many times: the relay "dies" between delivering
         /// and marking.
         mark_failures: Arc<AtomicU32>,
     }
 
-    impl Outbox for MemoryOutbox {
-        async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
-            Ok(self
-                .events
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum State {
+        Waiting,
+        Delivered,
+        Dead(String),
+    }
+
+    impl MemoryOutbox {
+        fn all_delivered_or_dead(&self) -> bool {
+            self.entries
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|(_, _, done)| !done)
+                .all(|(_, _, s)| *s != State::Waiting)
+        }
+
+        fn dead(&self) -> Vec<(String, String)> {
+            self.entries
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|(p, _, s)| match s {
+                    State::Dead(reason) => Some((p.clone(), reason.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn set(&self, positions: impl Iterator<Item = (String, State)>) {
+            let mut entries = self.entries.lock().unwrap();
+            for (position, state) in positions {
+                for (p, _, s) in entries.iter_mut() {
+                    if *p == position {
+                        *s = state.clone();
+                    }
+                }
+            }
+        }
+    }
+
+    impl Outbox for MemoryOutbox {
+        async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
+            Ok(self
+                .entries
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, _, s)| *s == State::Waiting)
                 .take(limit)
                 .map(|(position, event, _)| Pending {
                     position: position.clone(),
@@ -377,38 +667,63 @@ mod tests {
             {
                 anyhow::bail!("the relay died before marking");
             }
-            let positions: HashSet<&str> = delivered.iter().map(|p| p.position.as_str()).collect();
-            for (position, _, done) in self.events.lock().unwrap().iter_mut() {
-                if positions.contains(position.as_str()) {
-                    *done = true;
-                }
-            }
+            self.set(delivered.iter().map(|p| (p.position.clone(), State::Delivered)));
             Ok(())
         }
 
+        async fn dead_letter(&self, rejected: &[Rejected]) -> anyhow::Result<()> {
+            self.set(
+                rejected
+                    .iter()
+                    .map(|r| (r.position.clone(), State::Dead(r.reason.clone()))),
+            );
+            Ok(())
+        }
+
+        async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+            Ok(self
+                .dead()
+                .into_iter()
+                .take(limit)
+                .map(|(position, reason)| DeadLetter {
+                    position,
+                    event_id: None,
+                    reason,
+                    failed_at: Utc::now(),
+                })
+                .collect())
+        }
+
+        async fn retry_dead_letters(&self, limit: usize) -> anyhow::Result<u64> {
+            let dead: Vec<_> = self.dead().into_iter().take(limit).collect();
+            self.set(dead.iter().map(|(p, _)| (p.clone(), State::Waiting)));
+            Ok(dead.len() as u64)
+        }
+
         async fn backlog(&self) -> anyhow::Result<Backlog> {
-            let events = self.events.lock().unwrap();
+            let entries = self.entries.lock().unwrap();
+            let count = |f: fn(&State) -> bool| entries.iter().filter(|(_, _, s)| f(s)).count() as u64;
             Ok(Backlog {
-                depth: events.iter().filter(|(_, _, done)| !done).count() as u64,
+                depth: count(|s| *s == State::Waiting),
                 oldest: None,
+                dead_letters: count(|s| matches!(s, State::Dead(_))),
             })
         }
     }
 
     /// Applies each event id once, like analytics-service, and counts
-    /// deliveries.
+    /// deliveries; rejects the producers named in `refused`.
     #[derive(Clone, Default)]
     struct DedupingConsumer {
         seen: Arc<Mutex<HashSet<Uuid>>>,
         applied: Arc<AtomicU32>,
         deliveries: Arc<AtomicU32>,
         failures_left: Arc<AtomicU32>,
+        refused: Arc<Mutex<HashSet<String>>>,
     }
 
-    use uuid::Uuid;
-
     impl Destination for DedupingConsumer {
-        async fn deliver(&self, events: &[Event]) -> Result<(), tonic::Status> {
+        async fn deliver(&self, events: &[Event]) -> Result<Vec<Outcome>, tonic::Status> {
             self.deliveries.fetch_add(1, Ordering::SeqCst);
             if self
                 .failures_left
@@ -417,13 +732,21 @@ mod tests {
             {
                 return Err(tonic::Status::unavailable("down"));
             }
+            let refused = self.refused.lock().unwrap();
             let mut seen = self.seen.lock().unwrap();
-            for event in events {
-                if seen.insert(event.id) {
-                    self.applied.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            Ok(())
+            Ok(events
+                .iter()
+                .map(|event| {
+                    if refused.contains(&event.producer) {
+                        Outcome::Rejected(format!("{} may not send here", event.producer))
+                    } else if seen.insert(event.id) {
+                        self.applied.fetch_add(1, Ordering::SeqCst);
+                        Outcome::Applied
+                    } else {
+                        Outcome::Skipped
+                    }
+                })
+                .collect())
         }
     }
 
@@ -437,20 +760,31 @@ mod tests {
         }
     }
 
+    fn event(producer: &str) -> Event {
+        Event::new(
+            producer,
+            Payload::UserRegistered {
+                user_id: Uuid::new_v4(),
+            },
+        )
+    }
+
+    fn push(outbox: &MemoryOutbox, event: Result<Event, String>) {
+        let mut entries = outbox.entries.lock().unwrap();
+        let position = entries.len().to_string();
+        entries.push((position, event, State::Waiting));
+    }
+
     fn fill(outbox: &MemoryOutbox, n: usize) {
-        let mut events = outbox.events.lock().unwrap();
-        for i in 0..n {
-            events.push((
-                i.to_string(),
-                Event::new(
-                    "test",
-                    Payload::UserRegistered {
-                        user_id: Uuid::new_v4(),
-                    },
-                ),
-                false,
-            ));
+        for _ in 0..n {
+            push(outbox, Ok(event("test")));
         }
+    }
+
+    fn relays(outbox: &MemoryOutbox, consumer: &DedupingConsumer) -> Relays {
+        let mut relays = Relays::new(&Registry::new()).unwrap();
+        relays.spawn(config(), outbox.clone(), consumer.clone());
+        relays
     }
 
     async fn until(condition: impl Fn() -> bool) {
@@ -469,12 +803,12 @@ mod tests {
         fill(&outbox, 35);
         let consumer = DedupingConsumer::default();
         consumer.failures_left.store(3, Ordering::SeqCst);
-        let metrics = RelayMetrics::register(&Registry::new()).unwrap();
-        let _relay = spawn(config(), outbox.clone(), consumer.clone(), metrics.clone());
+        let relays = relays(&outbox, &consumer);
         until(|| consumer.applied.load(Ordering::SeqCst) == 35).await;
-        until(|| outbox.events.lock().unwrap().iter().all(|(_, _, done)| *done)).await;
-        assert_eq!(metrics.delivered.with_label_values(&["test"]).get(), 35);
-        assert_eq!(metrics.failures.with_label_values(&["test"]).get(), 3);
+        until(|| outbox.all_delivered_or_dead()).await;
+        assert_eq!(relays.metrics.delivered.with_label_values(&["test"]).get(), 35);
+        assert_eq!(relays.metrics.failures.with_label_values(&["test"]).get(), 3);
+        assert!(outbox.dead().is_empty());
     }
 
     #[tokio::test]
@@ -483,11 +817,78 @@ mod tests {
         fill(&outbox, 10);
         outbox.mark_failures.store(1, Ordering::SeqCst);
         let consumer = DedupingConsumer::default();
-        let metrics = RelayMetrics::register(&Registry::new()).unwrap();
-        let _relay = spawn(config(), outbox.clone(), consumer.clone(), metrics);
-        until(|| outbox.events.lock().unwrap().iter().all(|(_, _, done)| *done)).await;
+        let _relays = relays(&outbox, &consumer);
+        until(|| outbox.all_delivered_or_dead()).await;
         assert_eq!(consumer.deliveries.load(Ordering::SeqCst), 2, "the batch went twice");
         assert_eq!(consumer.applied.load(Ordering::SeqCst), 10, "and counted once");
+    }
+
+    #[tokio::test]
+    async fn rejected_and_unreadable_events_are_set_aside_and_the_events_behind_them_delivered() {
+        let outbox = MemoryOutbox::default();
+        fill(&outbox, 3);
+        push(&outbox, Ok(event("poison")));
+        push(&outbox, Err("expected value at line 1 column 1".into()));
+        fill(&outbox, 30);
+        let consumer = DedupingConsumer::default();
+        consumer.refused.lock().unwrap().insert("poison".into());
+        let relays = relays(&outbox, &consumer);
+
+        until(|| consumer.applied.load(Ordering::SeqCst) == 33).await;
+        until(|| outbox.all_delivered_or_dead()).await;
+        let dead = outbox.dead();
+        assert_eq!(
+            dead,
+            [
+                ("3".to_owned(), "poison may not send here".to_owned()),
+                (
+                    "4".to_owned(),
+                    "unreadable in the outbox: expected value at line 1 column 1".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(relays.metrics.dead_letters.with_label_values(&["test"]).get(), 2);
+        let listed = relays.dead_letters(10).await.unwrap();
+        assert_eq!(listed[0].0, "test");
+        assert_eq!(listed[0].1.len(), 2);
+
+        // Retried: the consumer now takes the formerly refused producer; the
+        // unreadable entry is still unreadable and goes back.
+        consumer.refused.lock().unwrap().clear();
+        assert_eq!(relays.retry().await.unwrap(), [("test", 2)]);
+        until(|| consumer.applied.load(Ordering::SeqCst) == 34).await;
+        until(|| outbox.dead().len() == 1 && outbox.all_delivered_or_dead()).await;
+        assert_eq!(outbox.dead()[0].0, "4");
+    }
+
+    #[tokio::test]
+    async fn the_operator_routes_open_only_with_the_ingest_token() {
+        use tower::ServiceExt as _;
+        let outbox = MemoryOutbox::default();
+        push(&outbox, Err("unreadable".into()));
+        let consumer = DedupingConsumer::default();
+        let relays = Arc::new(relays(&outbox, &consumer));
+        until(|| outbox.dead().len() == 1).await;
+        let routes = operator_routes(relays, "secret");
+        let call = |method: &str, path: &str, token: Option<&str>| {
+            let mut request = http::Request::builder().method(method).uri(path);
+            if let Some(token) = token {
+                request = request.header(INGEST_TOKEN_HEADER, token);
+            }
+            routes.clone().oneshot(request.body(axum::body::Body::empty()).unwrap())
+        };
+        for token in [None, Some("wrong")] {
+            let reply = call("POST", "/outbox/retry", token).await.unwrap();
+            assert_eq!(reply.status(), http::StatusCode::UNAUTHORIZED);
+        }
+        let reply = call("GET", "/outbox/dead-letters", Some("secret")).await.unwrap();
+        assert_eq!(reply.status(), http::StatusCode::OK);
+        let body = axum::body::to_bytes(reply.into_body(), 1 << 20).await.unwrap();
+        let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(listed["test"][0]["reason"], "unreadable in the outbox: unreadable");
+        let reply = call("POST", "/outbox/retry", Some("secret")).await.unwrap();
+        let body = axum::body::to_bytes(reply.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["test"], 1);
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct ServeOptions {
     pub concurrency_limit: usize,
     pub shutdown_delay: Duration,
     pub drain_timeout: Duration,
+    /// Operator endpoints served beside `/metrics` (e.g.
+    /// [`crate::relay::operator_routes`]).
+    pub operator_routes: Option<axum::Router>,
 }
 
 impl ServeOptions {
@@ -115,7 +118,15 @@ impl ServeOptions {
             concurrency_limit: common.concurrency_limit,
             shutdown_delay: common.shutdown_delay,
             drain_timeout: common.drain_timeout,
+            operator_routes: None,
         }
+    }
+
+    /// Serves `routes` on the metrics port too.
+    #[must_use]
+    pub fn with_operator_routes(mut self, routes: axum::Router) -> Self {
+        self.operator_routes = Some(routes);
+        self
     }
 }
 
@@ -178,7 +189,9 @@ pub async fn serve(
     tokio::pin!(server);
 
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::watch::channel(false);
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, registry, metrics_stop_rx)));
+    let operator_routes = options.operator_routes.clone().unwrap_or_default();
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(serve_metrics(l, registry, operator_routes, metrics_stop_rx)));
     info!(service = options.service_name, addr = %local_addr, "serving gRPC");
 
     tokio::pin!(shutdown);
@@ -303,10 +316,16 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }
 
-async fn serve_metrics(listener: TcpListener, registry: Registry, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn serve_metrics(
+    listener: TcpListener,
+    registry: Registry,
+    operator_routes: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(render_metrics))
-        .with_state(registry);
+        .with_state(registry)
+        .merge(operator_routes);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             drop(stop.wait_for(|stopped| *stopped).await);

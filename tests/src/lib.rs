@@ -208,6 +208,12 @@ impl Mesh {
         self.analytics_file.url()
     }
 
+    /// user-service's PostgreSQL URL, to read what it holds.
+    #[must_use]
+    pub fn user_store(&self) -> &str {
+        self.database.url()
+    }
+
     /// message-service's MongoDB URI and database, to read what it holds.
     #[must_use]
     pub fn message_store(&self) -> (&str, &str) {

@@ -22,7 +22,7 @@ use chirp_proto::user::v1::user_service_server::SERVICE_NAME;
 use service_kit::{
     auth::TokenSigner,
     client::DEFAULT_CALL_TIMEOUT,
-    relay::{self, Analytics, RelayConfig, RelayMetrics},
+    relay::{self, Analytics, RelayConfig, Relays},
     server::{Health, ServeOptions},
     store::{StoreMonitor, StoreStatus},
 };
@@ -106,46 +106,41 @@ pub async fn run(
         users.clone(),
     )?;
 
-    // One relay per destination, so a destination that is down holds back
-    // only its own deliveries.
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, DEFAULT_CALL_TIMEOUT);
-    let relay_metrics = RelayMetrics::register(&registry)?;
-    let _relays = [
-        relay::spawn(
-            RelayConfig::new(store::ANALYTICS),
-            store.outbox(store::ANALYTICS),
-            Analytics::new(
-                peer("analytics-service", &config.analytics_service_url)?,
-                &config.ingest_token,
-            )?,
-            relay_metrics.clone(),
-        ),
-        relay::spawn(
-            RelayConfig::new(store::COMMENTS),
-            store.outbox(store::COMMENTS),
-            clients::CommentService {
-                peer: peer("comment-service", &config.comment_service_url)?,
-                users: users.clone(),
-            },
-            relay_metrics.clone(),
-        ),
-        relay::spawn(
-            RelayConfig::new(store::MESSAGES),
-            store.outbox(store::MESSAGES),
-            clients::MessageService {
-                peer: peer("message-service", &config.message_service_url)?,
-                users: users.clone(),
-            },
-            relay_metrics,
-        ),
-    ];
+    let mut relays = Relays::new(&registry)?;
+    relays.spawn(
+        RelayConfig::new(store::ANALYTICS),
+        store.outbox(store::ANALYTICS),
+        Analytics::new(
+            peer("analytics-service", &config.analytics_service_url)?,
+            &config.ingest_token,
+        )?,
+    );
+    relays.spawn(
+        RelayConfig::new(store::COMMENTS),
+        store.outbox(store::COMMENTS),
+        clients::CommentService {
+            peer: peer("comment-service", &config.comment_service_url)?,
+            users: users.clone(),
+        },
+    );
+    relays.spawn(
+        RelayConfig::new(store::MESSAGES),
+        store.outbox(store::MESSAGES),
+        clients::MessageService {
+            peer: peer("message-service", &config.message_service_url)?,
+            users: users.clone(),
+        },
+    );
+    let relays = Arc::new(relays);
 
     let routes = tonic::service::Routes::new(
         UserServiceServer::new(UserApi::new(users, limits, config.ingest_token.clone()))
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     service_kit::server::serve(
-        ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common),
+        ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common)
+            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
         health,
         registry,
         listener,

@@ -90,9 +90,9 @@ pub struct Bucket {
     pub follows: i64,
 }
 
-/// What one RecordEvents call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one RecordEvents call did: for each event, in order, whether it was
+/// stored now (`false`: stored before, a redelivery).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recorded {
-    pub accepted: u64,
-    pub duplicates: u64,
+    pub stored: Vec<bool>,
 }

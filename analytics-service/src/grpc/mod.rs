@@ -7,7 +7,8 @@ use chirp_proto::analytics::v1::{self as pb, analytics_service_server::Analytics
 use chrono::{DateTime, TimeZone as _, Utc};
 use service_kit::{
     auth::{Caller, TokenVerifier},
-    validate::{invalid_argument, violation, FieldViolation, Violations},
+    events::Batch,
+    validate::{invalid_argument, violation, FieldViolation},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -90,17 +91,8 @@ fn to_pb_time(at: DateTime<Utc>) -> prost_types::Timestamp {
 impl AnalyticsService for AnalyticsApi {
     async fn record_events(&self, request: Request<pb::RecordEventsRequest>) -> Reply<pb::RecordEventsResponse> {
         self.check_ingest_token(request.metadata())?;
-        let raw = &request.get_ref().events;
-        if raw.is_empty() || raw.len() > MAX_BATCH {
-            return Err(Error::from(violation("events", format!("must hold 1 to {MAX_BATCH} events"))).into());
-        }
-        let mut violations = Violations::new();
-        let events: Vec<Event> = raw
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| violations.check(Event::from_pb(&format!("events[{i}]"), e)))
-            .collect();
-        violations.finish().map_err(Error::from)?;
+        let batch = Batch::parse(&request.get_ref().events, MAX_BATCH, None).map_err(Error::from)?;
+        let events: Vec<Event> = batch.events().cloned().collect();
         let recorded = self.store.record(&events).await?;
         // Stored: take effect on this replica at once, before the next sync.
         for event in &events {
@@ -117,9 +109,11 @@ impl AnalyticsService for AnalyticsApi {
                 });
             }
         }
+        let (accepted_count, duplicate_count) = service_kit::events::tally(&recorded.stored);
         Ok(Response::new(pb::RecordEventsResponse {
-            accepted_count: i64::try_from(recorded.accepted).unwrap_or(i64::MAX),
-            duplicate_count: i64::try_from(recorded.duplicates).unwrap_or(i64::MAX),
+            accepted_count,
+            duplicate_count,
+            outcomes: batch.outcomes(&recorded.stored),
         }))
     }
 

@@ -195,12 +195,11 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-            if inserted.rows_affected() == 0 {
-                recorded.duplicates += 1;
-                continue;
+            let stored = inserted.rows_affected() > 0;
+            recorded.stored.push(stored);
+            if stored {
+                apply(&mut tx, event).await?;
             }
-            recorded.accepted += 1;
-            apply(&mut tx, event).await?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(recorded)

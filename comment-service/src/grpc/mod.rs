@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chirp_proto::comment::v1::{self as pb, comment_service_server::CommentService};
 use service_kit::{
     auth::TokenVerifier,
-    events::Event,
+    events::{Batch, Event},
     relay::{ingest_token_matches, INGEST_TOKEN_HEADER},
     validate::{invalid_argument, Violations},
 };
@@ -130,18 +130,19 @@ impl CommentService for CommentApi {
 
     async fn apply_events(&self, request: Request<pb::ApplyEventsRequest>) -> Reply<pb::ApplyEventsResponse> {
         let producer = self.producer(request.metadata()).await?;
-        let events = Event::parse_batch(&request.get_ref().events).map_err(Error::from)?;
-        if let Some(i) = events.iter().position(|e| e.producer != producer_name(producer)) {
-            return Err(Error::InvalidArgument(vec![service_kit::validate::violation(
-                &format!("events[{i}].producer"),
-                format!("must be {}, the producer the credential names", producer_name(producer)),
-            )])
-            .into());
-        }
-        let done = self.comments.apply_events(producer, &events).await?;
+        let batch = Batch::parse(
+            &request.get_ref().events,
+            service_kit::events::MAX_BATCH,
+            Some(producer_name(producer)),
+        )
+        .map_err(Error::from)?;
+        let events: Vec<Event> = batch.events().cloned().collect();
+        let applied = self.comments.apply_events(producer, &events).await?;
+        let (applied_count, ignored_count) = service_kit::events::tally(&applied);
         Ok(Response::new(pb::ApplyEventsResponse {
-            applied_count: i64::try_from(done.applied).unwrap_or(i64::MAX),
-            ignored_count: i64::try_from(done.ignored).unwrap_or(i64::MAX),
+            applied_count,
+            ignored_count,
+            outcomes: batch.outcomes(&applied),
         }))
     }
 }

@@ -12,6 +12,7 @@
 //! | `{p}m:{message_id}` | sorted set | the message's comment ids, all at score 0 |
 //! | `{p}u:{user_id}` | set | the user's comment ids, for purging |
 //! | `{p}outbox` | stream | events waiting for delivery (field `event`: JSON), deleted once delivered |
+//! | `{p}outbox:dead` | stream | outbox entries set aside (rejected by analytics-service, or unreadable): `event` as stored, `reason`, `position` (the outbox id); the entry id tells when |
 //! | `{p}revocations` | hash | user id → `{issued_before unix seconds}:{reason}`, the latest `TokensRevoked` per user |
 //! | `{p}purge:users` | set | users whose comments are still being purged (ban, erasure) |
 //! | `{p}purge:messages` | set | deleted messages whose comments are still being deleted |
@@ -42,7 +43,7 @@ use redis::{
 };
 use service_kit::{
     events::{Event, RevocationReason},
-    relay::{Backlog, Outbox, Pending},
+    relay::{Backlog, DeadLetter, Outbox, Pending, Rejected},
     revocation::{Revocation, RevocationStore},
     store::StoreStatus,
 };
@@ -122,6 +123,39 @@ if stored then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
 return 1
+";
+
+/// KEYS[1] the outbox, KEYS[2] its dead letters; ARGV: pairs of outbox id
+/// and reason. Each entry leaves the outbox and arrives in the dead letters
+/// in one step.
+const DEAD_LETTER_SCRIPT: &str = r"
+for i = 1, #ARGV, 2 do
+  local entries = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #entries == 1 then
+    local fields, event = entries[1][2], ''
+    for j = 1, #fields, 2 do
+      if fields[j] == 'event' then event = fields[j + 1] end
+    end
+    redis.call('XADD', KEYS[2], '*', 'event', event, 'reason', ARGV[i + 1], 'position', ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
+return 1
+";
+
+/// KEYS[1] the outbox, KEYS[2] its dead letters; ARGV: how many. Moves the
+/// oldest dead letters back to the end of the outbox.
+const RETRY_SCRIPT: &str = r"
+local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', tonumber(ARGV[1]))
+for _, entry in ipairs(entries) do
+  local fields, event = entry[2], ''
+  for j = 1, #fields, 2 do
+    if fields[j] == 'event' then event = fields[j + 1] end
+  end
+  redis.call('XADD', KEYS[1], '*', 'event', event)
+  redis.call('XDEL', KEYS[2], entry[1])
+end
+return #entries
 ";
 
 #[derive(Clone)]
@@ -508,35 +542,48 @@ impl Store {
         RedisOutbox {
             redis: self.redis.clone(),
             key: self.outbox_key(),
+            dead_key: format!("{}:dead", self.outbox_key()),
+            dead_letter: Script::new(DEAD_LETTER_SCRIPT),
+            retry: Script::new(RETRY_SCRIPT),
         }
     }
 }
 
 /// The outbox stream as the relay sees it: entries are read oldest first and
-/// deleted (`XDEL`) once delivered.
+/// deleted (`XDEL`) once delivered, or moved to `{p}outbox:dead`.
 #[derive(Clone)]
 pub struct RedisOutbox {
     redis: ConnectionManager,
     key: String,
+    dead_key: String,
+    dead_letter: Script,
+    retry: Script,
+}
+
+/// When a stream entry was added: its id starts with the milliseconds.
+fn stream_id_time(id: &str) -> Option<DateTime<Utc>> {
+    let ms = id.split('-').next()?.parse::<i64>().ok()?;
+    Utc.timestamp_millis_opt(ms).single()
 }
 
 impl Outbox for RedisOutbox {
     async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
         let mut redis = self.redis.clone();
         let reply: StreamRangeReply = redis.xrange_count(&self.key, "-", "+", limit).await?;
-        reply
+        Ok(reply
             .ids
             .into_iter()
             .map(|entry| {
-                let json: String = entry
-                    .get("event")
-                    .ok_or_else(|| anyhow::anyhow!("outbox entry {} has no event", entry.id))?;
-                Ok(Pending {
-                    event: Event::from_json(&json)?,
+                let event = entry
+                    .get::<String>("event")
+                    .ok_or_else(|| "the entry has no event".to_owned())
+                    .and_then(|json| Event::from_json(&json).map_err(|e| e.to_string()));
+                Pending {
+                    event,
                     position: entry.id,
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     async fn mark_delivered(&self, delivered: &[Pending]) -> anyhow::Result<()> {
@@ -546,17 +593,60 @@ impl Outbox for RedisOutbox {
         Ok(())
     }
 
+    async fn dead_letter(&self, rejected: &[Rejected]) -> anyhow::Result<()> {
+        let mut redis = self.redis.clone();
+        let mut invocation = self.dead_letter.key(&self.key);
+        invocation.key(&self.dead_key);
+        for r in rejected {
+            invocation.arg(&r.position).arg(&r.reason);
+        }
+        let _: i64 = invocation.invoke_async(&mut redis).await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut redis = self.redis.clone();
+        let reply: StreamRangeReply = redis.xrange_count(&self.dead_key, "-", "+", limit).await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| DeadLetter {
+                position: entry.get("position").unwrap_or_default(),
+                event_id: entry
+                    .get::<String>("event")
+                    .and_then(|json| Event::from_json(&json).ok())
+                    .map(|event| event.id.to_string()),
+                reason: entry.get("reason").unwrap_or_default(),
+                failed_at: stream_id_time(&entry.id).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn retry_dead_letters(&self, limit: usize) -> anyhow::Result<u64> {
+        let mut redis = self.redis.clone();
+        let moved: u64 = self
+            .retry
+            .key(&self.key)
+            .key(&self.dead_key)
+            .arg(limit)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(moved)
+    }
+
     async fn backlog(&self) -> anyhow::Result<Backlog> {
         let mut redis = self.redis.clone();
-        let depth: u64 = redis.xlen(&self.key).await?;
-        let first: StreamRangeReply = redis.xrange_count(&self.key, "-", "+", 1).await?;
-        // A stream id starts with the milliseconds it was added at.
-        let oldest = first
-            .ids
-            .first()
-            .and_then(|e| e.id.split('-').next()?.parse::<i64>().ok())
-            .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-        Ok(Backlog { depth, oldest })
+        let (depth, first, dead_letters): (u64, StreamRangeReply, u64) = redis::pipe()
+            .xlen(&self.key)
+            .xrange_count(&self.key, "-", "+", 1)
+            .xlen(&self.dead_key)
+            .query_async(&mut redis)
+            .await?;
+        Ok(Backlog {
+            depth,
+            oldest: first.ids.first().and_then(|e| stream_id_time(&e.id)),
+            dead_letters,
+        })
     }
 }
 

@@ -94,7 +94,10 @@ impl CommentEvents {
 }
 
 impl service_kit::relay::Destination for CommentEvents {
-    async fn deliver(&self, events: &[service_kit::events::Event]) -> Result<(), Status> {
+    async fn deliver(
+        &self,
+        events: &[service_kit::events::Event],
+    ) -> Result<Vec<service_kit::events::Outcome>, Status> {
         let request = pb::ApplyEventsRequest {
             events: events.iter().map(service_kit::events::Event::to_pb).collect(),
         };
@@ -104,6 +107,12 @@ impl service_kit::relay::Destination for CommentEvents {
                 async move { CommentServiceClient::new(channel).apply_events(request).await }
             })
             .await
-            .map(drop)
+            .map(|reply| {
+                reply
+                    .outcomes
+                    .iter()
+                    .map(service_kit::events::Outcome::from_pb)
+                    .collect()
+            })
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use service_kit::{
     auth::TokenVerifier,
+    events::{Batch, Event},
     validate::{invalid_argument, Violations},
 };
 use tonic::{metadata::MetadataMap, Status};
@@ -33,21 +34,19 @@ impl Shared {
         Ok(self.verifier.authenticate(metadata).await?)
     }
 
-    /// user-service's events, with its service token only.
+    /// user-service's events, with its service token only: the outcome of
+    /// each, and how many were applied and ignored.
     async fn user_events(
         &self,
         metadata: &MetadataMap,
         raw: &[chirp_proto::events::v1::Event],
-    ) -> Result<crate::service::Applied, Error> {
+    ) -> Result<(Vec<chirp_proto::events::v1::EventOutcome>, i64, i64), Error> {
         self.verifier.authenticate_service(metadata).await?;
-        let events = service_kit::events::Event::parse_batch(raw)?;
-        if let Some(i) = events.iter().position(|e| e.producer != USER_SERVICE) {
-            return Err(Error::InvalidArgument(vec![service_kit::validate::violation(
-                &format!("events[{i}].producer"),
-                "must be user-service",
-            )]));
-        }
-        self.messages.apply_user_events(&events).await
+        let batch = Batch::parse(raw, service_kit::events::MAX_BATCH, Some(USER_SERVICE))?;
+        let events: Vec<Event> = batch.events().cloned().collect();
+        let applied = self.messages.apply_user_events(&events).await?;
+        let (applied_count, ignored_count) = service_kit::events::tally(&applied);
+        Ok((batch.outcomes(&applied), applied_count, ignored_count))
     }
 }
 
@@ -197,13 +196,14 @@ macro_rules! versioned_api {
                     &self,
                     request: Request<pb::ApplyUserEventsRequest>,
                 ) -> Reply<pb::ApplyUserEventsResponse> {
-                    let done = self
+                    let (outcomes, applied_count, ignored_count) = self
                         .0
                         .user_events(request.metadata(), &request.get_ref().events)
                         .await?;
                     Ok(Response::new(pb::ApplyUserEventsResponse {
-                        applied_count: i64::try_from(done.applied).unwrap_or(i64::MAX),
-                        ignored_count: i64::try_from(done.ignored).unwrap_or(i64::MAX),
+                        applied_count,
+                        ignored_count,
+                        outcomes,
                     }))
                 }
             }

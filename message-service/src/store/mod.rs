@@ -15,6 +15,7 @@
 //! | collection | holds | index |
 //! |---|---|---|
 //! | `outbox` | events waiting for delivery, `_id` = `{destination}:{event_id}` | `{destination, _id}` |
+//! | `outbox_dead_letters` | outbox entries set aside (rejected by their destination, or unreadable), as stored plus `reason` and `failed_at` | `{destination, _id}` |
 //! | `revocations` | the latest `TokensRevoked` per user (`_id` = user id) | `{issued_before}` |
 //! | `erasures` | users whose messages are still being erased (`_id` = user id) | `_id` |
 //! | `visibility` | users whose messages are still being hidden or shown (`_id` = user id, `hidden`: the wanted state) | `_id` |
@@ -32,7 +33,7 @@ use mongodb::{
 use serde::{Deserialize, Serialize};
 use service_kit::{
     events::{Event, Payload, RevocationReason},
-    relay::{Backlog, Outbox, Pending},
+    relay::{Backlog, DeadLetter, Outbox, Pending, Rejected},
     revocation::{Revocation, RevocationStore},
     store::StoreStatus,
 };
@@ -44,6 +45,7 @@ use crate::{
 
 const COLLECTION: &str = "messages";
 const OUTBOX: &str = "outbox";
+const DEAD_LETTERS: &str = "outbox_dead_letters";
 const REVOCATIONS: &str = "revocations";
 const ERASURES: &str = "erasures";
 const VISIBILITY: &str = "visibility";
@@ -227,7 +229,7 @@ impl Store {
         self.messages.create_index(index).await.map_err(classify)?;
         // A transaction cannot create a collection on every server version;
         // make sure the outbox exists before the first write needs it.
-        for name in [OUTBOX, REVOCATIONS, ERASURES, VISIBILITY] {
+        for name in [OUTBOX, DEAD_LETTERS, REVOCATIONS, ERASURES, VISIBILITY] {
             if !existing.iter().any(|existing| existing == name) {
                 self.database.create_collection(name).await.map_err(classify)?;
             }
@@ -237,11 +239,17 @@ impl Store {
             .options(IndexOptions::builder().name("issued_before".to_owned()).build())
             .build();
         self.revocations.create_index(by_cutoff).await.map_err(classify)?;
-        let pending = IndexModel::builder()
-            .keys(doc! { "destination": 1, "_id": 1 })
-            .options(IndexOptions::builder().name("destination_id".to_owned()).build())
-            .build();
-        self.outbox.create_index(pending).await.map_err(classify)?;
+        for collection in [OUTBOX, DEAD_LETTERS] {
+            let pending = IndexModel::builder()
+                .keys(doc! { "destination": 1, "_id": 1 })
+                .options(IndexOptions::builder().name("destination_id".to_owned()).build())
+                .build();
+            self.database
+                .collection::<Document>(collection)
+                .create_index(pending)
+                .await
+                .map_err(classify)?;
+        }
         Ok(())
     }
 
@@ -576,7 +584,9 @@ impl Store {
     #[must_use]
     pub fn outbox(&self, destination: &'static str) -> MongoOutbox {
         MongoOutbox {
-            outbox: self.outbox.clone(),
+            client: self.client.clone(),
+            outbox: self.outbox.clone_with_type(),
+            dead_letters: self.database.collection(DEAD_LETTERS),
             destination,
         }
     }
@@ -628,16 +638,56 @@ fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
 }
 
 /// One destination's entries of the outbox collection, as its relay sees
-/// them.
+/// them. Entries are read as plain documents, so one that this version
+/// cannot read is set aside rather than failing the whole batch.
 #[derive(Clone)]
 pub struct MongoOutbox {
-    outbox: Collection<OutboxDoc>,
+    client: Client,
+    outbox: Collection<Document>,
+    dead_letters: Collection<Document>,
     destination: &'static str,
+}
+
+impl MongoOutbox {
+    /// Moves up to `limit` documents matching `filter`, oldest first, from
+    /// one collection to the other in one transaction (so each is in exactly
+    /// one of them), changed by `edit` on the way.
+    async fn move_docs(
+        &self,
+        from: &Collection<Document>,
+        to: &Collection<Document>,
+        filter: Document,
+        limit: i64,
+        mut edit: impl FnMut(&mut Document),
+    ) -> anyhow::Result<u64> {
+        let mut session = self.client.start_session().await?;
+        session.start_transaction().await?;
+        let mut docs: Vec<Document> = from
+            .find(filter)
+            .sort(doc! { "_id": 1 })
+            .limit(limit)
+            .session(&mut session)
+            .await?
+            .stream(&mut session)
+            .try_collect()
+            .await?;
+        if docs.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        docs.iter_mut().for_each(&mut edit);
+        to.insert_many(&docs).session(&mut session).await?;
+        from.delete_many(doc! { "_id": { "$in": ids } })
+            .session(&mut session)
+            .await?;
+        session.commit_transaction().await?;
+        Ok(docs.len() as u64)
+    }
 }
 
 impl Outbox for MongoOutbox {
     async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
-        let docs: Vec<OutboxDoc> = self
+        let docs: Vec<Document> = self
             .outbox
             .find(doc! { "destination": self.destination })
             .sort(doc! { "_id": 1 })
@@ -647,10 +697,12 @@ impl Outbox for MongoOutbox {
             .await?;
         docs.into_iter()
             .map(|d| {
-                Ok(Pending {
-                    event: Event::from_json(&d.event)?,
-                    position: d.id,
-                })
+                let position = d.get_str("_id")?.to_owned();
+                let event = d
+                    .get_str("event")
+                    .map_err(|e| e.to_string())
+                    .and_then(|json| Event::from_json(json).map_err(|e| e.to_string()));
+                Ok(Pending { position, event })
             })
             .collect()
     }
@@ -661,18 +713,87 @@ impl Outbox for MongoOutbox {
         Ok(())
     }
 
-    async fn backlog(&self) -> anyhow::Result<Backlog> {
-        let depth = self
-            .outbox
-            .count_documents(doc! { "destination": self.destination })
+    async fn dead_letter(&self, rejected: &[Rejected]) -> anyhow::Result<()> {
+        let ids: Vec<&str> = rejected.iter().map(|r| r.position.as_str()).collect();
+        let failed_at = BsonDateTime::now();
+        self.move_docs(
+            &self.outbox,
+            &self.dead_letters,
+            doc! { "_id": { "$in": ids } },
+            i64::try_from(rejected.len()).unwrap_or(i64::MAX),
+            |d| {
+                let reason = d
+                    .get_str("_id")
+                    .ok()
+                    .and_then(|id| rejected.iter().find(|r| r.position == id))
+                    .map(|r| r.reason.clone())
+                    .unwrap_or_default();
+                d.insert("reason", reason);
+                d.insert("failed_at", failed_at);
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let docs: Vec<Document> = self
+            .dead_letters
+            .find(doc! { "destination": self.destination })
+            .sort(doc! { "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await?
+            .try_collect()
             .await?;
+        Ok(docs
+            .iter()
+            .map(|d| DeadLetter {
+                position: d.get_str("_id").unwrap_or_default().to_owned(),
+                event_id: d
+                    .get_str("_id")
+                    .ok()
+                    .and_then(|id| id.split_once(':'))
+                    .map(|(_, event_id)| event_id.to_owned()),
+                reason: d.get_str("reason").unwrap_or_default().to_owned(),
+                failed_at: d
+                    .get_datetime("failed_at")
+                    .ok()
+                    .and_then(|at| Utc.timestamp_millis_opt(at.timestamp_millis()).single())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn retry_dead_letters(&self, limit: usize) -> anyhow::Result<u64> {
+        self.move_docs(
+            &self.dead_letters,
+            &self.outbox,
+            doc! { "destination": self.destination },
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            |d| {
+                d.remove("reason");
+                d.remove("failed_at");
+            },
+        )
+        .await
+    }
+
+    async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let mine = doc! { "destination": self.destination };
+        let depth = self.outbox.count_documents(mine.clone()).await?;
         let oldest = self
             .outbox
-            .find_one(doc! { "destination": self.destination })
+            .find_one(mine.clone())
             .sort(doc! { "_id": 1 })
             .await?
-            .and_then(|d| Utc.timestamp_millis_opt(d.occurred_at.timestamp_millis()).single());
-        Ok(Backlog { depth, oldest })
+            .and_then(|d| d.get_datetime("occurred_at").ok().copied())
+            .and_then(|at| Utc.timestamp_millis_opt(at.timestamp_millis()).single());
+        let dead_letters = self.dead_letters.count_documents(mine).await?;
+        Ok(Backlog {
+            depth,
+            oldest,
+            dead_letters,
+        })
     }
 }
 

@@ -219,6 +219,8 @@ impl cpb::comment_service_server::CommentService for FakeComments {
         Ok(Response::new(cpb::ApplyEventsResponse {
             applied_count: count,
             ignored_count: 0,
+            // None: an older consumer's answer, every event delivered.
+            outcomes: Vec::new(),
         }))
     }
 }

@@ -12,7 +12,7 @@ use chirp_proto::{
 };
 use service_kit::{
     client::{Idempotency, Peer},
-    events::Event,
+    events::{Event, Outcome},
     relay::Destination,
 };
 use tonic::{metadata::MetadataValue, Status};
@@ -36,7 +36,7 @@ pub struct CommentService {
 }
 
 impl Destination for CommentService {
-    async fn deliver(&self, events: &[Event]) -> Result<(), Status> {
+    async fn deliver(&self, events: &[Event]) -> Result<Vec<Outcome>, Status> {
         let auth = bearer(&self.users)?;
         let request = ApplyEventsRequest {
             events: events.iter().map(Event::to_pb).collect(),
@@ -47,7 +47,7 @@ impl Destination for CommentService {
                 async move { CommentServiceClient::new(channel).apply_events(request).await }
             })
             .await
-            .map(drop)
+            .map(|reply| reply.outcomes.iter().map(Outcome::from_pb).collect())
     }
 }
 
@@ -58,7 +58,7 @@ pub struct MessageService {
 }
 
 impl Destination for MessageService {
-    async fn deliver(&self, events: &[Event]) -> Result<(), Status> {
+    async fn deliver(&self, events: &[Event]) -> Result<Vec<Outcome>, Status> {
         let auth = bearer(&self.users)?;
         let request = ApplyUserEventsRequest {
             events: events.iter().map(Event::to_pb).collect(),
@@ -69,6 +69,6 @@ impl Destination for MessageService {
                 async move { MessageServiceClient::new(channel).apply_user_events(request).await }
             })
             .await
-            .map(drop)
+            .map(|reply| reply.outcomes.iter().map(Outcome::from_pb).collect())
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use service_kit::{
     events::{Event, Payload, RevocationReason},
-    relay::{Backlog, Outbox, Pending},
+    relay::{Backlog, DeadLetter, Outbox, Pending, Rejected},
     revocation::Revocation,
     store::StoreStatus,
 };
@@ -579,7 +579,7 @@ impl Outbox for PgOutbox {
                 let event: String = row.try_get("event")?;
                 Ok(Pending {
                     position: id.to_string(),
-                    event: Event::from_json(&event)?,
+                    event: Event::from_json(&event).map_err(|e| e.to_string()),
                 })
             })
             .collect()
@@ -594,16 +594,82 @@ impl Outbox for PgOutbox {
         Ok(())
     }
 
+    async fn dead_letter(&self, rejected: &[Rejected]) -> anyhow::Result<()> {
+        let (ids, reasons): (Vec<i64>, Vec<&str>) = rejected
+            .iter()
+            .filter_map(|r| Some((r.position.parse::<i64>().ok()?, r.reason.as_str())))
+            .unzip();
+        // One statement: the rows leave the outbox and arrive here together.
+        sqlx::query(
+            "WITH reasons AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)),
+                  moved AS (DELETE FROM outbox WHERE id IN (SELECT id FROM reasons) RETURNING *)
+             INSERT INTO outbox_dead_letters (id, destination, event_id, event, occurred_at, reason)
+             SELECT moved.id, moved.destination, moved.event_id, moved.event, moved.occurred_at, reasons.reason
+             FROM moved JOIN reasons USING (id)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&reasons)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, reason, failed_at FROM outbox_dead_letters
+             WHERE destination = $1 ORDER BY id LIMIT $2",
+        )
+        .bind(self.destination)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let event_id: Uuid = row.try_get("event_id")?;
+                Ok(DeadLetter {
+                    position: id.to_string(),
+                    event_id: Some(event_id.to_string()),
+                    reason: row.try_get("reason")?,
+                    failed_at: row.try_get("failed_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn retry_dead_letters(&self, limit: usize) -> anyhow::Result<u64> {
+        let moved = sqlx::query(
+            "WITH moved AS (
+                 DELETE FROM outbox_dead_letters WHERE id IN (
+                     SELECT id FROM outbox_dead_letters WHERE destination = $1 ORDER BY id LIMIT $2)
+                 RETURNING id, destination, event_id, event, occurred_at)
+             INSERT INTO outbox (id, destination, event_id, event, occurred_at)
+             SELECT id, destination, event_id, event, occurred_at FROM moved
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(self.destination)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(moved.rows_affected())
+    }
+
     async fn backlog(&self) -> anyhow::Result<Backlog> {
-        let row =
-            sqlx::query("SELECT count(*) AS depth, min(occurred_at) AS oldest FROM outbox WHERE destination = $1")
-                .bind(self.destination)
-                .fetch_one(&self.pool)
-                .await?;
-        let depth: i64 = row.try_get("depth")?;
+        let row = sqlx::query(
+            "SELECT count(*) AS depth, min(occurred_at) AS oldest,
+                    (SELECT count(*) FROM outbox_dead_letters WHERE destination = $1) AS dead_letters
+             FROM outbox WHERE destination = $1",
+        )
+        .bind(self.destination)
+        .fetch_one(&self.pool)
+        .await?;
+        let count =
+            |name: &str| -> anyhow::Result<u64> { Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or(0)) };
         Ok(Backlog {
-            depth: u64::try_from(depth).unwrap_or(0),
+            depth: count("depth")?,
             oldest: row.try_get("oldest")?,
+            dead_letters: count("dead_letters")?,
         })
     }
 }
