@@ -8,6 +8,7 @@
 mod client;
 mod control;
 mod layout;
+mod outbox;
 mod seed;
 mod status;
 mod up;
@@ -54,8 +55,16 @@ enum Command {
         no_seed: bool,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
-    /// erasures in progress
+    /// dead letters, erasures in progress
     Status,
+    /// A service's outbox dead letters: events its consumers rejected or it
+    /// could not read, set aside so the events behind them flow
+    Outbox {
+        #[arg(value_parser = ["list", "retry"])]
+        action: String,
+        #[arg(value_parser = ["user-service", "message-service", "comment-service"])]
+        service: String,
+    },
     /// Stop or start a part of a running `chirp up`
     Chaos {
         #[arg(value_parser = ["stop", "start"])]
@@ -124,6 +133,7 @@ async fn main() -> ExitCode {
         }
         Command::Status => print_status(&data_dir, cli.json).await,
         Command::Chaos { action, part } => chaos(&data_dir, &action, &part, cli.json).await,
+        Command::Outbox { action, service } => outbox::run(&data_dir, &action, &service, cli.json).await,
         Command::Register {
             username,
             password,
@@ -196,8 +206,8 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
     }
     println!();
     println!(
-        "{:<18} {:<12} {:<8} {:<40} {:<9} OUTBOX",
-        "SERVICE", "API", "STORE", "CIRCUITS", "ERASURES"
+        "{:<18} {:<12} {:<8} {:<40} {:<9} {:<34} DEAD LETTERS",
+        "SERVICE", "API", "STORE", "CIRCUITS", "ERASURES", "OUTBOX"
     );
     for r in &reports {
         let yes_no = |v: Option<bool>, yes: &str, no: &str| match v {
@@ -205,34 +215,29 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
             Some(false) => no.to_owned(),
             None => "unreachable".to_owned(),
         };
-        let circuits = if r.circuits.is_empty() {
-            "-".to_owned()
-        } else {
-            r.circuits
-                .iter()
-                .map(|(p, s)| format!("{p}={s}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let outbox = if r.outbox.is_empty() {
-            "-".to_owned()
-        } else {
-            r.outbox
-                .iter()
-                .map(|(d, n)| format!("{d}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let erasures = r.erasures_pending.map_or_else(|| "-".to_owned(), |n| n.to_string());
         println!(
-            "{:<18} {:<12} {:<8} {:<40} {:<9} {}",
+            "{:<18} {:<12} {:<8} {:<40} {:<9} {:<34} {}",
             r.service,
             yes_no(r.serving, "SERVING", "NOT_SERVING"),
             yes_no(r.store_up, "up", "down"),
-            circuits,
+            pairs(&r.circuits),
             erasures,
-            outbox
+            pairs(&r.outbox),
+            pairs(&r.dead_letters)
         );
     }
     Ok(())
+}
+
+/// `name=value name=value`, or `-` for none.
+fn pairs<T: std::fmt::Display>(pairs: &[(String, T)]) -> String {
+    if pairs.is_empty() {
+        return "-".to_owned();
+    }
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -1,6 +1,6 @@
 //! `chirp status`: every part of a running mesh, and what the services say
 //! about themselves (health, store, circuit breakers, outbox depths,
-//! erasures in progress).
+//! erasures in progress, dead letters).
 
 use std::time::Duration;
 
@@ -35,28 +35,38 @@ pub struct ServiceReport {
     pub circuits: Vec<(String, &'static str)>,
     /// `outbox_depth` per destination.
     pub outbox: Vec<(String, i64)>,
+    /// `outbox_dead_letters` per destination: events set aside, waiting for
+    /// `chirp outbox retry`.
+    pub dead_letters: Vec<(String, i64)>,
     /// `erasures_pending`: erasures this service accepted and has not
     /// finished (a deleted user's messages or comments still going); `None`
     /// for a service that erases in one step.
     pub erasures_pending: Option<i64>,
 }
 
-/// What a service's `/metrics` says, fetched with a bare HTTP/1.1 GET.
-async fn metrics(ports: Ports, part: Part) -> Option<String> {
+/// One HTTP/1.1 request to a service's metrics port (where `/metrics` and
+/// the operator endpoints live): the status code and body, or `None` when it
+/// cannot be reached within a second.
+pub async fn ops_request(ports: Ports, part: Part, request: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports.metrics(part)))
             .await
             .ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.ok()?;
-        Some(body)
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.ok()?;
+        let (head, body) = reply.split_once("\r\n\r\n")?;
+        let code = head.split(' ').nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+}
+
+/// What a service's `/metrics` says.
+async fn metrics(ports: Ports, part: Part) -> Option<String> {
+    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    ops_request(ports, part, request).await.map(|(_, body)| body)
 }
 
 /// `name{label="value"} number` lines of one metric.
@@ -74,6 +84,14 @@ fn samples(text: &str, metric: &str) -> Vec<(String, f64)> {
             (name == metric).then_some(())?;
             Some((label, value.parse().ok()?))
         })
+        .collect()
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn per_destination(text: &str, metric: &str) -> Vec<(String, i64)> {
+    samples(text, metric)
+        .into_iter()
+        .map(|(destination, v)| (destination, v as i64))
         .collect()
 }
 
@@ -95,11 +113,8 @@ pub async fn report(ports: Ports, part: Part) -> ServiceReport {
                 (peer, state)
             })
             .collect(),
-        #[allow(clippy::cast_possible_truncation)]
-        outbox: samples(&text, "outbox_depth")
-            .into_iter()
-            .map(|(destination, v)| (destination, v as i64))
-            .collect(),
+        outbox: per_destination(&text, "outbox_depth"),
+        dead_letters: per_destination(&text, "outbox_dead_letters"),
         #[allow(clippy::cast_possible_truncation)]
         erasures_pending: samples(&text, "erasures_pending").first().map(|(_, v)| *v as i64),
     }

@@ -590,6 +590,77 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A poison event: an outbox entry comment-service cannot read (as if a
+    // newer version wrote it) goes to its dead letters, the comment behind
+    // it still reaches analytics, and `chirp outbox` shows and re-sends it.
+    let redis_address = up.status()["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["part"] == "redis")
+        .and_then(|p| p["address"].as_str())
+        .unwrap()
+        .to_owned();
+    let mut redis = redis::Client::open(format!("redis://{redis_address}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::AsyncCommands::xadd(
+        &mut redis,
+        "chirp:comments:outbox",
+        "*",
+        &[("event", r#"{"written_by":"a newer version"}"#)],
+    )
+    .await
+    .unwrap();
+    up.run(&["login", "alice"]);
+    let (code, out) = up.run(&["comment", &world.posted[0], "behind the poison"]);
+    assert_eq!(code, 0, "{out}");
+    let dead_letters = |up: &Up| {
+        let status = up.status();
+        let comments = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == "comment-service")
+            .unwrap()
+            .clone();
+        (comments["dead_letters"].clone(), comments["outbox"].clone())
+    };
+    let settled = || serde_json::json!([["analytics", 1]]);
+    let drained = || serde_json::json!([["analytics", 0]]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dead_letters(&up) != (settled(), drained()) {
+        assert!(Instant::now() < deadline, "not set aside: {:?}", dead_letters(&up));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, table) = up.run(&["status"]);
+    println!("chirp status with a dead letter:\n{table}");
+    assert!(table.contains("analytics=1"), "{table}");
+    let (code, out) = up.run(&["outbox", "list", "comment-service"]);
+    println!("chirp outbox list comment-service:\n{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("analytics: 1 dead letter(s)") && out.contains("unreadable in the outbox"),
+        "{out}"
+    );
+    let (code, out) = up.run(&["outbox", "retry", "comment-service"]);
+    println!("chirp outbox retry comment-service:\n{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("analytics: 1 sent back"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dead_letters(&up) != (settled(), drained()) {
+        assert!(
+            Instant::now() < deadline,
+            "not set aside again: {:?}",
+            dead_letters(&up)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out) = up.run(&["outbox", "retry", "analytics-service"]);
+    assert_eq!(code, 2, "analytics-service has no outbox: {out}");
+
     // `chirp status` names every part and shows the erasures in progress of
     // the services that erase in the background; stopping stops every
     // process.

@@ -594,10 +594,12 @@ mod tests {
     use super::*;
     use crate::events::Payload;
 
-    /// An outbox in memory: entries are (position, event, state).
+    /// An outbox entry in memory: position, event, state.
+    type Entry = (String, Result<Event, String>, State);
+
     #[derive(Clone, Default)]
     struct MemoryOutbox {
-        entries: Arc<Mutex<Vec<(String, Result<Event, String>, State)>>>,
+        entries: Arc<Mutex<Vec<Entry>>>,
         /// Marking fails this many times: the relay "dies" between delivering
         /// and marking.
         mark_failures: Arc<AtomicU32>,
