@@ -5,6 +5,7 @@
 //! authenticated or not allowed, 4 not found, 5 a service is unavailable or
 //! too slow, 6 invalid input.
 
+mod bench;
 mod client;
 mod control;
 mod layout;
@@ -114,6 +115,15 @@ enum Command {
     },
     /// Engagement numbers of a user (yourself by default)
     Stats { user: Option<String> },
+    /// Measure the mesh: each RPC against a bare gRPC call and each store
+    /// driven directly, in one run (see BENCHMARKS.md)
+    Bench(bench::BenchArgs),
+    /// The bare gRPC server `chirp bench` measures as its baseline
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 #[tokio::main]
@@ -147,6 +157,8 @@ async fn main() -> ExitCode {
         Command::Follow { user } => client.follow(&user).await,
         Command::Ban { user, reason } => client.ban(&user, &reason).await,
         Command::Stats { user } => client.stats(user.as_deref()).await,
+        Command::Bench(args) => bench::run(&data_dir, args, cli.json).await,
+        Command::BenchEcho { port } => bench::echo_server(port).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
