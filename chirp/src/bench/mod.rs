@@ -214,6 +214,22 @@ async fn start_fresh() -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
     Ok((mesh, data_dir, ports))
 }
 
+/// Waits (up to 60 s) until no service has events waiting in an outbox.
+async fn settle(ports: Ports) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let mut waiting = 0;
+        for part in Part::SERVICES {
+            let report = crate::status::report(ports, part).await;
+            waiting += report.outbox.iter().map(|(_, n)| *n).sum::<i64>();
+        }
+        if waiting == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -320,6 +336,9 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
 
     let mut rows = Vec::new();
     for target in targets {
+        // What the last target left in the outboxes would otherwise be
+        // delivered, and its CPU counted, during this one.
+        settle(ports).await;
         let bar = bars.add(indicatif::ProgressBar::new(1000));
         bar.set_style(style.clone());
         bar.set_prefix(target.name());

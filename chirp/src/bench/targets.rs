@@ -342,7 +342,14 @@ impl Ctx {
         let messages = || m2::message_service_client::MessageServiceClient::new(self.channel(Part::MessageService, worker));
         let comments = || CommentServiceClient::new(self.channel(Part::CommentService, worker));
         let grpc = |r: Result<(), tonic::Status>| r.map_err(|s| code(&s));
-        let store = |r: anyhow::Result<()>| r.map_err(|e| format!("store: {e}"));
+        // Store errors are keyed by their first words, so that one kind of
+        // failure is one column entry however many times it happens.
+        let store = |r: anyhow::Result<()>| {
+            r.map_err(|e| {
+                let text = e.to_string();
+                format!("store: {}", text.chars().take(48).collect::<String>())
+            })
+        };
         match target {
             Target::Echo => {
                 let channel = self.echo[usize::try_from(worker).unwrap_or(0) % self.echo.len()].clone();
@@ -455,7 +462,7 @@ impl Ctx {
                 Box::pin(self.clone().call(pick, worker, sequence)).await
             }
             Target::PgSelect => store(
-                sqlx::query("SELECT id, username, display_name, role, banned, created_at FROM users WHERE id = $1")
+                sqlx::query("SELECT id, username, display_name, role, banned_at IS NOT NULL AS banned, created_at FROM users WHERE id = $1")
                     .bind(uuid::Uuid::parse_str(&other.id).map_err(|e| e.to_string())?)
                     .fetch_optional(&self.pg)
                     .await
