@@ -6,7 +6,17 @@ use std::process::Command;
 
 fn bench(args: &[&str]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_chirp"))
-        .args(["bench", "--fresh", "--json", "--warmup", "0s", "--users", "3", "--follows", "1"])
+        .args([
+            "bench",
+            "--fresh",
+            "--json",
+            "--warmup",
+            "0s",
+            "--users",
+            "3",
+            "--follows",
+            "1",
+        ])
         .args(["--messages", "1", "--comments", "1", "--connections", "1"])
         .args(args)
         // The demo stores would be used instead of private ones otherwise.

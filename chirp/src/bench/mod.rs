@@ -66,7 +66,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((text, "s"), |i| text.split_at(i));
-    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 8s or 500ms"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 8s or 500ms"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
@@ -259,13 +261,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
         let reply = control::send(data_dir, "ps")
             .await
             .context("start `chirp up` first, or pass --fresh")?;
-        (
-            None,
-            data_dir.to_path_buf(),
-            Ports {
-                base: reply.port_base,
-            },
-        )
+        (None, data_dir.to_path_buf(), Ports { base: reply.port_base })
     };
     let processes: Vec<(String, u32)> = control::send(&data_dir, "ps")
         .await?
@@ -392,21 +388,24 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
             ok: measured.ok,
             errors: measured.errors,
             cpu_us_per_request,
-            peak_rss_mib: peaks.lock().map(|p| p.iter().map(|(n, k)| (n.clone(), mib(*k))).collect()).unwrap_or_default(),
+            peak_rss_mib: peaks
+                .lock()
+                .map(|p| p.iter().map(|(n, k)| (n.clone(), mib(*k))).collect())
+                .unwrap_or_default(),
             ratio: None,
             goal: None,
             reference: None,
         };
-        bar.finish_with_message(format!("{:.0} req/s, p99 {:.2} ms", row.requests_per_second, row.p99_ms));
+        bar.finish_with_message(format!(
+            "{:.0} req/s, p99 {:.2} ms",
+            row.requests_per_second, row.p99_ms
+        ));
         rows.push(row);
     }
     ctx.clean_up().await;
 
     // Ratios to the baselines measured in this run.
-    let throughput: BTreeMap<String, f64> = rows
-        .iter()
-        .map(|r| (r.target.name(), r.requests_per_second))
-        .collect();
+    let throughput: BTreeMap<String, f64> = rows.iter().map(|r| (r.target.name(), r.requests_per_second)).collect();
     for row in &mut rows {
         if let Some((references, goal)) = row.target.target() {
             let best = references
@@ -462,7 +461,11 @@ fn print_table(report: &Report) {
         let errors = if row.errors.is_empty() {
             "0".to_owned()
         } else {
-            row.errors.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(",")
+            row.errors
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect::<Vec<_>>()
+                .join(",")
         };
         let cpu = row
             .cpu_us_per_request

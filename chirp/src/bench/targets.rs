@@ -170,7 +170,12 @@ fn code(status: &tonic::Status) -> String {
 
 impl Ctx {
     /// Connects, and seeds a graph of `size` through the public API.
-    pub async fn build(endpoints: &Endpoints, connections: usize, size: GraphSize, password: &str) -> anyhow::Result<Self> {
+    pub async fn build(
+        endpoints: &Endpoints,
+        connections: usize,
+        size: GraphSize,
+        password: &str,
+    ) -> anyhow::Result<Self> {
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let mut by_part = std::collections::HashMap::new();
         for part in [Part::UserService, Part::MessageService, Part::CommentService] {
@@ -338,8 +343,10 @@ impl Ctx {
         let other = self.user(worker.wrapping_add(sequence).wrapping_add(1));
         let message = self.message(worker.wrapping_mul(7919).wrapping_add(sequence));
         let users = || UserServiceClient::new(self.channel(Part::UserService, worker));
-        let messages_v1 = || m1::message_service_client::MessageServiceClient::new(self.channel(Part::MessageService, worker));
-        let messages = || m2::message_service_client::MessageServiceClient::new(self.channel(Part::MessageService, worker));
+        let messages_v1 =
+            || m1::message_service_client::MessageServiceClient::new(self.channel(Part::MessageService, worker));
+        let messages =
+            || m2::message_service_client::MessageServiceClient::new(self.channel(Part::MessageService, worker));
         let comments = || CommentServiceClient::new(self.channel(Part::CommentService, worker));
         let grpc = |r: Result<(), tonic::Status>| r.map_err(|s| code(&s));
         // Store errors are keyed by their first words, so that one kind of
