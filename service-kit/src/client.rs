@@ -2,7 +2,12 @@
 //!
 //! One [`Peer`] per peer, built once and shared: it holds a single lazily
 //! connected, multiplexed channel (HTTP/2 carries concurrent calls on one
-//! connection, so a pool would only add sockets). Around each call it adds:
+//! connection, so a pool would only add sockets). A peer with replicas (a
+//! host name that resolves to several addresses, as a Kubernetes headless
+//! Service does, or several URLs separated by commas) gets one connection
+//! per replica behind tower's power-of-two-choices balancer; a replica that
+//! stops accepting connections is taken out at once and put back when it
+//! accepts them again ([`discover`]). Around each call it adds:
 //!
 //! - a deadline: the per-call timeout, cut to what is left of the incoming
 //!   request's deadline ([`crate::context`]), sent as `grpc-timeout` and
@@ -69,7 +74,7 @@ pub enum Idempotency {
 pub struct PeerConfig {
     /// Name in logs and errors, e.g. `user-service`.
     pub name: &'static str,
-    /// `http://host:port`.
+    /// `http://host:port`, or several separated by commas (replicas).
     pub url: String,
     pub connect_timeout: Duration,
     /// Deadline of one call (all its attempts), unless the incoming request's
@@ -124,21 +129,76 @@ pub struct Peer {
     breaker: Mutex<Breaker>,
     budget: TpsBudget,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Wakes the replica discovery after a call found a replica gone, and
+    /// tells when its round is done; `None` for a peer at one fixed address.
+    rediscover: Option<Rediscover>,
+}
+
+/// The caller's end of a peer's replica discovery.
+struct Rediscover {
+    wake: Arc<tokio::sync::Notify>,
+    /// Counts finished discovery rounds.
+    rounds: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Rediscover {
+    /// Asks for a discovery round now and waits (briefly) for it, so that a
+    /// retry does not go to the replica that just failed.
+    async fn now(&self) {
+        let mut rounds = self.rounds.clone();
+        rounds.mark_unchanged();
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(Duration::from_millis(100), rounds.changed()).await;
+    }
 }
 
 impl Peer {
     /// Builds the peer without connecting: the first call connects, so a
-    /// service starts even while its peers are down.
+    /// service starts even while its peers are down. A peer with replicas
+    /// needs a Tokio runtime (its discovery runs as a task).
     ///
     /// # Errors
-    /// When the URL is not a valid endpoint.
+    /// When a URL is not a valid endpoint.
     pub fn connect_lazy(config: PeerConfig) -> Result<Self, tonic::transport::Error> {
-        let channel = tonic::transport::Endpoint::from_shared(config.url.clone())?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let endpoint = |url: &str| -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+            Ok(configure(
+                tonic::transport::Endpoint::from_shared(url.to_owned())?,
+                config.connect_timeout,
+            ))
+        };
+        let urls: Vec<&str> = config.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let mut targets = Vec::new();
+        for url in &urls {
+            let endpoint = endpoint(url)?;
+            let uri = endpoint.uri();
+            let scheme = uri.scheme_str().unwrap_or("http").to_owned();
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+            let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+            targets.push(Target { scheme, host, port });
+        }
+        let fixed = match targets.as_slice() {
+            [one] => one.host.parse::<std::net::IpAddr>().is_ok(),
+            _ => false,
+        };
+        let (channel, rediscover) = if fixed || tokio::runtime::Handle::try_current().is_err() {
+            (
+                endpoint(urls.first().copied().unwrap_or_default())?.connect_lazy(),
+                None,
+            )
+        } else {
+            let (channel, changes) = Channel::balance_channel(64);
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let (done, rounds) = tokio::sync::watch::channel(0);
+            tokio::spawn(discover(
+                config.name,
+                targets,
+                config.connect_timeout,
+                changes,
+                wake.clone(),
+                done,
+            ));
+            (channel, Some(Rediscover { wake, rounds }))
+        };
         Ok(Self {
             breaker: Mutex::new(Breaker::new(config.breaker.clone())),
             // Retries may add at most 20% to the calls of the last 10 s, with
@@ -147,6 +207,7 @@ impl Peer {
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)),
             config,
             channel,
+            rediscover,
         })
     }
 
@@ -249,9 +310,98 @@ impl Peer {
             if Instant::now() + backoff >= deadline || !self.budget.withdraw() {
                 return Err(status);
             }
+            if let Some(rediscover) = &self.rediscover {
+                // Perhaps a replica went away: look now, not at the next
+                // round, so the retry finds it gone.
+                rediscover.now().await;
+            }
             tracing::debug!(peer = self.config.name, attempt, ?backoff, "retrying after UNAVAILABLE");
             tokio::time::sleep(backoff).await;
             attempt += 1;
+        }
+    }
+}
+
+/// The settings every connection to a peer gets.
+fn configure(endpoint: tonic::transport::Endpoint, connect_timeout: Duration) -> tonic::transport::Endpoint {
+    endpoint
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+}
+
+/// One configured peer address: its host may stand for several replicas.
+struct Target {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+/// How often the replicas of a peer are looked up and probed.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps a balanced channel's replicas current: every
+/// [`DISCOVERY_INTERVAL`] (or at once when a call failed) it resolves each
+/// target's host, tries a TCP connection to every address, and puts in the
+/// balancer exactly those that accept one. When none does, all stay in, so
+/// calls fail fast (UNAVAILABLE) instead of waiting for a replica to appear.
+/// Stops when the channel is dropped.
+async fn discover(
+    name: &'static str,
+    targets: Vec<Target>,
+    connect_timeout: Duration,
+    changes: tokio::sync::mpsc::Sender<
+        tonic::transport::channel::Change<std::net::SocketAddr, tonic::transport::Endpoint>,
+    >,
+    wake: Arc<tokio::sync::Notify>,
+    done: tokio::sync::watch::Sender<u64>,
+) {
+    use std::{collections::HashSet, net::SocketAddr};
+
+    use tonic::transport::channel::Change;
+
+    let mut current: HashSet<SocketAddr> = HashSet::new();
+    loop {
+        let mut all = HashSet::new();
+        for target in &targets {
+            if let Ok(addrs) = tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                all.extend(addrs);
+            }
+        }
+        let probes = all.iter().map(|addr| async move {
+            let connect = tokio::net::TcpStream::connect(addr);
+            matches!(
+                tokio::time::timeout(Duration::from_millis(250), connect).await,
+                Ok(Ok(_))
+            )
+            .then_some(*addr)
+        });
+        let live: HashSet<SocketAddr> = futures::future::join_all(probes).await.into_iter().flatten().collect();
+        let wanted = if live.is_empty() { all } else { live };
+        for gone in current.difference(&wanted) {
+            tracing::info!(peer = name, replica = %gone, "replica out of the balancer");
+            if changes.send(Change::Remove(*gone)).await.is_err() {
+                return;
+            }
+        }
+        for new in wanted.difference(&current) {
+            let scheme = targets.first().map_or("http", |t| t.scheme.as_str());
+            let Ok(endpoint) = format!("{scheme}://{new}").parse::<http::Uri>() else {
+                continue;
+            };
+            tracing::info!(peer = name, replica = %new, "replica in the balancer");
+            let endpoint = configure(tonic::transport::Endpoint::from(endpoint), connect_timeout);
+            if changes.send(Change::Insert(*new, endpoint)).await.is_err() {
+                return;
+            }
+        }
+        current = wanted;
+        done.send_modify(|rounds| *rounds += 1);
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(DISCOVERY_INTERVAL) => {}
+            () = changes.closed() => return,
         }
     }
 }

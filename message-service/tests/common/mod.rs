@@ -246,6 +246,9 @@ pub struct Options {
     /// A private MongoDB server the test can stop, even when `MONGODB_URI`
     /// names a shared one.
     pub private_mongo: bool,
+    /// Where comment-service is instead of the fake (e.g. several replicas,
+    /// comma-separated).
+    pub comment_service_url: Option<String>,
 }
 
 impl Default for Options {
@@ -255,6 +258,7 @@ impl Default for Options {
             following_cache_ttl: "30s",
             following_cache_max_ids: 200_000,
             private_mongo: false,
+            comment_service_url: None,
         }
     }
 }
@@ -291,7 +295,13 @@ impl TestApp {
             format!("--mongodb-uri={}", mongo.uri()),
             format!("--mongodb-database={}", mongo.database()),
             format!("--user-service-url=http://{user_addr}"),
-            format!("--comment-service-url=http://{comment_addr}"),
+            format!(
+                "--comment-service-url={}",
+                options
+                    .comment_service_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{comment_addr}"))
+            ),
             format!("--peer-timeout={}ms", PEER_TIMEOUT.as_millis()),
             "--store-probe-interval=100ms".to_owned(),
             format!("--following-cache-ttl={}", options.following_cache_ttl),
