@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 
-/// CPU time of `pid` and every process below it, in microseconds.
+/// CPU time of `pid`, and with `tree` of every process below it, in
+/// microseconds.
 #[must_use]
-pub fn cpu_micros(pid: u32) -> Option<u64> {
+pub fn cpu_micros(pid: u32, tree: bool) -> Option<u64> {
     let table = processes();
     let mut total = 0;
     let mut stack = vec![pid];
@@ -14,8 +15,10 @@ pub fn cpu_micros(pid: u32) -> Option<u64> {
     while let Some(p) = stack.pop() {
         if let Some(stat) = table.get(&p) {
             found = true;
-            total += stat.ticks;
-            stack.extend(table.values().filter(|s| s.parent == p).map(|s| s.pid));
+            total += if tree { stat.ticks } else { stat.own_ticks };
+            if tree {
+                stack.extend(table.values().filter(|s| s.parent == p).map(|s| s.pid));
+            }
         }
     }
     found.then(|| total * 1_000_000 / ticks_per_second())
@@ -36,6 +39,8 @@ struct Stat {
     parent: u32,
     /// utime + stime + the reaped children's, in clock ticks.
     ticks: u64,
+    /// utime + stime alone.
+    own_ticks: u64,
 }
 
 fn processes() -> HashMap<u32, Stat> {
@@ -50,13 +55,14 @@ fn processes() -> HashMap<u32, Stat> {
             let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
             let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
             // After the name: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
-            let ticks = number(11)? + number(12)? + number(13)? + number(14)?;
+            let own_ticks = number(11)? + number(12)?;
             Some((
                 pid,
                 Stat {
                     pid,
                     parent: u32::try_from(number(1)?).ok()?,
-                    ticks,
+                    ticks: own_ticks + number(13)? + number(14)?,
+                    own_ticks,
                 },
             ))
         })
@@ -80,8 +86,9 @@ mod tests {
         while spin.elapsed() < std::time::Duration::from_millis(30) {
             std::hint::black_box(0u64.wrapping_add(1));
         }
-        assert!(cpu_micros(me).unwrap() > 0);
+        assert!(cpu_micros(me, false).unwrap() > 0);
+        assert!(cpu_micros(me, true).unwrap() >= cpu_micros(me, false).unwrap());
         assert!(rss_kib(me).unwrap() > 100);
-        assert!(cpu_micros(u32::MAX).is_none());
+        assert!(cpu_micros(u32::MAX, true).is_none());
     }
 }
