@@ -204,6 +204,21 @@ async fn paging_returns_every_comment_exactly_once_in_time_order() {
         .map(|c| c.id)
         .collect();
     assert_eq!(seen, expected);
+    let first_page = app
+        .client()
+        .list_comments(pb::ListCommentsRequest {
+            message_id: message.clone(),
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first_page.comments.len(), first_page.total_count),
+        (3, Some(25)),
+        "a page says how many there are in all"
+    );
 }
 
 #[tokio::test]

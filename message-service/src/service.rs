@@ -145,17 +145,16 @@ impl Messages {
     }
 
     /// One message with its author and its comments (count and the oldest
-    /// few), both asked for at once.
+    /// few, in one call), both asked for at once.
     pub async fn get(&self, id: MessageId) -> Result<Enriched> {
         let message = self
             .store
             .get(id)
             .await?
             .ok_or(Error::NotFound("no message has that id"))?;
-        let (author_ids, message_ids) = ([message.author_id], [id]);
-        let (authors, count, preview) = tokio::join!(
+        let author_ids = [message.author_id];
+        let (authors, comments) = tokio::join!(
             self.users.authors(&author_ids),
-            self.comments.counts(&message_ids),
             self.comments.preview(id, self.preview_size),
         );
         let author = match authors {
@@ -165,12 +164,9 @@ impl Messages {
                 .map_or(Part::NotFound, Part::Ok),
             Err(status) => self.unavailable("author", &status),
         };
-        let comments = match (count, preview) {
-            (Ok(counts), Ok(preview)) => Part::Ok(Comments {
-                count: counts.get(&id).copied().unwrap_or(0),
-                preview,
-            }),
-            (Err(status), _) | (_, Err(status)) => self.unavailable("comments", &status),
+        let comments = match comments {
+            Ok((count, preview)) => Part::Ok(Comments { count, preview }),
+            Err(status) => self.unavailable("comments", &status),
         };
         Ok(Enriched {
             message,

@@ -65,6 +65,29 @@ async fn get_message_shows_the_author_and_the_comment_count_and_preview() {
         ["c0", "c1", "c2"]
     );
     assert_eq!(comments.preview[0].create_time, 1_700_000_000);
+    assert_eq!(
+        (
+            app.comments.behaviour.calls("ListComments"),
+            app.comments.behaviour.calls("CountComments")
+        ),
+        (1, 0),
+        "the count comes with the preview, in one call"
+    );
+
+    // A comment-service that predates the total: the count is asked for.
+    app.comments.behaviour.reset_calls();
+    app.comments
+        .without_total
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reply, _) = get(&app, &posted.id).await;
+    assert_eq!(reply.comments.unwrap().count, 5);
+    assert_eq!(
+        (
+            app.comments.behaviour.calls("ListComments"),
+            app.comments.behaviour.calls("CountComments")
+        ),
+        (1, 1)
+    );
 }
 
 #[tokio::test]

@@ -130,10 +130,15 @@ async fn each_services_clients_agree_with_the_real_providers() {
     let comments = message_service::clients::CommentClient::new(peer("comment-service", Service::Comment));
     let message_id = message_service::domain::MessageId::parse("id", &posted.id).unwrap();
     assert_eq!(comments.counts(&[message_id]).await.unwrap()[&message_id], 1);
-    let preview = comments.preview(message_id, 3).await.unwrap();
+    let (count, preview) = comments.preview(message_id, 3).await.unwrap();
     assert_eq!(
-        (preview.len(), preview[0].body.as_str(), preview[0].author_id.as_str()),
-        (1, "agreed", bob.as_str())
+        (
+            count,
+            preview.len(),
+            preview[0].body.as_str(),
+            preview[0].author_id.as_str()
+        ),
+        (1, 1, "agreed", bob.as_str())
     );
 
     // comment-service's client against message-service.

@@ -62,7 +62,8 @@ async fn follow(mesh: &Mesh, token: &str, whom: &str) -> Result<(), Status> {
 }
 
 async fn listed_comments(mesh: &Mesh, message_id: &str) -> usize {
-    mesh.comments()
+    let reply = mesh
+        .comments()
         .list_comments(cpb::ListCommentsRequest {
             message_id: message_id.into(),
             page_size: 100,
@@ -70,9 +71,10 @@ async fn listed_comments(mesh: &Mesh, message_id: &str) -> usize {
         })
         .await
         .expect("ListComments")
-        .into_inner()
-        .comments
-        .len()
+        .into_inner();
+    // Hidden or not, the total agrees with what is listed (all fit a page).
+    assert_eq!(reply.total_count, Some(reply.comments.len() as i64));
+    reply.comments.len()
 }
 
 /// Calls `probe` until it is refused with `code`, and says how long after

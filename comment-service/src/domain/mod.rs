@@ -155,6 +155,8 @@ impl PageRequest {
 pub struct Page {
     pub comments: Vec<Comment>,
     pub next: Option<CommentId>,
+    /// Comments the message has in all.
+    pub total: i64,
 }
 
 impl Page {

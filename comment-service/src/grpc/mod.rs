@@ -97,6 +97,7 @@ impl CommentService for CommentApi {
         let page = self.comments.list(message, page).await?;
         Ok(Response::new(pb::ListCommentsResponse {
             next_page_token: page.next_page_token(),
+            total_count: Some(page.total),
             comments: page.comments.into_iter().map(comment_to_pb).collect(),
         }))
     }

@@ -294,10 +294,11 @@ impl Store {
         let mut redis = self.ready()?;
         let min = page.after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
         // One more than asked says whether another page follows; the hidden
-        // check rides in the same round trip.
-        let (hidden, ids): (bool, Vec<String>) = redis::pipe()
+        // check and the total ride in the same round trip.
+        let (hidden, ids, total): (bool, Vec<String>, i64) = redis::pipe()
             .sismember(self.hidden_key(), message.to_string())
             .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size as isize + 1)
+            .zcard(self.message_key(message))
             .query_async(&mut redis)
             .await
             .map_err(classify)?;
@@ -305,6 +306,7 @@ impl Store {
             return Ok(Page {
                 comments: Vec::new(),
                 next: None,
+                total: 0,
             });
         }
         let more = ids.len() > page.size as usize;
@@ -330,7 +332,7 @@ impl Store {
             }
         }
         let next = if more { ids.last().copied() } else { None };
-        Ok(Page { comments, next })
+        Ok(Page { comments, next, total })
     }
 
     /// Comment counts of many messages in one round trip.

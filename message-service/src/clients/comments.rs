@@ -39,11 +39,13 @@ impl CommentClient {
             .collect())
     }
 
-    /// The oldest `limit` comments of a message.
+    /// How many comments a message has, and the oldest `limit` of them: one
+    /// call (ListComments carries the total), or two with a comment-service
+    /// that predates the total.
     ///
     /// # Errors
     /// The status of a failed call.
-    pub async fn preview(&self, id: MessageId, limit: u32) -> Result<Vec<CommentPreview>, Status> {
+    pub async fn preview(&self, id: MessageId, limit: u32) -> Result<(i64, Vec<CommentPreview>), Status> {
         let request = pb::ListCommentsRequest {
             message_id: id.to_string(),
             page_size: i32::try_from(limit).unwrap_or(i32::MAX),
@@ -55,7 +57,11 @@ impl CommentClient {
                 CommentServiceClient::new(channel).list_comments(request).await
             })
             .await?;
-        Ok(reply
+        let count = match reply.total_count {
+            Some(count) => count,
+            None => self.counts(&[id]).await?.get(&id).copied().unwrap_or(0),
+        };
+        let preview = reply
             .comments
             .into_iter()
             .map(|c| CommentPreview {
@@ -70,7 +76,8 @@ impl CommentClient {
                     })
                     .unwrap_or_default(),
             })
-            .collect())
+            .collect();
+        Ok((count, preview))
     }
 }
 

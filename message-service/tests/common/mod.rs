@@ -151,6 +151,9 @@ pub struct FakeComments {
     pub comments: Arc<Mutex<HashMap<String, Vec<cpb::Comment>>>>,
     /// Events delivered to ApplyEvents (message deletions).
     pub applied: Arc<Mutex<Vec<chirp_proto::events::v1::Event>>>,
+    /// Answer ListComments without `total_count`, as a comment-service that
+    /// predates it.
+    pub without_total: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -181,12 +184,14 @@ impl cpb::comment_service_server::CommentService for FakeComments {
         self.behaviour.enter("ListComments").await?;
         let r = request.into_inner();
         let comments = self.comments.lock().unwrap();
+        let total = comments.get(&r.message_id).map_or(0, Vec::len) as i64;
         Ok(Response::new(cpb::ListCommentsResponse {
             comments: comments
                 .get(&r.message_id)
                 .map(|c| c.iter().take(r.page_size as usize).cloned().collect())
                 .unwrap_or_default(),
             next_page_token: String::new(),
+            total_count: (!self.without_total.load(std::sync::atomic::Ordering::SeqCst)).then_some(total),
         }))
     }
 
