@@ -64,7 +64,7 @@ pub async fn ops_request(ports: Ports, part: Part, request: &str) -> Option<(u16
 }
 
 /// What a service's `/metrics` says.
-async fn metrics(ports: Ports, part: Part) -> Option<String> {
+pub async fn metrics(ports: Ports, part: Part) -> Option<String> {
     let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     ops_request(ports, part, request).await.map(|(_, body)| body)
 }

@@ -94,6 +94,14 @@ fn chirp_bench_reports_every_column_for_every_baseline_and_rpc() {
         ],
         "every RPC with a target gets its ratio"
     );
+    let get_message = rows.iter().find(|r| r["target"] == "get-message").unwrap();
+    for edge in ["message-service→comment-service", "message-service→user-service"] {
+        let hop = &get_message["hops"][edge];
+        assert!(hop["calls"].as_u64().unwrap() >= 20, "{edge}: {get_message}");
+        for column in ["caller_p50_ms", "callee_p50_ms", "added_p50_ms", "added_p99_ms"] {
+            assert!(hop[column].is_f64(), "{edge}.{column}: {hop}");
+        }
+    }
     let idle = report["idle_rss_mib"].as_object().unwrap();
     assert_eq!(idle.len(), 4, "{idle:?}");
 }

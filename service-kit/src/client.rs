@@ -53,12 +53,28 @@ fn circuit_gauge() -> &'static IntGaugeVec {
     })
 }
 
+/// `peer_call_seconds{peer}`: how long each attempt of a call to a peer
+/// took as this service saw it (the peer's own `grpc_server_handling_seconds`
+/// subtracted from it is what the hop costs).
+fn attempt_histogram() -> &'static prometheus::HistogramVec {
+    static HISTOGRAM: std::sync::OnceLock<prometheus::HistogramVec> = std::sync::OnceLock::new();
+    HISTOGRAM.get_or_init(|| {
+        prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new("peer_call_seconds", "Time of one attempt of a call to a peer, by peer")
+                .buckets(crate::server::LATENCY_BUCKETS.to_vec()),
+            &["peer"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name, labels and buckets are valid"))
+    })
+}
+
 /// Adds the client stack's metrics to a service's registry.
 ///
 /// # Errors
 /// When they are registered already.
 pub fn register_metrics(registry: &Registry) -> anyhow::Result<()> {
     registry.register(Box::new(circuit_gauge().clone()))?;
+    registry.register(Box::new(attempt_histogram().clone()))?;
     Ok(())
 }
 
@@ -279,6 +295,7 @@ impl Peer {
             if let Some(id) = incoming.as_ref().and_then(|c| c.request_id.parse().ok()) {
                 outgoing.metadata_mut().insert(REQUEST_ID_HEADER, id);
             }
+            let sent = Instant::now();
             let result = match tokio::time::timeout(left, call(self.channel.clone(), outgoing)).await {
                 Ok(result) => result.map(tonic::Response::into_inner),
                 Err(_) => Err(Status::deadline_exceeded(format!(
@@ -286,6 +303,9 @@ impl Peer {
                     self.config.name
                 ))),
             };
+            attempt_histogram()
+                .with_label_values(&[self.config.name])
+                .observe(sent.elapsed().as_secs_f64());
             let failed = matches!(&result, Err(s) if counts_as_failure(s.code()));
             let state = {
                 let mut breaker = self.lock_breaker();

@@ -347,6 +347,14 @@ async fn render_metrics(axum::extract::State(registry): axum::extract::State<Reg
     }
 }
 
+/// Latency histogram buckets (seconds) shared by the server's and the peer
+/// client's histograms: fine below a few milliseconds, so that the time one
+/// hop adds (the caller's view minus the callee's) can be read from them.
+pub const LATENCY_BUCKETS: [f64; 23] = [
+    0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// RPC counts and latencies by method and gRPC status code.
 #[derive(Clone)]
 struct RpcMetrics {
@@ -361,9 +369,8 @@ impl RpcMetrics {
             &["grpc_method", "grpc_code"],
         )?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("grpc_server_handling_seconds", "Time to answer an RPC, by method").buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            HistogramOpts::new("grpc_server_handling_seconds", "Time to answer an RPC, by method")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["grpc_method"],
         )?;
         registry.register(Box::new(requests.clone()))?;

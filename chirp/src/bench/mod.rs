@@ -3,6 +3,7 @@
 //! in the same run. Runs against a running `chirp up`, or `--fresh` starts
 //! one in a temporary directory and stops it afterwards.
 
+mod hops;
 mod load;
 mod procfs;
 mod targets;
@@ -93,6 +94,9 @@ struct Row {
     cpu_us_per_request: BTreeMap<String, f64>,
     /// Highest RSS of each service during the run, in MiB.
     peak_rss_mib: BTreeMap<String, f64>,
+    /// What each hop between services cost during the run, by
+    /// `caller→callee`.
+    hops: BTreeMap<String, hops::Hop>,
     /// Throughput over the reference baseline's, when the target names one.
     ratio: Option<f64>,
     /// What the ratio should reach.
@@ -359,6 +363,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
                 }
             })
         };
+        let metrics_before = hops::snapshot(ports).await;
         let tick_bar = bar.clone();
         let call_ctx = ctx.clone();
         let measured = load::run(
@@ -370,6 +375,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
         )
         .await;
         sampler.abort();
+        let hops = hops::between(&metrics_before, &hops::snapshot(ports).await);
         let calls = measured.latency.len() as f64;
         // CPU over warm-up and measurement, per request over both.
         let all_calls = calls * (args.warmup + args.duration).as_secs_f64() / args.duration.as_secs_f64().max(1e-9);
@@ -397,6 +403,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
                 .lock()
                 .map(|p| p.iter().map(|(n, k)| (n.clone(), mib(*k))).collect())
                 .unwrap_or_default(),
+            hops,
             ratio: None,
             goal: None,
             reference: None,
@@ -490,6 +497,26 @@ fn print_table(report: &Report) {
             errors,
             cpu
         );
+    }
+    let with_hops: Vec<&Row> = report.rows.iter().filter(|r| !r.hops.is_empty()).collect();
+    if !with_hops.is_empty() {
+        println!(
+            "\n{:<15} {:<36} {:>8} {:>22} {:>22} {:>18}",
+            "HOPS", "CALLER→CALLEE", "CALLS", "CALLER p50/p99 ms", "CALLEE p50/p99 ms", "ADDED p50/p99 ms"
+        );
+        for row in with_hops {
+            for (edge, hop) in &row.hops {
+                println!(
+                    "{:<15} {:<36} {:>8} {:>22} {:>22} {:>18}",
+                    row.target.name(),
+                    edge,
+                    hop.calls,
+                    format!("{:.3}/{:.3}", hop.caller_p50_ms, hop.caller_p99_ms),
+                    format!("{:.3}/{:.3}", hop.callee_p50_ms, hop.callee_p99_ms),
+                    format!("{:.3}/{:.3}", hop.added_p50_ms, hop.added_p99_ms)
+                );
+            }
+        }
     }
     let rss = |m: &BTreeMap<String, f64>| {
         m.iter()
