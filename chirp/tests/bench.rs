@@ -115,3 +115,34 @@ fn chirp_bench_runs_an_open_loop_at_the_rate_asked() {
         assert!((80.0..=120.0).contains(&rate), "{row}");
     }
 }
+
+#[test]
+fn chirp_bench_floods_logins_and_reports_the_reads_beside_it_and_the_memory_after() {
+    let report = bench(&[
+        "--duration",
+        "1s",
+        "--concurrency",
+        "16",
+        "--only",
+        "login-flood",
+        "--settle",
+        "0s",
+    ]);
+    let row = &report["rows"][0];
+    assert_eq!(row["target"], "login-flood");
+    let errors = row["errors"].as_object().unwrap();
+    assert!(!errors.is_empty(), "wrong passwords are refused: {row}");
+    for code in errors.keys() {
+        assert!(
+            ["Unauthenticated", "ResourceExhausted"].contains(&code.as_str()),
+            "only refusals, never a failure: {row}"
+        );
+    }
+    // Every eighth caller read users instead, and was answered.
+    assert!(row["ok"].as_u64().unwrap() > 0, "{row}");
+    let beside = &row["beside"];
+    assert!(beside["get_user_calls"].as_u64().unwrap() > 0, "{row}");
+    assert!(beside["get_user_p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(beside["user_service_rss_after_mib"].as_f64().unwrap() > 1.0, "{row}");
+    assert!(row["peak_rss_mib"]["user-service"].as_f64().unwrap() > 1.0, "{row}");
+}

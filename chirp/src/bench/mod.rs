@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Comments on each message
     #[arg(long, default_value_t = 2)]
     pub comments: usize,
+    /// After login-flood: how long to wait before reading user-service's
+    /// memory again (whether the burst's memory went back)
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub settle: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -94,6 +98,10 @@ struct Row {
     cpu_us_per_request: BTreeMap<String, f64>,
     /// Highest RSS of each service during the run, in MiB.
     peak_rss_mib: BTreeMap<String, f64>,
+    /// login-flood: the reads made beside it, and user-service's RSS
+    /// `--settle` after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beside: Option<Beside>,
     /// What each hop between services cost during the run, by
     /// `caller→callee`.
     hops: BTreeMap<String, hops::Hop>,
@@ -102,6 +110,15 @@ struct Row {
     /// What the ratio should reach.
     goal: Option<f64>,
     reference: Option<String>,
+}
+
+/// GetUser beside a login flood, and memory after it.
+#[derive(Debug, Serialize)]
+struct Beside {
+    get_user_calls: u64,
+    get_user_p50_ms: f64,
+    get_user_p99_ms: f64,
+    user_service_rss_after_mib: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -376,6 +393,26 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
         .await;
         sampler.abort();
         let hops = hops::between(&metrics_before, &hops::snapshot(ports).await);
+        let beside = if target == Target::LoginFlood {
+            let (calls, p50, p99) = ctx.beside.lock().map_or((0, 0, 0), |mut h| {
+                let read = (h.len(), h.value_at_quantile(0.5), h.value_at_quantile(0.99));
+                h.reset();
+                read
+            });
+            tokio::time::sleep(args.settle).await;
+            let user_service = processes
+                .iter()
+                .find(|(name, _)| name == "user-service")
+                .map(|(_, pid)| *pid);
+            Some(Beside {
+                get_user_calls: calls,
+                get_user_p50_ms: ms(p50),
+                get_user_p99_ms: ms(p99),
+                user_service_rss_after_mib: user_service.and_then(procfs::rss_kib).map(mib),
+            })
+        } else {
+            None
+        };
         let calls = measured.latency.len() as f64;
         // CPU over warm-up and measurement, per request over both.
         let all_calls = calls * (args.warmup + args.duration).as_secs_f64() / args.duration.as_secs_f64().max(1e-9);
@@ -403,6 +440,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
                 .lock()
                 .map(|p| p.iter().map(|(n, k)| (n.clone(), mib(*k))).collect())
                 .unwrap_or_default(),
+            beside,
             hops,
             ratio: None,
             goal: None,
@@ -497,6 +535,18 @@ fn print_table(report: &Report) {
             errors,
             cpu
         );
+    }
+    for row in &report.rows {
+        if let Some(beside) = &row.beside {
+            println!(
+                "\n{}: GetUser beside it {} calls, p50 {:.2} ms, p99 {:.2} ms; user-service RSS after it settled: {} MiB",
+                row.target.name(),
+                beside.get_user_calls,
+                beside.get_user_p50_ms,
+                beside.get_user_p99_ms,
+                beside.user_service_rss_after_mib.map_or_else(|| "-".to_owned(), |m| m.to_string())
+            );
+        }
     }
     let with_hops: Vec<&Row> = report.rows.iter().filter(|r| !r.hops.is_empty()).collect();
     if !with_hops.is_empty() {

@@ -51,6 +51,11 @@ pub enum Target {
     /// 60 % home timeline, 30 % user timeline, 10 % post (DeathStarBench's
     /// social network mix).
     Mixed,
+    /// Wrong-password logins with no token, as an attacker would send them,
+    /// while one caller in eight reads users (their latency is reported on
+    /// its own); run it alone (`--only login-flood`): the rate limits it
+    /// trips also hold back real logins from this address for a minute.
+    LoginFlood,
 }
 
 impl Target {
@@ -100,9 +105,10 @@ impl Target {
     }
 }
 
-/// A seeded user: id and ready-made `authorization` value.
+/// A seeded user: id, name and ready-made `authorization` value.
 struct User {
     id: String,
+    username: String,
     bearer: MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -140,6 +146,8 @@ pub struct Ctx {
     sqlite: sqlx::SqlitePool,
     _sqlite_dir: tempfile::TempDir,
     run: String,
+    /// Latencies (µs) of the reads made beside a flood.
+    pub beside: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 async fn channels(url: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
@@ -234,6 +242,10 @@ impl Ctx {
             sqlite,
             _sqlite_dir: sqlite_dir,
             run,
+            beside: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+            ),
         };
         ctx.seed(size, password).await?;
         Ok(ctx)
@@ -278,6 +290,7 @@ impl Ctx {
                 .access_token;
             self.users.push(User {
                 id: user.id,
+                username: format!("bench_{}_{i}", self.run),
                 bearer: format!("Bearer {token}").parse()?,
             });
         }
@@ -467,6 +480,24 @@ impl Ctx {
                     _ => Target::PostMessage,
                 };
                 Box::pin(self.clone().call(pick, worker, sequence)).await
+            }
+            Target::LoginFlood if worker % 8 == 0 => {
+                let sent = std::time::Instant::now();
+                let result = users()
+                    .get_user(authed(upb::GetUserRequest { user_id: other.id.clone() }, user))
+                    .await;
+                if let Ok(mut beside) = self.beside.lock() {
+                    beside.saturating_record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                }
+                grpc(result.map(drop))
+            }
+            Target::LoginFlood => {
+                let mut request = Request::new(upb::LoginRequest {
+                    username: other.username.clone(),
+                    password: "not the password".into(),
+                });
+                request.set_timeout(Duration::from_secs(10));
+                grpc(users().login(request).await.map(drop))
             }
             Target::PgSelect => store(
                 sqlx::query("SELECT id, username, display_name, role, banned_at IS NOT NULL AS banned, created_at FROM users WHERE id = $1")
