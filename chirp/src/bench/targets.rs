@@ -481,7 +481,7 @@ impl Ctx {
                 };
                 Box::pin(self.clone().call(pick, worker, sequence)).await
             }
-            Target::LoginFlood if worker % 8 == 0 => {
+            Target::LoginFlood if worker.is_multiple_of(8) => {
                 let sent = std::time::Instant::now();
                 let result = users()
                     .get_user(authed(upb::GetUserRequest { user_id: other.id.clone() }, user))
