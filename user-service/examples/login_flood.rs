@@ -1,7 +1,7 @@
-//! The login-flood benchmark: many clients send wrong passwords to a running
-//! user-service while another reads a user, and the server's memory is read
-//! from /proc. Until `chirp bench` exists, run it by hand against a release
-//! build:
+//! The login-flood benchmark against a bare user-service (no mesh): many
+//! clients send wrong passwords while another reads a user, and the server's
+//! memory is read from /proc. `chirp bench --only login-flood` measures the
+//! same against a whole mesh; this one needs only PostgreSQL:
 //!
 //! ```sh
 //! cargo build --release -p user-service --example login_flood
