@@ -148,6 +148,10 @@ pub struct Peer {
     /// Wakes the replica discovery after a call found a replica gone, and
     /// tells when its round is done; `None` for a peer at one fixed address.
     rediscover: Option<Rediscover>,
+    /// This peer's series of the process-wide metrics, looked up once rather
+    /// than by label on every call.
+    circuit: prometheus::IntGauge,
+    attempt_seconds: prometheus::Histogram,
 }
 
 /// The caller's end of a peer's replica discovery.
@@ -221,6 +225,8 @@ impl Peer {
             // a floor of 5 retries a second so a quiet peer still gets some.
             budget: TpsBudget::new(Duration::from_secs(10), 5, 0.2),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)),
+            circuit: circuit_gauge().with_label_values(&[config.name]),
+            attempt_seconds: attempt_histogram().with_label_values(&[config.name]),
             config,
             channel,
             rediscover,
@@ -303,16 +309,14 @@ impl Peer {
                     self.config.name
                 ))),
             };
-            attempt_histogram()
-                .with_label_values(&[self.config.name])
-                .observe(sent.elapsed().as_secs_f64());
+            self.attempt_seconds.observe(sent.elapsed().as_secs_f64());
             let failed = matches!(&result, Err(s) if counts_as_failure(s.code()));
             let state = {
                 let mut breaker = self.lock_breaker();
                 breaker.record(!failed, Instant::now());
                 breaker.state(Instant::now())
             };
-            circuit_gauge().with_label_values(&[self.config.name]).set(match state {
+            self.circuit.set(match state {
                 BreakerState::Closed => 0,
                 BreakerState::HalfOpen => 1,
                 BreakerState::Open => 2,
@@ -377,19 +381,23 @@ async fn discover(
     wake: Arc<tokio::sync::Notify>,
     done: tokio::sync::watch::Sender<u64>,
 ) {
-    use std::{collections::HashSet, net::SocketAddr};
+    use std::{
+        collections::{HashMap, HashSet},
+        net::SocketAddr,
+    };
 
     use tonic::transport::channel::Change;
 
     let mut current: HashSet<SocketAddr> = HashSet::new();
     loop {
-        let mut all = HashSet::new();
+        // Each address with the scheme of the URL it came from.
+        let mut all: HashMap<SocketAddr, &str> = HashMap::new();
         for target in &targets {
             if let Ok(addrs) = tokio::net::lookup_host((target.host.as_str(), target.port)).await {
-                all.extend(addrs);
+                all.extend(addrs.map(|addr| (addr, target.scheme.as_str())));
             }
         }
-        let probes = all.iter().map(|addr| async move {
+        let probes = all.keys().map(|addr| async move {
             let connect = tokio::net::TcpStream::connect(addr);
             matches!(
                 tokio::time::timeout(Duration::from_millis(250), connect).await,
@@ -398,7 +406,11 @@ async fn discover(
             .then_some(*addr)
         });
         let live: HashSet<SocketAddr> = futures::future::join_all(probes).await.into_iter().flatten().collect();
-        let wanted = if live.is_empty() { all } else { live };
+        let wanted: HashSet<SocketAddr> = if live.is_empty() {
+            all.keys().copied().collect()
+        } else {
+            live
+        };
         for gone in current.difference(&wanted) {
             tracing::info!(peer = name, replica = %gone, "replica out of the balancer");
             if changes.send(Change::Remove(*gone)).await.is_err() {
@@ -406,7 +418,7 @@ async fn discover(
             }
         }
         for new in wanted.difference(&current) {
-            let scheme = targets.first().map_or("http", |t| t.scheme.as_str());
+            let scheme = all.get(new).copied().unwrap_or("http");
             let Ok(endpoint) = format!("{scheme}://{new}").parse::<http::Uri>() else {
                 continue;
             };

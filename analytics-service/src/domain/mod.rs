@@ -89,10 +89,3 @@ pub struct Bucket {
     pub users_registered: i64,
     pub follows: i64,
 }
-
-/// What one RecordEvents call did: for each event, in order, whether it was
-/// stored now (`false`: stored before, a redelivery).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Recorded {
-    pub stored: Vec<bool>,
-}

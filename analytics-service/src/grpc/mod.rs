@@ -93,7 +93,7 @@ impl AnalyticsService for AnalyticsApi {
         self.check_ingest_token(request.metadata())?;
         let batch = Batch::parse(&request.get_ref().events, MAX_BATCH, None).map_err(Error::from)?;
         let events: Vec<Event> = batch.events().cloned().collect();
-        let recorded = self.store.record(&events).await?;
+        let stored = self.store.record(&events).await?;
         // Stored: take effect on this replica at once, before the next sync.
         for event in &events {
             if let service_kit::events::Payload::TokensRevoked {
@@ -109,11 +109,11 @@ impl AnalyticsService for AnalyticsApi {
                 });
             }
         }
-        let (accepted_count, duplicate_count) = service_kit::events::tally(&recorded.stored);
+        let (accepted_count, duplicate_count) = service_kit::events::tally(&stored);
         Ok(Response::new(pb::RecordEventsResponse {
             accepted_count,
             duplicate_count,
-            outcomes: batch.outcomes(&recorded.stored),
+            outcomes: batch.outcomes(&stored),
         }))
     }
 

@@ -35,7 +35,7 @@ use sqlx::{
 };
 
 use crate::{
-    domain::{Bucket, Event, Granularity, MessageStats, Payload, Recorded, UserStats, Window},
+    domain::{Bucket, Event, Granularity, MessageStats, Payload, UserStats, Window},
     error::{Error, Result},
 };
 
@@ -174,12 +174,13 @@ impl Store {
     }
 
     /// Stores a batch in one transaction; events already stored are skipped
-    /// by their unique id, so redelivery changes nothing.
-    pub async fn record(&self, events: &[Event]) -> Result<Recorded> {
+    /// by their unique id, so redelivery changes nothing. For each event, in
+    /// order, whether it was stored now.
+    pub async fn record(&self, events: &[Event]) -> Result<Vec<bool>> {
         let pool = self.ready()?;
         let _writer = self.writer.lock().await;
         let mut tx = pool.begin().await.map_err(classify)?;
-        let mut recorded = Recorded::default();
+        let mut stored_now = Vec::with_capacity(events.len());
         for event in events {
             let (kind, message_id) = describe(&event.payload);
             let inserted = sqlx::query(
@@ -196,13 +197,13 @@ impl Store {
             .await
             .map_err(classify)?;
             let stored = inserted.rows_affected() > 0;
-            recorded.stored.push(stored);
+            stored_now.push(stored);
             if stored {
                 apply(&mut tx, event).await?;
             }
         }
         tx.commit().await.map_err(classify)?;
-        Ok(recorded)
+        Ok(stored_now)
     }
 
     pub async fn user_stats(&self, user: &str) -> Result<UserStats> {

@@ -74,15 +74,18 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> BTreeMap<String, Hop> {
                     None,
                 ),
             );
+            // Quantiles in milliseconds, to the microsecond.
             let ms = |b: &[(f64, u64)], q: f64| (quantile(b, q) * 1e6).round() / 1e3;
+            let (caller_p50_ms, caller_p99_ms) = (ms(&seen, 0.5), ms(&seen, 0.99));
+            let (callee_p50_ms, callee_p99_ms) = (ms(&handled, 0.5), ms(&handled, 0.99));
             let hop = Hop {
                 calls,
-                caller_p50_ms: ms(&seen, 0.5),
-                caller_p99_ms: ms(&seen, 0.99),
-                callee_p50_ms: ms(&handled, 0.5),
-                callee_p99_ms: ms(&handled, 0.99),
-                added_p50_ms: ((ms(&seen, 0.5) - ms(&handled, 0.5)) * 1e3).round() / 1e3,
-                added_p99_ms: ((ms(&seen, 0.99) - ms(&handled, 0.99)) * 1e3).round() / 1e3,
+                caller_p50_ms,
+                caller_p99_ms,
+                callee_p50_ms,
+                callee_p99_ms,
+                added_p50_ms: ((caller_p50_ms - callee_p50_ms) * 1e3).round() / 1e3,
+                added_p99_ms: ((caller_p99_ms - callee_p99_ms) * 1e3).round() / 1e3,
             };
             hops.insert(format!("{caller}→{callee}"), hop);
         }
