@@ -15,6 +15,10 @@ use crate::layout::Part;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PartState {
     pub part: Part,
+    /// Which replica of a service (1 for stores and single services).
+    pub replica: u8,
+    /// `part`, or `part-N` for a service's further replicas.
+    pub name: String,
     pub running: bool,
     pub pid: Option<u32>,
     /// Where it listens (`host:port`), or the external URL it stands for.

@@ -3,7 +3,9 @@
 //! With port base `B` (default 50050): gRPC of user-, message-, comment- and
 //! analytics-service on `B+1`..`B+4` (the ports in ARCHITECTURE.md), their
 //! `/metrics` on `B+11`..`B+14`, and the private stores on `B+21`
-//! (PostgreSQL), `B+22` (Redis), `B+23` (MongoDB).
+//! (PostgreSQL), `B+22` (Redis), `B+23` (MongoDB). A service run as several
+//! replicas (`chirp up --replicas`) has its replica `n` at the same offsets
+//! `100 × (n − 1)` higher.
 
 use std::path::{Path, PathBuf};
 
@@ -89,6 +91,52 @@ impl Part {
     }
 }
 
+/// One process of a local mesh: a part and, for a service, which of its
+/// replicas (from 1). Replica 1 is the part itself, under the part's name;
+/// replica `n` is `<name>-n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Instance {
+    pub part: Part,
+    pub replica: u8,
+}
+
+/// How many replicas of one service `chirp up` runs at most: each takes a
+/// block of ports, and a 2-CPU machine gains nothing from more.
+pub const MAX_REPLICAS: u8 = 4;
+
+impl From<Part> for Instance {
+    fn from(part: Part) -> Self {
+        Self { part, replica: 1 }
+    }
+}
+
+impl Instance {
+    #[must_use]
+    pub fn name(self) -> String {
+        if self.replica <= 1 {
+            self.part.name().to_owned()
+        } else {
+            format!("{}-{}", self.part.name(), self.replica)
+        }
+    }
+
+    /// `message-service` (replica 1) or `message-service-2`.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        if let Some(part) = Part::parse(name) {
+            return Some(part.into());
+        }
+        let (part, replica) = name.rsplit_once('-')?;
+        let part = Part::parse(part).filter(|p| p.is_service())?;
+        let replica: u8 = replica.parse().ok().filter(|n| (1..=MAX_REPLICAS).contains(n))?;
+        Some(Self { part, replica })
+    }
+
+    fn offset(self) -> u16 {
+        self.part.offset() + 100 * u16::from(self.replica.saturating_sub(1))
+    }
+}
+
 /// Ports of one mesh.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
@@ -96,20 +144,20 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// The gRPC port of a service, or the port of a store.
+    /// The gRPC port of a service (replica), or the port of a store.
     #[must_use]
-    pub fn of(self, part: Part) -> u16 {
-        self.base + part.offset()
+    pub fn of(self, at: impl Into<Instance>) -> u16 {
+        self.base + at.into().offset()
     }
 
     #[must_use]
-    pub fn metrics(self, part: Part) -> u16 {
-        self.base + 10 + part.offset()
+    pub fn metrics(self, at: impl Into<Instance>) -> u16 {
+        self.base + 10 + at.into().offset()
     }
 
     #[must_use]
-    pub fn url(self, part: Part) -> String {
-        format!("http://127.0.0.1:{}", self.of(part))
+    pub fn url(self, at: impl Into<Instance>) -> String {
+        format!("http://127.0.0.1:{}", self.of(at))
     }
 }
 
@@ -136,4 +184,30 @@ pub fn data_dir(given: Option<&Path>) -> PathBuf {
 #[must_use]
 pub fn control_socket(data_dir: &Path) -> PathBuf {
     data_dir.join("run").join("control.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_named_after_their_service_and_get_ports_of_their_own() {
+        let second = Instance::parse("comment-service-2").unwrap();
+        assert_eq!(
+            second,
+            Instance {
+                part: Part::CommentService,
+                replica: 2
+            }
+        );
+        assert_eq!(second.name(), "comment-service-2");
+        assert_eq!(Instance::parse("comment-service"), Some(Part::CommentService.into()));
+        assert_eq!(Instance::from(Part::CommentService).name(), "comment-service");
+        assert_eq!(Instance::parse("redis-2"), None, "stores have no replicas");
+        assert_eq!(Instance::parse("comment-service-9"), None);
+        let ports = Ports { base: 50050 };
+        assert_eq!(ports.of(Part::CommentService), 50053);
+        assert_eq!(ports.of(second), 50153);
+        assert_eq!(ports.metrics(second), 50163);
+    }
 }

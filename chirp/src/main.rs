@@ -17,7 +17,7 @@ mod up;
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use layout::{Part, Ports};
+use layout::{Instance, Part, Ports};
 
 #[derive(Parser)]
 #[command(name = "chirp", version, about = "Chirp: the Database-per-Service pattern, runnable")]
@@ -54,6 +54,11 @@ enum Command {
         /// Do not write demo data
         #[arg(long)]
         no_seed: bool,
+        /// Run several replicas of services, e.g.
+        /// `message-service=2,comment-service=2`: replica N listens 100×(N−1)
+        /// ports above the first, and every caller balances across them
+        #[arg(long, default_value = "", hide_default_value = true)]
+        replicas: up::Replicas,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
     /// dead letters, erasures in progress
@@ -71,7 +76,8 @@ enum Command {
         #[arg(value_parser = ["stop", "start"])]
         action: String,
         /// postgres, mongodb, redis, user-service, message-service,
-        /// comment-service or analytics-service
+        /// comment-service or analytics-service; `<service>-N` for the N-th
+        /// replica of a service run with `chirp up --replicas`
         part: String,
     },
     /// Create an account
@@ -133,11 +139,12 @@ async fn main() -> ExitCode {
     let data_dir = layout::data_dir(cli.data_dir.as_deref());
     let client = client::Client::new(ports, cli.json);
     let result = match cli.command {
-        Command::Up { no_seed } => {
+        Command::Up { no_seed, replicas } => {
             up::run(up::UpArgs {
                 data_dir,
                 ports,
                 seed: !no_seed,
+                replicas,
             })
             .await
         }
@@ -181,9 +188,13 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 async fn chaos(data_dir: &std::path::Path, action: &str, part: &str, json: bool) -> anyhow::Result<()> {
-    let part = Part::parse(part)
-        .ok_or_else(|| anyhow::anyhow!("unknown part `{part}`: one of {}", Part::ALL.map(Part::name).join(", ")))?;
-    let reply = control::send(data_dir, &format!("{action} {}", part.name())).await?;
+    let at = Instance::parse(part).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown part `{part}`: one of {}, or <service>-N for a replica",
+            Part::ALL.map(Part::name).join(", ")
+        )
+    })?;
+    let reply = control::send(data_dir, &format!("{action} {}", at.name())).await?;
     if json {
         println!("{}", serde_json::json!({"ok": true, "message": reply.message}));
     } else {
@@ -199,8 +210,17 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
         base: processes.port_base,
     };
     let mut reports = Vec::new();
-    for part in Part::SERVICES {
-        reports.push(status::report(ports, part).await);
+    for p in processes.parts.iter().filter(|p| p.part.is_service()) {
+        reports.push(
+            status::report(
+                ports,
+                Instance {
+                    part: p.part,
+                    replica: p.replica,
+                },
+            )
+            .await,
+        );
     }
     if json {
         println!("{}", serde_json::json!({"parts": processes.parts, "services": reports}));
@@ -210,7 +230,7 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
     for p in &processes.parts {
         println!(
             "{:<18} {:<8} {:<8} {}",
-            p.part.name(),
+            p.name,
             if p.running { "running" } else { "stopped" },
             p.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
             p.address

@@ -8,12 +8,13 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-use crate::layout::{Part, Ports};
+use crate::layout::{Instance, Ports};
 
 /// Whether a service's API is SERVING; `None` when it cannot be asked.
-pub async fn health(ports: Ports, part: Part) -> Option<bool> {
-    let service = part.grpc_service()?;
-    let channel = Channel::from_shared(ports.url(part))
+pub async fn health(ports: Ports, at: impl Into<Instance>) -> Option<bool> {
+    let at = at.into();
+    let service = at.part.grpc_service()?;
+    let channel = Channel::from_shared(ports.url(at))
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .connect_lazy();
@@ -27,7 +28,8 @@ pub async fn health(ports: Ports, part: Part) -> Option<bool> {
 
 #[derive(Debug, Serialize)]
 pub struct ServiceReport {
-    pub service: &'static str,
+    /// The service, or `service-N` for a further replica.
+    pub service: String,
     pub serving: Option<bool>,
     /// `store_up` from its metrics.
     pub store_up: Option<bool>,
@@ -47,12 +49,11 @@ pub struct ServiceReport {
 /// One HTTP/1.1 request to a service's metrics port (where `/metrics` and
 /// the operator endpoints live): the status code and body, or `None` when it
 /// cannot be reached within a second.
-pub async fn ops_request(ports: Ports, part: Part, request: &str) -> Option<(u16, String)> {
+pub async fn ops_request(ports: Ports, at: impl Into<Instance>, request: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let port = ports.metrics(at);
     let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports.metrics(part)))
-            .await
-            .ok()?;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply).await.ok()?;
@@ -64,9 +65,9 @@ pub async fn ops_request(ports: Ports, part: Part, request: &str) -> Option<(u16
 }
 
 /// What a service's `/metrics` says.
-pub async fn metrics(ports: Ports, part: Part) -> Option<String> {
+pub async fn metrics(ports: Ports, at: impl Into<Instance>) -> Option<String> {
     let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    ops_request(ports, part, request).await.map(|(_, body)| body)
+    ops_request(ports, at, request).await.map(|(_, body)| body)
 }
 
 /// `name{label="value"} number` lines of one metric.
@@ -95,11 +96,12 @@ fn per_destination(text: &str, metric: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-pub async fn report(ports: Ports, part: Part) -> ServiceReport {
-    let (serving, text) = tokio::join!(health(ports, part), metrics(ports, part));
+pub async fn report(ports: Ports, at: impl Into<Instance>) -> ServiceReport {
+    let at = at.into();
+    let (serving, text) = tokio::join!(health(ports, at), metrics(ports, at));
     let text = text.unwrap_or_default();
     ServiceReport {
-        service: part.name(),
+        service: at.name(),
         serving,
         store_up: samples(&text, "store_up").first().map(|(_, v)| *v > 0.0),
         circuits: samples(&text, "peer_circuit_state")

@@ -22,7 +22,7 @@ use tokio::{
 
 use crate::{
     control::{PartState, Reply},
-    layout::{self, Part, Ports},
+    layout::{self, Instance, Part, Ports, MAX_REPLICAS},
 };
 
 /// Version of SecantusDB's server that serves MongoDB locally.
@@ -36,6 +36,61 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
     pub ports: Ports,
     pub seed: bool,
+    pub replicas: Replicas,
+}
+
+/// How many replicas of each service to run (`--replicas
+/// message-service=2,comment-service=2`); one of any service not named.
+/// Every caller is given all replicas of a peer and balances across them,
+/// as it would across a Kubernetes headless Service's pods.
+#[derive(Clone, Debug, Default)]
+pub struct Replicas(Vec<(Part, u8)>);
+
+impl Replicas {
+    #[must_use]
+    pub fn of(&self, part: Part) -> u8 {
+        self.0.iter().find(|(p, _)| *p == part).map_or(1, |(_, n)| *n)
+    }
+
+    /// Every process of the mesh, in start order: stores, the first
+    /// replica of each service, then the others.
+    fn instances(&self) -> Vec<Instance> {
+        let mut all: Vec<Instance> = Part::ALL.into_iter().map(Instance::from).collect();
+        for part in Part::SERVICES {
+            all.extend((2..=self.of(part)).map(|replica| Instance { part, replica }));
+        }
+        all
+    }
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut replicas = Vec::new();
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, count) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("`{pair}`: expected SERVICE=COUNT"))?;
+            let part = Part::parse(name.trim())
+                .filter(|p| p.is_service())
+                .ok_or_else(|| format!("`{name}` is not a service"))?;
+            if part == Part::AnalyticsService {
+                // Its SQLite file takes one writer; a second process would
+                // share the file, not scale out.
+                return Err("analytics-service runs as one replica (one SQLite writer)".into());
+            }
+            let count: u8 = count
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_REPLICAS).contains(n))
+                .ok_or_else(|| format!("`{count}`: a replica count from 1 to {MAX_REPLICAS}"))?;
+            replicas.retain(|(p, _)| *p != part);
+            replicas.push((part, count));
+        }
+        Ok(Self(replicas))
+    }
 }
 
 /// Stores given from outside, not run by `chirp up`.
@@ -70,7 +125,7 @@ struct Supervisor {
     args: UpArgs,
     external: External,
     bin_dir: PathBuf,
-    children: HashMap<Part, Child>,
+    children: HashMap<Instance, Child>,
     ingest_token: String,
 }
 
@@ -114,11 +169,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ingest_token,
     }));
     let started = async {
-        for part in Part::ALL {
-            supervisor.lock().await.start(part).await?;
-        }
-        for part in Part::SERVICES {
-            wait_serving(args.ports, part, Duration::from_secs(90)).await?;
+        // Further replicas start once the first is SERVING, so they find
+        // the schema migrated and the indexes built instead of racing to.
+        let (first, further): (Vec<Instance>, Vec<Instance>) =
+            args.replicas.instances().into_iter().partition(|i| i.replica == 1);
+        for batch in [first, further] {
+            for &instance in &batch {
+                supervisor.lock().await.start(instance).await?;
+            }
+            for &instance in batch.iter().filter(|i| i.part.is_service()) {
+                wait_serving(args.ports, instance, Duration::from_secs(90)).await?;
+            }
         }
         anyhow::Ok(())
     };
@@ -234,13 +295,22 @@ impl Supervisor {
         (postgres, redis, mongodb)
     }
 
-    async fn start(&mut self, part: Part) -> anyhow::Result<()> {
-        if self.children.contains_key(&part) || self.external.url(part).is_some() {
+    /// Every replica of a peer, for its callers to balance across.
+    fn peer_urls(&self, part: Part) -> String {
+        (1..=self.args.replicas.of(part))
+            .map(|replica| self.args.ports.url(Instance { part, replica }))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn start(&mut self, instance: Instance) -> anyhow::Result<()> {
+        let part = instance.part;
+        if self.children.contains_key(&instance) || self.external.url(part).is_some() {
             return Ok(());
         }
         let ports = self.args.ports;
         let data = self.args.data_dir.clone();
-        let port = ports.of(part).to_string();
+        let port = ports.of(instance).to_string();
         let (postgres_url, redis_url, mongodb_uri) = self.database_urls();
         let mut run_as = None;
         let mut command = match part {
@@ -301,14 +371,14 @@ impl Supervisor {
             service => {
                 let mut c = Command::new(self.bin_dir.join(service.name()));
                 c.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-                    .env("METRICS_ADDR", format!("127.0.0.1:{}", ports.metrics(service)))
+                    .env("METRICS_ADDR", format!("127.0.0.1:{}", ports.metrics(instance)))
                     .env("LOG_FORMAT", "pretty")
                     .env("NO_COLOR", "1")
                     .env("INGEST_TOKEN", &self.ingest_token)
-                    .env("USER_SERVICE_URL", ports.url(Part::UserService))
-                    .env("MESSAGE_SERVICE_URL", ports.url(Part::MessageService))
-                    .env("COMMENT_SERVICE_URL", ports.url(Part::CommentService))
-                    .env("ANALYTICS_SERVICE_URL", ports.url(Part::AnalyticsService))
+                    .env("USER_SERVICE_URL", self.peer_urls(Part::UserService))
+                    .env("MESSAGE_SERVICE_URL", self.peer_urls(Part::MessageService))
+                    .env("COMMENT_SERVICE_URL", self.peer_urls(Part::CommentService))
+                    .env("ANALYTICS_SERVICE_URL", self.peer_urls(Part::AnalyticsService))
                     // Each service is given only its own store's settings.
                     .env_remove("DATABASE_URL")
                     .env_remove("REDIS_URL")
@@ -347,8 +417,9 @@ impl Supervisor {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         set_user(&mut command, run_as);
-        let mut child = command.spawn().with_context(|| format!("starting {}", part.name()))?;
-        stream_logs(part.name(), &mut child);
+        let name = instance.name();
+        let mut child = command.spawn().with_context(|| format!("starting {name}"))?;
+        stream_logs(&name, &mut child);
         if !part.is_service() {
             wait_listening(ports.of(part), &mut child, part).await?;
         }
@@ -356,16 +427,16 @@ impl Supervisor {
             wait_postgres(ports.of(part)).await?;
             create_database(ports.of(part)).await?;
         }
-        println!("[chirp] {} started (pid {})", part.name(), child.id().unwrap_or(0));
-        self.children.insert(part, child);
+        println!("[chirp] {name} started (pid {})", child.id().unwrap_or(0));
+        self.children.insert(instance, child);
         Ok(())
     }
 
-    async fn stop(&mut self, part: Part) {
-        let Some(mut child) = self.children.remove(&part) else {
+    async fn stop(&mut self, instance: Instance) {
+        let Some(mut child) = self.children.remove(&instance) else {
             return;
         };
-        let signal = if part == Part::Postgres {
+        let signal = if instance.part == Part::Postgres {
             libc::SIGINT
         } else {
             libc::SIGTERM
@@ -382,34 +453,44 @@ impl Supervisor {
         {
             let _ = child.kill().await;
         }
-        println!("[chirp] {} stopped", part.name());
+        println!("[chirp] {} stopped", instance.name());
     }
 
     async fn stop_all(&mut self) {
-        for part in Part::ALL.into_iter().rev() {
-            self.stop(part).await;
+        for instance in self.args.replicas.instances().into_iter().rev() {
+            self.stop(instance).await;
         }
     }
 
     fn states(&mut self) -> Vec<PartState> {
         let ports = self.args.ports;
-        Part::ALL
+        self.args
+            .replicas
+            .instances()
             .into_iter()
-            .map(|part| {
+            .map(|instance| {
+                let part = instance.part;
                 let external = self.external.url(part).map(str::to_owned);
-                let child = self.children.get_mut(&part);
+                let child = self.children.get_mut(&instance);
                 let running = child.is_some_and(|c| matches!(c.try_wait(), Ok(None)));
                 PartState {
                     part,
+                    replica: instance.replica,
+                    name: instance.name(),
                     running: running || external.is_some(),
-                    pid: self.children.get(&part).and_then(Child::id),
+                    pid: self.children.get(&instance).and_then(Child::id),
                     address: external
                         .clone()
-                        .unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(part))),
+                        .unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(instance))),
                     managed: external.is_none(),
                 }
             })
             .collect()
+    }
+
+    /// A name a control command gave, if it names a process of this mesh.
+    fn instance(&self, name: &str) -> Option<Instance> {
+        Instance::parse(name).filter(|i| i.replica <= self.args.replicas.of(i.part))
     }
 }
 
@@ -427,19 +508,21 @@ async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>
             }
             let mut words = line.split_whitespace();
             let mut sup = supervisor.lock().await;
-            let (ok, message) = match (words.next(), words.next().and_then(Part::parse)) {
-                (Some("ps"), _) => (true, String::new()),
-                (Some("stop"), Some(part)) if sup.external.url(part).is_none() => {
-                    sup.stop(part).await;
-                    (true, format!("{} stopped", part.name()))
+            let named = words.next().map(|verb| (verb, words.next().unwrap_or_default()));
+            let (ok, message) = match named.map(|(verb, name)| (verb, name, sup.instance(name))) {
+                Some(("ps", _, _)) => (true, String::new()),
+                Some(("stop", _, Some(at))) if sup.external.url(at.part).is_none() => {
+                    sup.stop(at).await;
+                    (true, format!("{} stopped", at.name()))
                 }
-                (Some("start"), Some(part)) if sup.external.url(part).is_none() => match sup.start(part).await {
-                    Ok(()) => (true, format!("{} started", part.name())),
+                Some(("start", _, Some(at))) if sup.external.url(at.part).is_none() => match sup.start(at).await {
+                    Ok(()) => (true, format!("{} started", at.name())),
                     Err(err) => (false, format!("{err:#}")),
                 },
-                (Some("stop" | "start"), Some(part)) => {
-                    (false, format!("{} is external; chirp does not run it", part.name()))
+                Some(("stop" | "start", _, Some(at))) => {
+                    (false, format!("{} is external; chirp does not run it", at.name()))
                 }
+                Some(("stop" | "start", name, None)) => (false, format!("this mesh has no part `{name}`")),
                 _ => (false, format!("unknown command: {}", line.trim())),
             };
             let reply = Reply {
@@ -457,8 +540,10 @@ async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>
 }
 
 /// Prints a child's output line by line, prefixed with its name.
-fn stream_logs(name: &'static str, child: &mut Child) {
+fn stream_logs(name: &str, child: &mut Child) {
+    let name: Arc<str> = name.into();
     if let Some(out) = child.stdout.take() {
+        let name = name.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -531,11 +616,12 @@ async fn create_database(port: u16) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// When it does not within `timeout`.
-pub async fn wait_serving(ports: Ports, part: Part, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_serving(ports: Ports, at: impl Into<Instance>, timeout: Duration) -> anyhow::Result<()> {
+    let at = at.into();
     let deadline = tokio::time::Instant::now() + timeout;
-    while crate::status::health(ports, part).await != Some(true) {
+    while crate::status::health(ports, at).await != Some(true) {
         if tokio::time::Instant::now() > deadline {
-            bail!("{} is not SERVING after {timeout:?}; its log is above", part.name());
+            bail!("{} is not SERVING after {timeout:?}; its log is above", at.name());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -544,14 +630,24 @@ pub async fn wait_serving(ports: Ports, part: Part, timeout: Duration) -> anyhow
 
 fn print_banner(args: &UpArgs) {
     let p = args.ports;
+    let services: String = args
+        .replicas
+        .instances()
+        .into_iter()
+        .filter(|i| i.part.is_service())
+        .map(|i| {
+            format!(
+                "[chirp]   {:<18} 127.0.0.1:{}   metrics http://127.0.0.1:{}/metrics\n",
+                i.name(),
+                p.of(i),
+                p.metrics(i)
+            )
+        })
+        .collect();
     println!(
         "
 [chirp] the mesh is up (data in {data})
-[chirp]   user-service       127.0.0.1:{u}   metrics http://127.0.0.1:{um}/metrics
-[chirp]   message-service    127.0.0.1:{m}   metrics http://127.0.0.1:{mm}/metrics
-[chirp]   comment-service    127.0.0.1:{c}   metrics http://127.0.0.1:{cm}/metrics
-[chirp]   analytics-service  127.0.0.1:{a}   metrics http://127.0.0.1:{am}/metrics
-[chirp] demo users: alice, bob, carol (moderator), password {DEMO_PASSWORD}; admin: {ADMIN} / {ADMIN_PASSWORD}
+{services}[chirp] demo users: alice, bob, carol (moderator), password {DEMO_PASSWORD}; admin: {ADMIN} / {ADMIN_PASSWORD}
 [chirp] try:
   grpcurl -plaintext 127.0.0.1:{u} list
   TOKEN=$(grpcurl -plaintext -d '{{\"username\":\"alice\",\"password\":\"{DEMO_PASSWORD}\"}}' 127.0.0.1:{u} chirp.user.v1.UserService/Login | jq -r .accessToken)
@@ -563,12 +659,6 @@ fn print_banner(args: &UpArgs) {
         data = args.data_dir.display(),
         u = p.of(Part::UserService),
         m = p.of(Part::MessageService),
-        c = p.of(Part::CommentService),
-        a = p.of(Part::AnalyticsService),
-        um = p.metrics(Part::UserService),
-        mm = p.metrics(Part::MessageService),
-        cm = p.metrics(Part::CommentService),
-        am = p.metrics(Part::AnalyticsService),
     );
 }
 

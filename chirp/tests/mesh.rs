@@ -4,12 +4,12 @@
 //! against the table below), convergence after each restart, and a clean
 //! stop that leaves no process behind.
 
+mod common;
+
 use std::{
     fmt,
     fmt::Write as _,
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,154 +19,14 @@ use chirp_proto::{
     message::{v1 as m1, v2 as m2},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
+use common::{alive, free_port_base, Up};
 use test_support::grpc::{authed, with_deadline};
-use tonic::{transport::Channel, Code};
+use tonic::Code;
 
 const DEMO_PASSWORD: &str = "chirp-demo-password";
 /// Every call's deadline; an answer must come within it plus a margin.
 const DEADLINE: Duration = Duration::from_secs(2);
 const MARGIN: Duration = Duration::from_millis(500);
-
-/// A `chirp up` run by the test; stopped (SIGINT) when dropped.
-struct Up {
-    child: Child,
-    data_dir: PathBuf,
-    base: u16,
-    log: PathBuf,
-}
-
-fn chirp() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_chirp"))
-}
-
-/// A block of 30 ports that are free now.
-fn free_port_base() -> u16 {
-    for _ in 0..200 {
-        let base = 20_000 + (rand_u16() % 30_000);
-        let free = (0..30).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return base;
-        }
-    }
-    panic!("no free block of ports");
-}
-
-fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(7);
-    (nanos ^ std::process::id().rotate_left(7)) as u16
-}
-
-impl Up {
-    fn start(data_dir: &Path, base: u16) -> Self {
-        let log = data_dir.join(format!("up-{}.log", rand_u16()));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = chirp()
-            .arg("up")
-            .env("CHIRP_DATA_DIR", data_dir)
-            .env("CHIRP_PORT_BASE", base.to_string())
-            .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
-            .env_remove("MONGODB_URI")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("chirp up starts");
-        let up = Self {
-            child,
-            data_dir: data_dir.to_owned(),
-            base,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !std::fs::read_to_string(&up.log)
-            .unwrap_or_default()
-            .contains("the mesh is up")
-        {
-            assert!(Instant::now() < deadline, "chirp up did not come up:\n{}", up.tail());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        up
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    /// Runs a chirp command against this mesh: (exit code, stdout).
-    fn run(&self, args: &[&str]) -> (i32, String) {
-        let output = chirp()
-            .args(args)
-            .env("CHIRP_DATA_DIR", &self.data_dir)
-            .env("CHIRP_PORT_BASE", self.base.to_string())
-            .env("CHIRP_CONFIG_DIR", self.data_dir.join("config"))
-            .output()
-            .expect("chirp runs");
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
-        )
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let (code, out) = self.run(&["status", "--json"]);
-        assert_eq!(code, 0, "{out}");
-        serde_json::from_str(out.trim()).expect("status JSON")
-    }
-
-    fn channel(&self, offset: u16) -> Channel {
-        Channel::from_shared(format!("http://127.0.0.1:{}", self.base + offset))
-            .unwrap()
-            .connect_lazy()
-    }
-
-    /// Stops with SIGINT, as Ctrl-C would; the pids it ran.
-    fn stop(mut self) -> Vec<i32> {
-        let pids: Vec<i32> = self.status()["parts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p["pid"].as_i64())
-            .map(|p| p as i32)
-            .collect();
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "chirp up did not stop:\n{}", self.tail());
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        assert!(status.success(), "chirp up exited with {status}:\n{}", self.tail());
-        pids
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGINT);
-            }
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
 
 /// What one call did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
