@@ -10,7 +10,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::layout::Part;
+use crate::{layout::Part, restart::Death};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PartState {
@@ -20,7 +20,16 @@ pub struct PartState {
     /// `part`, or `part-N` for a service's further replicas.
     pub name: String,
     pub running: bool,
+    /// `running`; `stopped` (by `chaos stop`, down until `chaos start`);
+    /// `restarting` (died, another attempt scheduled); `dead` (died, left
+    /// down: `--restart never`); `failed` (too many failures in a row);
+    /// `external`.
+    pub state: String,
     pub pid: Option<u32>,
+    /// Times `chirp up` started it again on its own.
+    pub restarts: u32,
+    /// The last time it ended without being asked to, and why.
+    pub last_death: Option<Death>,
     /// Where it listens (`host:port`), or the external URL it stands for.
     pub address: String,
     /// Run by `chirp up` (false when an external store URL was given).

@@ -10,6 +10,7 @@ mod client;
 mod control;
 mod layout;
 mod outbox;
+mod restart;
 mod seed;
 mod status;
 mod up;
@@ -59,6 +60,11 @@ enum Command {
         /// ports above the first, and every caller balances across them
         #[arg(long, default_value = "", hide_default_value = true)]
         replicas: up::Replicas,
+        /// What happens to a part that dies on its own: started again with
+        /// backoff (0.25 s doubling to 8 s; left down after 5 failures in a
+        /// row), or left down until `chirp chaos start`
+        #[arg(long, value_enum, default_value_t = restart::Policy::OnFailure)]
+        restart: restart::Policy,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
     /// dead letters, erasures in progress
@@ -139,12 +145,17 @@ async fn main() -> ExitCode {
     let data_dir = layout::data_dir(cli.data_dir.as_deref());
     let client = client::Client::new(ports, cli.json);
     let result = match cli.command {
-        Command::Up { no_seed, replicas } => {
+        Command::Up {
+            no_seed,
+            replicas,
+            restart,
+        } => {
             up::run(up::UpArgs {
                 data_dir,
                 ports,
                 seed: !no_seed,
                 replicas,
+                restart,
             })
             .await
         }
@@ -226,14 +237,21 @@ async fn print_status(data_dir: &std::path::Path, json: bool) -> anyhow::Result<
         println!("{}", serde_json::json!({"parts": processes.parts, "services": reports}));
         return Ok(());
     }
-    println!("{:<18} {:<8} {:<8} ADDRESS", "PART", "PROCESS", "PID");
+    println!(
+        "{:<18} {:<11} {:<8} {:<9} {:<16} LAST DEATH",
+        "PART", "PROCESS", "PID", "RESTARTS", "ADDRESS"
+    );
     for p in &processes.parts {
         println!(
-            "{:<18} {:<8} {:<8} {}",
+            "{:<18} {:<11} {:<8} {:<9} {:<16} {}",
             p.name,
-            if p.running { "running" } else { "stopped" },
+            p.state,
             p.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into()),
-            p.address
+            p.restarts,
+            p.address,
+            p.last_death
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |d| format!("{} ({})", d.cause, d.at))
         );
     }
     println!();

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     control::{PartState, Reply},
     layout::{self, Instance, Part, Ports, MAX_REPLICAS},
+    restart::{self, Death},
 };
 
 /// Version of SecantusDB's server that serves MongoDB locally.
@@ -37,6 +38,7 @@ pub struct UpArgs {
     pub ports: Ports,
     pub seed: bool,
     pub replicas: Replicas,
+    pub restart: restart::Policy,
 }
 
 /// How many replicas of each service to run (`--replicas
@@ -125,8 +127,58 @@ struct Supervisor {
     args: UpArgs,
     external: External,
     bin_dir: PathBuf,
-    children: HashMap<Instance, Child>,
+    slots: HashMap<Instance, Slot>,
     ingest_token: String,
+}
+
+/// What the supervisor knows of one process of the mesh.
+#[derive(Default)]
+struct Slot {
+    life: Life,
+    /// Deaths and failed starts in a row since the last run that lasted
+    /// [`restart::STABLE_AFTER`]; what the backoff and the limit count.
+    failures: u32,
+    /// Starts the supervisor made on its own, in all.
+    restarts: u32,
+    last_death: Option<Death>,
+}
+
+#[derive(Default)]
+enum Life {
+    Running {
+        child: Child,
+        since: Instant,
+    },
+    /// Not started yet, or stopped with `chaos stop`: down until `chaos
+    /// start`.
+    #[default]
+    Stopped,
+    /// Ended on its own; started again at `retry_at`, or left down (`None`)
+    /// under `--restart never`, after a failed `chaos start`, or once
+    /// [`restart::MAX_RESTARTS`] attempts in a row have failed.
+    Dead {
+        retry_at: Option<Instant>,
+    },
+}
+
+impl Slot {
+    fn pid(&self) -> Option<u32> {
+        match &self.life {
+            Life::Running { child, .. } => child.id(),
+            _ => None,
+        }
+    }
+
+    /// The word `chirp status` shows.
+    fn state(&self) -> &'static str {
+        match self.life {
+            Life::Running { .. } => "running",
+            Life::Stopped => "stopped",
+            Life::Dead { retry_at: Some(_) } => "restarting",
+            Life::Dead { retry_at: None } if self.failures > restart::MAX_RESTARTS => "failed",
+            Life::Dead { retry_at: None } => "dead",
+        }
+    }
 }
 
 /// Runs the mesh until SIGINT or SIGTERM, then stops everything it started.
@@ -165,7 +217,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args: args.clone(),
         external,
         bin_dir,
-        children: HashMap::new(),
+        slots: HashMap::new(),
         ingest_token,
     }));
     let started = async {
@@ -205,8 +257,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     let control = tokio::spawn(serve_control(listener, supervisor.clone()));
+    let watch = tokio::spawn(watch(supervisor.clone()));
     service_kit::server::shutdown_signal().await;
     println!("[chirp] stopping…");
+    // The watcher first, so nothing is restarted behind the stop; a restart
+    // it is in the middle of is dropped, and with it (kill_on_drop) the
+    // process it was starting.
+    watch.abort();
+    let _ = watch.await;
     control.abort();
     let _ = std::fs::remove_file(&socket);
     supervisor.lock().await.stop_all().await;
@@ -303,9 +361,12 @@ impl Supervisor {
             .join(",")
     }
 
+    /// Starts a process that is not running (whatever the reason), and
+    /// waits for a store to listen.
     async fn start(&mut self, instance: Instance) -> anyhow::Result<()> {
         let part = instance.part;
-        if self.children.contains_key(&instance) || self.external.url(part).is_some() {
+        let slot = self.slots.entry(instance).or_default();
+        if matches!(slot.life, Life::Running { .. }) || self.external.url(part).is_some() {
             return Ok(());
         }
         let ports = self.args.ports;
@@ -428,13 +489,68 @@ impl Supervisor {
             create_database(ports.of(part)).await?;
         }
         println!("[chirp] {name} started (pid {})", child.id().unwrap_or(0));
-        self.children.insert(instance, child);
+        self.slots.entry(instance).or_default().life = Life::Running {
+            child,
+            since: Instant::now(),
+        };
         Ok(())
     }
 
-    async fn stop(&mut self, instance: Instance) {
-        let Some(mut child) = self.children.remove(&instance) else {
-            return;
+    /// Notes every process that has ended on its own since the last look,
+    /// says so once in the log, and schedules its restart per the policy.
+    fn reap(&mut self) {
+        let policy = self.args.restart;
+        for (instance, slot) in &mut self.slots {
+            let Life::Running { child, since } = &mut slot.life else {
+                continue;
+            };
+            let cause = match child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => format!("died: {}", restart::describe(status)),
+                Err(err) => format!("died: cannot be waited for: {err}"),
+            };
+            if since.elapsed() >= restart::STABLE_AFTER {
+                slot.failures = 0;
+            }
+            slot.life = Life::Dead { retry_at: None };
+            slot.failed(&instance.name(), Death::now(cause), policy);
+        }
+    }
+
+    /// Starts again what is due to be; a start that fails counts as a
+    /// death of its own.
+    async fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Instance> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot.life, Life::Dead { retry_at: Some(at) } if at <= now))
+            .map(|(instance, _)| *instance)
+            .collect();
+        for instance in due {
+            if let Some(slot) = self.slots.get_mut(&instance) {
+                slot.restarts += 1;
+            }
+            if let Err(err) = self.start(instance).await {
+                let policy = self.args.restart;
+                if let Some(slot) = self.slots.get_mut(&instance) {
+                    slot.life = Life::Dead { retry_at: None };
+                    slot.failed(
+                        &instance.name(),
+                        Death::now(format!("could not start: {err:#}")),
+                        policy,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stops a process and keeps it down until `start`; whether it was
+    /// running.
+    async fn stop(&mut self, instance: Instance) -> bool {
+        let slot = self.slots.entry(instance).or_default();
+        let Life::Running { mut child, .. } = std::mem::take(&mut slot.life) else {
+            return false;
         };
         let signal = if instance.part == Part::Postgres {
             libc::SIGINT
@@ -454,6 +570,7 @@ impl Supervisor {
             let _ = child.kill().await;
         }
         println!("[chirp] {} stopped", instance.name());
+        true
     }
 
     async fn stop_all(&mut self) {
@@ -462,8 +579,48 @@ impl Supervisor {
         }
     }
 
+    /// `chaos stop`: down until `chaos start`, whatever it was doing.
+    async fn stop_on_request(&mut self, at: Instance) -> String {
+        self.reap();
+        let before = self.slots.get(&at).map(Slot::state).unwrap_or("stopped");
+        if self.stop(at).await {
+            format!("{} stopped", at.name())
+        } else {
+            format!(
+                "{} was not running ({before}); it stays down until `chirp chaos start {}`",
+                at.name(),
+                at.name()
+            )
+        }
+    }
+
+    /// `chaos start`: starts a part that is not running, whatever stopped
+    /// it, with a fresh count of failures.
+    async fn start_on_request(&mut self, at: Instance) -> (bool, String) {
+        self.reap();
+        let slot = self.slots.entry(at).or_default();
+        if let Some(pid) = slot.pid() {
+            return (true, format!("{} is already running (pid {pid})", at.name()));
+        }
+        slot.failures = 0;
+        match self.start(at).await {
+            Ok(()) => (true, format!("{} started", at.name())),
+            Err(err) => {
+                let cause = format!("could not start: {err:#}");
+                if let Some(slot) = self.slots.get_mut(&at) {
+                    slot.life = Life::Dead { retry_at: None };
+                    slot.last_death = Some(Death::now(cause.clone()));
+                }
+                println!("[chirp] {} {cause}", at.name());
+                (false, format!("{} {cause}", at.name()))
+            }
+        }
+    }
+
     fn states(&mut self) -> Vec<PartState> {
+        self.reap();
         let ports = self.args.ports;
+        let stopped = Slot::default();
         self.args
             .replicas
             .instances()
@@ -471,14 +628,17 @@ impl Supervisor {
             .map(|instance| {
                 let part = instance.part;
                 let external = self.external.url(part).map(str::to_owned);
-                let child = self.children.get_mut(&instance);
-                let running = child.is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                let slot = self.slots.get(&instance).unwrap_or(&stopped);
+                let pid = slot.pid();
                 PartState {
                     part,
                     replica: instance.replica,
                     name: instance.name(),
-                    running: running || external.is_some(),
-                    pid: self.children.get(&instance).and_then(Child::id),
+                    running: pid.is_some() || external.is_some(),
+                    state: if external.is_some() { "external" } else { slot.state() }.to_owned(),
+                    pid,
+                    restarts: slot.restarts,
+                    last_death: slot.last_death.clone(),
                     address: external
                         .clone()
                         .unwrap_or_else(|| format!("127.0.0.1:{}", ports.of(instance))),
@@ -491,6 +651,50 @@ impl Supervisor {
     /// A name a control command gave, if it names a process of this mesh.
     fn instance(&self, name: &str) -> Option<Instance> {
         Instance::parse(name).filter(|i| i.replica <= self.args.replicas.of(i.part))
+    }
+}
+
+/// Notices deaths (a few times a second, so `chirp status` and the log
+/// know within a second) and carries out the restarts they scheduled.
+async fn watch(supervisor: Arc<Mutex<Supervisor>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut sup = supervisor.lock().await;
+        sup.reap();
+        sup.restart_due().await;
+    }
+}
+
+impl Slot {
+    /// Records a death or a failed start and decides what follows: another
+    /// attempt after the backoff, or staying down.
+    fn failed(&mut self, name: &str, death: Death, policy: restart::Policy) {
+        self.failures += 1;
+        let next = match policy {
+            restart::Policy::Never => {
+                format!("left down (--restart never); `chirp chaos start {name}` brings it back")
+            }
+            _ if self.failures > restart::MAX_RESTARTS => format!(
+                "{} failures in a row: left down; `chirp chaos start {name}` tries again",
+                self.failures
+            ),
+            restart::Policy::OnFailure => {
+                let wait = restart::backoff(self.failures);
+                self.life = Life::Dead {
+                    retry_at: Some(Instant::now() + wait),
+                };
+                format!(
+                    "restarting in {:.2} s (attempt {} of {})",
+                    wait.as_secs_f64(),
+                    self.failures,
+                    restart::MAX_RESTARTS
+                )
+            }
+        };
+        println!("[chirp] {name} {}; {next}", death.cause);
+        self.last_death = Some(death);
     }
 }
 
@@ -512,13 +716,9 @@ async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>
             let (ok, message) = match named.map(|(verb, name)| (verb, name, sup.instance(name))) {
                 Some(("ps", _, _)) => (true, String::new()),
                 Some(("stop", _, Some(at))) if sup.external.url(at.part).is_none() => {
-                    sup.stop(at).await;
-                    (true, format!("{} stopped", at.name()))
+                    (true, sup.stop_on_request(at).await)
                 }
-                Some(("start", _, Some(at))) if sup.external.url(at.part).is_none() => match sup.start(at).await {
-                    Ok(()) => (true, format!("{} started", at.name())),
-                    Err(err) => (false, format!("{err:#}")),
-                },
+                Some(("start", _, Some(at))) if sup.external.url(at.part).is_none() => sup.start_on_request(at).await,
                 Some(("stop" | "start", _, Some(at))) => {
                     (false, format!("{} is external; chirp does not run it", at.name()))
                 }

@@ -160,16 +160,6 @@ fn split(metrics: [u16; 2], method: &str, before: [u64; 2]) -> ([u64; 2], f64) {
     (calls, calls[0] as f64 / total as f64)
 }
 
-fn pid(up: &Up, name: &str) -> i32 {
-    up.status()["parts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .and_then(|p| p["pid"].as_i64())
-        .unwrap_or_else(|| panic!("no pid for {name}")) as i32
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls_in_flight() {
     let data = tempfile::tempdir().unwrap();
@@ -282,7 +272,7 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
 
     // Kill the second replica of each, as a crash or the OOM killer would.
     for name in ["comment-service-2", "message-service-2"] {
-        let pid = pid(&up, name).to_string();
+        let pid = up.pid(name).to_string();
         let killed = std::process::Command::new("kill")
             .args(["-KILL", &pid])
             .status()

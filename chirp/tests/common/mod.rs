@@ -112,6 +112,31 @@ impl Up {
         serde_json::from_str(out.trim()).expect("status JSON")
     }
 
+    /// One process's entry in `chirp status --json` (`postgres`,
+    /// `comment-service-2`, …), with what the services said of themselves
+    /// under `service` when it is a service.
+    pub fn part(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        let find = |list: &str, key: &str| {
+            status[list]
+                .as_array()
+                .and_then(|all| all.iter().find(|p| p[key] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut part = find("parts", "name");
+        assert!(!part.is_null(), "no part {name} in {status}");
+        part["service"] = find("services", "service");
+        part
+    }
+
+    pub fn pid(&self, name: &str) -> i32 {
+        let part = self.part(name);
+        part["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name} has no pid: {part}")) as i32
+    }
+
     pub fn channel(&self, offset: u16) -> Channel {
         Channel::from_shared(format!("http://127.0.0.1:{}", self.base + offset))
             .unwrap()
