@@ -1,6 +1,8 @@
 //! `chirp up --replicas message-service=2,comment-service=2`: every caller
 //! balances across a peer's replicas, and a replica killed under load costs
-//! at most the calls it had in flight; restarted, it takes calls again.
+//! at most the calls it had in flight (`chirp up` starts it again); a
+//! graceful restart of a replica under load costs nothing, since callers
+//! stop sending to a replica once its health says NOT_SERVING.
 //!
 //! The load goes in at the first replica of each service (as a client of one
 //! address would); what is balanced is the hop between services:
@@ -288,7 +290,13 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
     );
     assert!(ok >= 200, "the surviving replicas took the load: {ok}");
 
-    // Back: the killed replicas are started again and take calls again.
+    for name in ["comment-service-2", "message-service-2"] {
+        let part = up.part(name);
+        assert_eq!(part["restarts"], 1, "the supervisor started it again: {part}");
+    }
+
+    // A graceful restart of each (SIGTERM, then started again), as a
+    // rolling update does: no call fails, and the new process takes calls.
     let before_comments = comment_metrics.map(|p| handled(p, "ListComments"));
     for name in ["comment-service-2", "message-service-2"] {
         let (code, out) = up.run(&["chaos", "stop", name]);
@@ -306,7 +314,7 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
     }
     let (ok, failed, failures) = tally.take();
     println!(
-        "after restarting them: ListComments on comment-service, -2: {comment_calls:?}; \
+        "after a graceful restart of both: ListComments on comment-service, -2: {comment_calls:?}; \
          CheckMessage on message-service-2: {message_calls}; {ok} calls ok, {failed} failed"
     );
     assert_eq!(failed, 0, "{failures:?}");

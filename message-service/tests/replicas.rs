@@ -1,7 +1,8 @@
 //! A peer with replicas: message-service given two comment-service
 //! addresses spreads its calls over both, takes a replica that dies out of
 //! the balancer without its callers seeing more than the calls that were in
-//! flight, and puts it back when it returns.
+//! flight, puts it back when it returns, and sends nothing to a replica that
+//! says NOT_SERVING (as one does while it starts or drains).
 
 mod common;
 
@@ -26,6 +27,8 @@ const CONCURRENCY: usize = 16;
 /// it drops its listener and every connection at once, like a crash.
 struct Replica {
     fake: FakeComments,
+    /// Its `grpc.health.v1`, which the caller's discovery asks.
+    health: tonic_health::server::HealthReporter,
     addr: SocketAddr,
     kill: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -38,12 +41,14 @@ impl Replica {
         let addr = listener.local_addr().unwrap();
         let (kill, killed) = tokio::sync::oneshot::channel();
         let service = CommentServiceServer::new(fake.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let serve = tonic::transport::Server::builder()
                     .add_service(service)
+                    .add_service(health_service)
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
                 tokio::select! {
                     _ = serve => {}
@@ -55,6 +60,7 @@ impl Replica {
         });
         Self {
             fake,
+            health,
             addr,
             kill: Some(kill),
             thread: Some(thread),
@@ -171,6 +177,33 @@ async fn calls_spread_over_two_replicas_and_a_dead_one_is_taken_out_and_put_back
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("A back: its first call {:?} after the kill", killed_at.elapsed());
+
+    // B says NOT_SERVING, as a replica does from the start of its shutdown
+    // until it stops: within a discovery round it gets no more calls, and
+    // none of the callers sees a failure.
+    let before = degraded.load(Ordering::Relaxed);
+    b.health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (b_then, a_then) = (b.calls(), a.calls());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "B NOT_SERVING: {} calls to B and {} to A in the next 2 s",
+        b.calls() - b_then,
+        a.calls() - a_then
+    );
+    assert_eq!(b.calls(), b_then, "calls went to a replica that is NOT_SERVING");
+    assert!(a.calls() - a_then > 100, "A served the load");
+    assert_eq!(degraded.load(Ordering::Relaxed), before, "a caller saw the change");
+    b.health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.calls() == b_then {
+        assert!(Instant::now() < deadline, "B was not put back within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();

@@ -6,8 +6,9 @@
 //! host name that resolves to several addresses, as a Kubernetes headless
 //! Service does, or several URLs separated by commas) gets one connection
 //! per replica behind tower's power-of-two-choices balancer; a replica that
-//! stops accepting connections is taken out at once and put back when it
-//! accepts them again ([`discover`]). Around each call it adds:
+//! stops answering SERVING to a health check (it is starting, shutting down
+//! or gone) is taken out and put back when it answers again
+//! ([`discover`]). Around each call it adds:
 //!
 //! - a deadline: the per-call timeout, cut to what is left of the incoming
 //!   request's deadline ([`crate::context`]), sent as `grpc-timeout` and
@@ -367,10 +368,14 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Keeps a balanced channel's replicas current: every
 /// [`DISCOVERY_INTERVAL`] (or at once when a call failed) it resolves each
-/// target's host, tries a TCP connection to every address, and puts in the
-/// balancer exactly those that accept one. When none does, all stay in, so
-/// calls fail fast (UNAVAILABLE) instead of waiting for a replica to appear.
-/// Stops when the channel is dropped.
+/// target's host, asks every address's `grpc.health.v1` for the whole
+/// server (`""`), and puts in the balancer exactly those that answer
+/// SERVING. A TCP connection alone would not do: a replica accepts
+/// connections before it serves (its listener is bound while it prepares
+/// its store) and after it stops serving (while it drains), and calls sent
+/// to it then fail. When none answers, all stay in, so calls fail fast
+/// (UNAVAILABLE) instead of waiting for a replica to appear. Stops when the
+/// channel is dropped.
 async fn discover(
     name: &'static str,
     targets: Vec<Target>,
@@ -389,6 +394,9 @@ async fn discover(
     use tonic::transport::channel::Change;
 
     let mut current: HashSet<SocketAddr> = HashSet::new();
+    // One lazily connected channel per address, reused round after round,
+    // so a probe costs one small call rather than a connection.
+    let mut probes: HashMap<SocketAddr, Channel> = HashMap::new();
     loop {
         // Each address with the scheme of the URL it came from.
         let mut all: HashMap<SocketAddr, &str> = HashMap::new();
@@ -397,15 +405,19 @@ async fn discover(
                 all.extend(addrs.map(|addr| (addr, target.scheme.as_str())));
             }
         }
-        let probes = all.keys().map(|addr| async move {
-            let connect = tokio::net::TcpStream::connect(addr);
-            matches!(
-                tokio::time::timeout(Duration::from_millis(250), connect).await,
-                Ok(Ok(_))
-            )
-            .then_some(*addr)
-        });
-        let live: HashSet<SocketAddr> = futures::future::join_all(probes).await.into_iter().flatten().collect();
+        probes.retain(|addr, _| all.contains_key(addr));
+        for (addr, scheme) in &all {
+            if !probes.contains_key(addr) {
+                if let Ok(uri) = format!("{scheme}://{addr}").parse::<http::Uri>() {
+                    let endpoint = configure(tonic::transport::Endpoint::from(uri), PROBE_TIMEOUT);
+                    probes.insert(*addr, endpoint.connect_lazy());
+                }
+            }
+        }
+        let checks = probes
+            .iter()
+            .map(|(addr, channel)| async move { serving(channel.clone()).await.then_some(*addr) });
+        let live: HashSet<SocketAddr> = futures::future::join_all(checks).await.into_iter().flatten().collect();
         let wanted: HashSet<SocketAddr> = if live.is_empty() {
             all.keys().copied().collect()
         } else {
@@ -436,6 +448,22 @@ async fn discover(
             () = changes.closed() => return,
         }
     }
+}
+
+/// Longest a replica may take to answer a health check before it counts as
+/// not serving.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Whether the server behind `channel` answers SERVING for itself.
+async fn serving(channel: Channel) -> bool {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+    request.set_timeout(PROBE_TIMEOUT);
+    let mut client = HealthClient::new(channel);
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, client.check(request)).await,
+        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32
+    )
 }
 
 /// Codes that say the peer, not the request, is at fault.
