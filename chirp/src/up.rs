@@ -436,6 +436,14 @@ impl Supervisor {
                     .env("LOG_FORMAT", "pretty")
                     .env("NO_COLOR", "1")
                     .env("INGEST_TOKEN", &self.ingest_token)
+                    // With replicas, a replica told to stop keeps serving
+                    // (health NOT_SERVING) until its callers' discovery
+                    // (every second) has taken it out, so none of their
+                    // calls meets a closing connection.
+                    .env(
+                        "SHUTDOWN_DELAY",
+                        if self.args.replicas.of(part) > 1 { "2s" } else { "0s" },
+                    )
                     .env("USER_SERVICE_URL", self.peer_urls(Part::UserService))
                     .env("MESSAGE_SERVICE_URL", self.peer_urls(Part::MessageService))
                     .env("COMMENT_SERVICE_URL", self.peer_urls(Part::CommentService))
@@ -548,9 +556,20 @@ impl Supervisor {
     /// Stops a process and keeps it down until `start`; whether it was
     /// running.
     async fn stop(&mut self, instance: Instance) -> bool {
-        let slot = self.slots.entry(instance).or_default();
-        let Life::Running { mut child, .. } = std::mem::take(&mut slot.life) else {
+        let Some(child) = self.signal_stop(instance) else {
             return false;
+        };
+        finish_stop(instance, child).await;
+        true
+    }
+
+    /// Asks a running process to stop (PostgreSQL's fast shutdown is
+    /// SIGINT, everyone else's graceful one SIGTERM) and marks it stopped;
+    /// the process, to wait for.
+    fn signal_stop(&mut self, instance: Instance) -> Option<Child> {
+        let slot = self.slots.entry(instance).or_default();
+        let Life::Running { child, .. } = std::mem::take(&mut slot.life) else {
+            return None;
         };
         let signal = if instance.part == Part::Postgres {
             libc::SIGINT
@@ -563,18 +582,30 @@ impl Supervisor {
                 libc::kill(pid, signal);
             }
         }
-        if tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
-        println!("[chirp] {} stopped", instance.name());
-        true
+        Some(child)
     }
 
+    /// Services all at once (each may keep serving for its shutdown delay),
+    /// then the stores, last started first.
     async fn stop_all(&mut self) {
-        for instance in self.args.replicas.instances().into_iter().rev() {
+        let (services, stores): (Vec<Instance>, Vec<Instance>) = self
+            .args
+            .replicas
+            .instances()
+            .into_iter()
+            .rev()
+            .partition(|i| i.part.is_service());
+        let stopping: Vec<_> = services
+            .into_iter()
+            .filter_map(|instance| Some((instance, self.signal_stop(instance)?)))
+            .collect();
+        futures::future::join_all(
+            stopping
+                .into_iter()
+                .map(|(instance, child)| finish_stop(instance, child)),
+        )
+        .await;
+        for instance in stores {
             self.stop(instance).await;
         }
     }
@@ -652,6 +683,17 @@ impl Supervisor {
     fn instance(&self, name: &str) -> Option<Instance> {
         Instance::parse(name).filter(|i| i.replica <= self.args.replicas.of(i.part))
     }
+}
+
+/// Waits (boundedly) for a process asked to stop; kills it past the bound.
+async fn finish_stop(instance: Instance, mut child: Child) {
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    println!("[chirp] {} stopped", instance.name());
 }
 
 /// Notices deaths (a few times a second, so `chirp status` and the log

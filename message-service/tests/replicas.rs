@@ -42,9 +42,12 @@ impl Replica {
         let (kill, killed) = tokio::sync::oneshot::channel();
         let service = CommentServiceServer::new(fake.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
+        // Ready at once: a fake has no store to wait for.
+        let ready = health.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
+                ready.set_serving::<CommentServiceServer<FakeComments>>().await;
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let serve = tonic::transport::Server::builder()
                     .add_service(service)
@@ -182,9 +185,7 @@ async fn calls_spread_over_two_replicas_and_a_dead_one_is_taken_out_and_put_back
     // until it stops: within a discovery round it gets no more calls, and
     // none of the callers sees a failure.
     let before = degraded.load(Ordering::Relaxed);
-    b.health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    b.health.set_not_serving::<CommentServiceServer<FakeComments>>().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (b_then, a_then) = (b.calls(), a.calls());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -196,9 +197,7 @@ async fn calls_spread_over_two_replicas_and_a_dead_one_is_taken_out_and_put_back
     assert_eq!(b.calls(), b_then, "calls went to a replica that is NOT_SERVING");
     assert!(a.calls() - a_then > 100, "A served the load");
     assert_eq!(degraded.load(Ordering::Relaxed), before, "a caller saw the change");
-    b.health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    b.health.set_serving::<CommentServiceServer<FakeComments>>().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.calls() == b_then {
         assert!(Instant::now() < deadline, "B was not put back within 10 s");

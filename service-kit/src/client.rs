@@ -93,6 +93,12 @@ pub struct PeerConfig {
     pub name: &'static str,
     /// `http://host:port`, or several separated by commas (replicas).
     pub url: String,
+    /// The `grpc.health.v1` service a replica must answer SERVING for to
+    /// get calls: the peer's API (what a Kubernetes readiness probe asks),
+    /// which a service reports NOT_SERVING until its store answers and from
+    /// the start of its shutdown; `""` (the whole server) for a peer this kit
+    /// does not know.
+    pub health_service: &'static str,
     pub connect_timeout: Duration,
     /// Deadline of one call (all its attempts), unless the incoming request's
     /// deadline is sooner.
@@ -112,6 +118,7 @@ impl PeerConfig {
         Self {
             name,
             url: url.into(),
+            health_service: api_service(name),
             connect_timeout: Duration::from_millis(500),
             call_timeout: DEFAULT_CALL_TIMEOUT,
             max_retries: 2,
@@ -119,6 +126,18 @@ impl PeerConfig {
             max_concurrency: 256,
             breaker: BreakerConfig::default(),
         }
+    }
+}
+
+/// The API service of a Chirp service, by its name.
+fn api_service(peer: &str) -> &'static str {
+    use chirp_proto::{analytics, comment, message, user};
+    match peer {
+        "user-service" => user::v1::user_service_server::SERVICE_NAME,
+        "message-service" => message::v1::message_service_server::SERVICE_NAME,
+        "comment-service" => comment::v1::comment_service_server::SERVICE_NAME,
+        "analytics-service" => analytics::v1::analytics_service_server::SERVICE_NAME,
+        _ => "",
     }
 }
 
@@ -212,6 +231,7 @@ impl Peer {
             let (done, rounds) = tokio::sync::watch::channel(0);
             tokio::spawn(discover(
                 config.name,
+                config.health_service,
                 targets,
                 config.connect_timeout,
                 changes,
@@ -368,16 +388,17 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Keeps a balanced channel's replicas current: every
 /// [`DISCOVERY_INTERVAL`] (or at once when a call failed) it resolves each
-/// target's host, asks every address's `grpc.health.v1` for the whole
-/// server (`""`), and puts in the balancer exactly those that answer
-/// SERVING. A TCP connection alone would not do: a replica accepts
-/// connections before it serves (its listener is bound while it prepares
-/// its store) and after it stops serving (while it drains), and calls sent
-/// to it then fail. When none answers, all stay in, so calls fail fast
+/// target's host, asks every address's `grpc.health.v1` for the peer's API
+/// ([`PeerConfig::health_service`]), and puts in the balancer exactly those
+/// that answer SERVING. A TCP connection alone would not do: a replica
+/// accepts connections before it can serve (its listener is bound while it
+/// connects to its store) and after it stops serving (while it drains), and
+/// calls sent to it then fail. When none answers, all stay in, so calls fail fast
 /// (UNAVAILABLE) instead of waiting for a replica to appear. Stops when the
 /// channel is dropped.
 async fn discover(
     name: &'static str,
+    health_service: &'static str,
     targets: Vec<Target>,
     connect_timeout: Duration,
     changes: tokio::sync::mpsc::Sender<
@@ -416,7 +437,7 @@ async fn discover(
         }
         let checks = probes
             .iter()
-            .map(|(addr, channel)| async move { serving(channel.clone()).await.then_some(*addr) });
+            .map(|(addr, channel)| async move { serving(channel.clone(), health_service).await.then_some(*addr) });
         let live: HashSet<SocketAddr> = futures::future::join_all(checks).await.into_iter().flatten().collect();
         let wanted: HashSet<SocketAddr> = if live.is_empty() {
             all.keys().copied().collect()
@@ -454,10 +475,12 @@ async fn discover(
 /// not serving.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// Whether the server behind `channel` answers SERVING for itself.
-async fn serving(channel: Channel) -> bool {
+/// Whether the server behind `channel` answers SERVING for `service`.
+async fn serving(channel: Channel, service: &str) -> bool {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-    let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
     request.set_timeout(PROBE_TIMEOUT);
     let mut client = HealthClient::new(channel);
     matches!(
