@@ -418,6 +418,7 @@ async fn discover(
     // One lazily connected channel per address, reused round after round,
     // so a probe costs one small call rather than a connection.
     let mut probes: HashMap<SocketAddr, Channel> = HashMap::new();
+    let mut silent: HashMap<SocketAddr, u32> = HashMap::new();
     loop {
         // Each address with the scheme of the URL it came from.
         let mut all: HashMap<SocketAddr, &str> = HashMap::new();
@@ -437,13 +438,25 @@ async fn discover(
         }
         let checks = probes
             .iter()
-            .map(|(addr, channel)| async move { serving(channel.clone(), health_service).await.then_some(*addr) });
-        let live: HashSet<SocketAddr> = futures::future::join_all(checks).await.into_iter().flatten().collect();
-        let wanted: HashSet<SocketAddr> = if live.is_empty() {
-            all.keys().copied().collect()
-        } else {
-            live
-        };
+            .map(|(addr, channel)| async move { (*addr, probe(channel.clone(), health_service).await) });
+        let found: HashMap<SocketAddr, Probe> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .map(|(addr, probe)| {
+                let rounds = silent.entry(addr).or_default();
+                *rounds = if probe == Probe::Silent { *rounds + 1 } else { 0 };
+                (
+                    addr,
+                    if probe == Probe::Silent {
+                        Probe::SilentFor(*rounds)
+                    } else {
+                        probe
+                    },
+                )
+            })
+            .collect();
+        silent.retain(|addr, _| found.contains_key(addr));
+        let wanted = choose(&current, &found);
         for gone in current.difference(&wanted) {
             tracing::info!(peer = name, replica = %gone, "replica out of the balancer");
             if changes.send(Change::Remove(*gone)).await.is_err() {
@@ -475,18 +488,75 @@ async fn discover(
 /// not serving.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// Whether the server behind `channel` answers SERVING for `service`.
-async fn serving(channel: Channel, service: &str) -> bool {
+/// Rounds a replica in the balancer may leave a health check unanswered
+/// (busy, say) before it is taken out.
+const SILENT_ROUNDS: u32 = 2;
+
+/// What one health check of a replica found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    Serving,
+    /// An answer other than SERVING, or a connection refused: a replica
+    /// starting, without its store, draining, or gone.
+    NotServing,
+    /// No answer within [`PROBE_TIMEOUT`].
+    Silent,
+    /// [`Probe::Silent`], for this many rounds in a row.
+    SilentFor(u32),
+}
+
+/// The replicas to balance over after a round: those that answer SERVING,
+/// and those already in that have been silent for less than
+/// [`SILENT_ROUNDS`]. When that leaves none, the balancer keeps what it has
+/// less those that refused (or all it has, or at first every address), so
+/// calls fail fast rather than wait for a replica to appear, and rounds in
+/// which every check was slow (a busy machine) do not put back a replica
+/// known to be gone.
+fn choose<A: Copy + Eq + std::hash::Hash>(
+    current: &std::collections::HashSet<A>,
+    found: &std::collections::HashMap<A, Probe>,
+) -> std::collections::HashSet<A> {
+    let wanted: std::collections::HashSet<A> = found
+        .iter()
+        .filter(|(addr, probe)| match probe {
+            Probe::Serving => true,
+            Probe::SilentFor(rounds) => current.contains(*addr) && *rounds < SILENT_ROUNDS,
+            Probe::NotServing | Probe::Silent => false,
+        })
+        .map(|(addr, _)| *addr)
+        .collect();
+    if !wanted.is_empty() {
+        return wanted;
+    }
+    if current.is_empty() {
+        return found.keys().copied().collect();
+    }
+    let not_refused: std::collections::HashSet<A> = current
+        .iter()
+        .filter(|addr| found.get(*addr) != Some(&Probe::NotServing))
+        .copied()
+        .collect();
+    if not_refused.is_empty() {
+        current.clone()
+    } else {
+        not_refused
+    }
+}
+
+/// Asks the server behind `channel` whether it is SERVING `service`.
+async fn probe(channel: Channel, service: &str) -> Probe {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
     request.set_timeout(PROBE_TIMEOUT);
     let mut client = HealthClient::new(channel);
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, client.check(request)).await,
-        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32
-    )
+    match tokio::time::timeout(PROBE_TIMEOUT, client.check(request)).await {
+        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => Probe::Serving,
+        Ok(Err(status)) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => Probe::Silent,
+        Err(_) => Probe::Silent,
+        Ok(_) => Probe::NotServing,
+    }
 }
 
 /// Codes that say the peer, not the request, is at fault.
@@ -600,7 +670,32 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
+
     use super::*;
+
+    #[test]
+    fn discovery_keeps_the_serving_replicas_and_a_briefly_silent_one_it_has() {
+        let current: HashSet<u8> = [1, 2, 3].into();
+        let found: HashMap<u8, Probe> = [
+            (1, Probe::Serving),
+            (2, Probe::SilentFor(1)),
+            (3, Probe::NotServing),
+            (4, Probe::SilentFor(1)),
+        ]
+        .into();
+        assert_eq!(choose(&current, &found), [1, 2].into());
+        let found: HashMap<u8, Probe> = [(1, Probe::Serving), (2, Probe::SilentFor(SILENT_ROUNDS))].into();
+        assert_eq!(choose(&current, &found), [1].into());
+    }
+
+    #[test]
+    fn discovery_with_no_replica_serving_keeps_what_it_has_or_takes_every_address_at_first() {
+        let found: HashMap<u8, Probe> = [(1, Probe::NotServing), (2, Probe::SilentFor(5))].into();
+        assert_eq!(choose(&[1, 2].into(), &found), [2].into());
+        assert_eq!(choose(&[1].into(), &found), [1].into());
+        assert_eq!(choose(&HashSet::new(), &found), [1, 2].into());
+    }
 
     fn breaker() -> Breaker {
         Breaker::new(BreakerConfig {
