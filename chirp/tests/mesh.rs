@@ -266,6 +266,19 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
     std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let base = free_port_base();
     let up = Up::start(data.path(), base);
+    // A first start is quiet: nothing queries a store before it is
+    // prepared, so no part logs an error while the mesh comes up.
+    let errors: Vec<String> = up
+        .output()
+        .lines()
+        .filter(|line| line.contains("ERROR"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "a first `chirp up` logged errors:\n{}",
+        errors.join("\n")
+    );
 
     // The seeded timeline, through the CLI, v1 and v2.
     let (code, out) = up.run(&["login", "alice"]);

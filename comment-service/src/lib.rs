@@ -59,7 +59,7 @@ pub async fn run(
     let health = Health::new();
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let mut relays = Relays::new(&registry)?;
+    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
     relays.spawn(
         RelayConfig::new("analytics"),
         store.outbox(),
@@ -90,7 +90,7 @@ pub async fn run(
         &registry,
         vec![SERVICE_NAME],
         config.store_probe_interval,
-        status,
+        status.clone(),
         comments.clone(),
     )?;
 

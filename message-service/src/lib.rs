@@ -59,7 +59,7 @@ pub async fn run(
         .context("MONGODB_URI")?;
     let registry = prometheus::Registry::new();
     service_kit::client::register_metrics(&registry)?;
-    let mut relays = Relays::new(&registry)?;
+    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
     relays.spawn(
         RelayConfig::new(store::ANALYTICS),
         store.outbox(store::ANALYTICS),
@@ -113,7 +113,7 @@ pub async fn run(
         &registry,
         apis.clone(),
         config.store_probe_interval,
-        status,
+        status.clone(),
         messages.clone(),
     )?;
 

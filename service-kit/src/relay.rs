@@ -29,7 +29,10 @@ use rand::Rng as _;
 use serde::Serialize;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::events::{Event, Outcome};
+use crate::{
+    events::{Event, Outcome},
+    store::StoreStatus,
+};
 
 /// An event waiting in an outbox, with whatever the store needs to mark it
 /// delivered (a row id, a stream id).
@@ -266,6 +269,7 @@ struct Running {
 pub struct Relays {
     metrics: RelayMetrics,
     running: Vec<Running>,
+    store: Option<StoreStatus>,
 }
 
 /// Most dead letters moved back by one retry request; a retry that moved
@@ -279,7 +283,19 @@ impl Relays {
         Ok(Self {
             metrics: RelayMetrics::register(registry)?,
             running: Vec::new(),
+            store: None,
         })
+    }
+
+    /// Relays started after this read their outbox only while the store
+    /// monitor says the store is up, which it says only once the store is
+    /// prepared: at a first start the outbox table does not exist until
+    /// the migrations have run, and querying it before would fill the
+    /// store's log with errors; during an outage there is nothing to read.
+    #[must_use]
+    pub fn gated_by(mut self, store: StoreStatus) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Starts relaying `outbox` to `destination`.
@@ -292,6 +308,7 @@ impl Relays {
             destination,
             self.metrics.clone(),
             wake.clone(),
+            self.store.clone(),
         ));
         self.running.push(Running {
             destination: config.destination,
@@ -423,11 +440,16 @@ async fn run<O: Outbox, D: Destination>(
     destination: D,
     metrics: RelayMetrics,
     wake: Arc<Notify>,
+    store: Option<StoreStatus>,
 ) {
     let label = [config.destination];
     let mut failures: u32 = 0;
     let mut last_backlog = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
+        if store.as_ref().is_some_and(|store| !store.is_up()) {
+            tokio::time::sleep(config.poll_interval).await;
+            continue;
+        }
         // The gauges cost a query; once a second is plenty for a scraper.
         if last_backlog.elapsed() >= Duration::from_secs(1) {
             if let Ok(backlog) = outbox.backlog().await {

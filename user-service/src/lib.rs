@@ -102,12 +102,12 @@ pub async fn run(
         &registry,
         vec![SERVICE_NAME],
         config.store_probe_interval,
-        status,
+        status.clone(),
         users.clone(),
     )?;
 
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, DEFAULT_CALL_TIMEOUT);
-    let mut relays = Relays::new(&registry)?;
+    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
     relays.spawn(
         RelayConfig::new(store::ANALYTICS),
         store.outbox(store::ANALYTICS),
