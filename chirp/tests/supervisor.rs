@@ -342,6 +342,7 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
         "{:<18} {:>11} {:>15} {:>22} {:>22}\n",
         "PART KILLED", "DETECTED", "SERVING AGAIN", "ACKED AT KILL (m/c/u)", "PRESENT AFTER (m/c/u)"
     );
+    let mut redis_back_at = Instant::now();
     for part in PARTS {
         let before = up.part(part);
         let pid = up.pid(part);
@@ -352,11 +353,16 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
         })
         .await;
         let back = until_back(&up, part, pid, Duration::from_secs(30)).await;
-        let restarts = up.part(part)["restarts"].as_u64().unwrap();
-        assert_eq!(
-            restarts,
-            before["restarts"].as_u64().unwrap() + 1,
-            "one restart for one death"
+        if part == "redis" {
+            redis_back_at = Instant::now();
+        }
+        // One restart for one death, or a few more if a start failed on
+        // the way (a killed PostgreSQL's backends may hold its shared
+        // memory for a moment), never a loop.
+        let restarts = up.part(part)["restarts"].as_u64().unwrap() - before["restarts"].as_u64().unwrap();
+        assert!(
+            (1..MAX_RESTARTS).contains(&restarts),
+            "{restarts} restarts for one death"
         );
         converge(&up, &run).await;
         let present = check_acked(&up, &tester, &acked).await;
@@ -372,6 +378,9 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
     println!("--restart on-failure (the default), SIGKILL under load:\n{table}");
 
     // A part that cannot start: redis given a file where its directory was.
+    // Its last run must have been long enough (STABLE_AFTER, 10 s) for the
+    // count of failures in a row to start again from this death.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(redis_back_at.elapsed())).await;
     let redis_dir = data.path().join("redis");
     let kept = data.path().join("redis.kept");
     let before = up.part("redis");
