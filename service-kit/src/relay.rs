@@ -443,6 +443,10 @@ async fn run<O: Outbox, D: Destination>(
     store: Option<StoreStatus>,
 ) {
     let label = [config.destination];
+    // Counters exist from the start at 0, so that a rate over them is
+    // right from the first failure and a scraper sees every destination.
+    metrics.delivered.with_label_values(&label);
+    metrics.failures.with_label_values(&label);
     let mut failures: u32 = 0;
     let mut last_backlog = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
