@@ -9,11 +9,7 @@
 //! from bad luck. A part that then stays up for a while has earned a fresh
 //! count.
 
-use std::{
-    os::unix::process::ExitStatusExt as _,
-    process::ExitStatus,
-    time::{Duration, SystemTime},
-};
+use std::{os::unix::process::ExitStatusExt as _, process::ExitStatus, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,13 +82,9 @@ impl Death {
     pub fn now(cause: String) -> Self {
         Self {
             cause,
-            at: rfc3339(SystemTime::now()),
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
-}
-
-fn rfc3339(at: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]

@@ -179,6 +179,35 @@ impl Slot {
             Life::Dead { retry_at: None } => "dead",
         }
     }
+
+    /// Records a death or a failed start and decides what follows: another
+    /// attempt after the backoff, or staying down.
+    fn failed(&mut self, name: &str, death: Death, policy: restart::Policy) {
+        self.failures += 1;
+        let mut retry_at = None;
+        let next = match policy {
+            restart::Policy::Never => {
+                format!("left down (--restart never); `chirp chaos start {name}` brings it back")
+            }
+            _ if self.failures > restart::MAX_RESTARTS => format!(
+                "{} failures in a row: left down; `chirp chaos start {name}` tries again",
+                self.failures
+            ),
+            restart::Policy::OnFailure => {
+                let wait = restart::backoff(self.failures);
+                retry_at = Some(Instant::now() + wait);
+                format!(
+                    "restarting in {:.2} s (attempt {} of {})",
+                    wait.as_secs_f64(),
+                    self.failures,
+                    restart::MAX_RESTARTS
+                )
+            }
+        };
+        self.life = Life::Dead { retry_at };
+        println!("[chirp] {name} {}; {next}", death.cause);
+        self.last_death = Some(death);
+    }
 }
 
 /// Runs the mesh until SIGINT or SIGTERM, then stops everything it started.
@@ -520,7 +549,6 @@ impl Supervisor {
             if since.elapsed() >= restart::STABLE_AFTER {
                 slot.failures = 0;
             }
-            slot.life = Life::Dead { retry_at: None };
             slot.failed(&instance.name(), Death::now(cause), policy);
         }
     }
@@ -542,7 +570,6 @@ impl Supervisor {
             if let Err(err) = self.start(instance).await {
                 let policy = self.args.restart;
                 if let Some(slot) = self.slots.get_mut(&instance) {
-                    slot.life = Life::Dead { retry_at: None };
                     slot.failed(
                         &instance.name(),
                         Death::now(format!("could not start: {err:#}")),
@@ -706,37 +733,6 @@ async fn watch(supervisor: Arc<Mutex<Supervisor>>) {
         let mut sup = supervisor.lock().await;
         sup.reap();
         sup.restart_due().await;
-    }
-}
-
-impl Slot {
-    /// Records a death or a failed start and decides what follows: another
-    /// attempt after the backoff, or staying down.
-    fn failed(&mut self, name: &str, death: Death, policy: restart::Policy) {
-        self.failures += 1;
-        let next = match policy {
-            restart::Policy::Never => {
-                format!("left down (--restart never); `chirp chaos start {name}` brings it back")
-            }
-            _ if self.failures > restart::MAX_RESTARTS => format!(
-                "{} failures in a row: left down; `chirp chaos start {name}` tries again",
-                self.failures
-            ),
-            restart::Policy::OnFailure => {
-                let wait = restart::backoff(self.failures);
-                self.life = Life::Dead {
-                    retry_at: Some(Instant::now() + wait),
-                };
-                format!(
-                    "restarting in {:.2} s (attempt {} of {})",
-                    wait.as_secs_f64(),
-                    self.failures,
-                    restart::MAX_RESTARTS
-                )
-            }
-        };
-        println!("[chirp] {name} {}; {next}", death.cause);
-        self.last_death = Some(death);
     }
 }
 

@@ -19,7 +19,7 @@ use chirp_proto::{
     message::{v1 as m1, v2 as m2},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
-use common::{alive, free_port_base, Up};
+use common::{alive, free_port_base, settled, Up};
 use test_support::grpc::{authed, with_deadline};
 use tonic::Code;
 
@@ -236,15 +236,7 @@ async fn converge(up: &Up, world: &mut World) {
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
         let status = up.status();
-        let services = status["services"].as_array().unwrap();
-        let serving = services.iter().all(|s| s["serving"] == serde_json::json!(true));
-        let drained = services.iter().all(|s| {
-            s["outbox"]
-                .as_array()
-                .is_some_and(|o| o.iter().all(|entry| entry[1] == serde_json::json!(0)))
-                && (s["erasures_pending"].is_null() || s["erasures_pending"] == serde_json::json!(0))
-        });
-        if serving && drained {
+        if settled(&status) {
             let cells = row(up, world).await;
             if cells.iter().all(|(o, _)| *o == Ok(Outcome::Ok)) {
                 return;

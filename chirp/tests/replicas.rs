@@ -26,7 +26,7 @@ use chirp_proto::{
     message::{v1 as m1, v2 as m2},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
-use common::{free_port_base, Up};
+use common::{free_port_base, kill9, Up};
 use test_support::grpc::{authed, with_deadline};
 
 const DEMO_PASSWORD: &str = "chirp-demo-password";
@@ -274,12 +274,7 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
 
     // Kill the second replica of each, as a crash or the OOM killer would.
     for name in ["comment-service-2", "message-service-2"] {
-        let pid = up.pid(name).to_string();
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap();
-        assert!(killed.success(), "kill -KILL {pid} ({name})");
+        kill9(up.pid(name));
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (ok, failed, failures) = tally.take();

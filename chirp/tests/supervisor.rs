@@ -23,7 +23,7 @@ use chirp_proto::{
     message::v1::{self as m1, message_service_client::MessageServiceClient},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
-use common::{alive, free_port_base, Up};
+use common::{alive, free_port_base, kill9, settled, Up};
 use serde_json::Value;
 use test_support::grpc::authed;
 
@@ -63,7 +63,7 @@ struct Acked {
 }
 
 impl Acked {
-    fn counts(&self) -> (usize, usize, usize) {
+    fn counts(&self) -> Counts {
         (
             self.messages.lock().unwrap().len(),
             self.comments.lock().unwrap().len(),
@@ -188,7 +188,7 @@ fn load(up: &Up, tester: &Tester, acked: Arc<Acked>, run: Arc<Run>) -> tokio::ta
 
 /// Every acknowledged post, comment and account, read back through the
 /// public APIs; how many were checked.
-async fn check_acked(up: &Up, tester: &Tester, acked: &Acked) -> (usize, usize, usize) {
+async fn check_acked(up: &Up, tester: &Tester, acked: &Acked) -> Counts {
     let messages: Vec<String> = acked.messages.lock().unwrap().clone();
     let comments: Vec<(String, String)> = acked.comments.lock().unwrap().clone();
     let users: Vec<String> = acked.users.lock().unwrap().clone();
@@ -249,20 +249,13 @@ async fn check_acked(up: &Up, tester: &Tester, acked: &Acked) -> (usize, usize, 
     (messages.len(), comments.len(), users.len())
 }
 
-/// Every service SERVING and every outbox empty, with the load paused.
+/// The mesh [`settled`], with the load paused.
 async fn converge(up: &Up, run: &Run) {
     run.pause.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = up.status();
-        let services = status["services"].as_array().unwrap();
-        let serving = services.iter().all(|s| s["serving"] == Value::Bool(true));
-        let drained = services.iter().all(|s| {
-            s["outbox"]
-                .as_array()
-                .is_some_and(|o| o.iter().all(|entry| entry[1] == 0))
-        });
-        if serving && drained {
+        if settled(&status) {
             run.pause.store(false, Ordering::Relaxed);
             return;
         }
@@ -273,14 +266,6 @@ async fn converge(up: &Up, run: &Run) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn kill(pid: i32) {
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success(), "kill -KILL {pid}");
 }
 
 /// Polls the part's status until `done` holds; how long that took.
@@ -323,31 +308,71 @@ fn killed_by_sigkill(part: &Value, before: &Value) -> bool {
             .is_some_and(|c| c.contains("SIGKILL"))
 }
 
-fn mesh(data: &tempfile::TempDir, args: &[&str]) -> Up {
-    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    Up::start_with(data.path(), free_port_base(), args)
+/// A mesh under the light load, and what the test needs to check it.
+struct Loaded {
+    up: Up,
+    tester: Tester,
+    acked: Arc<Acked>,
+    run: Arc<Run>,
+    worker: tokio::task::JoinHandle<()>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_loses_no_acknowledged_write() {
-    let data = tempfile::tempdir().unwrap();
-    let up = mesh(&data, &["--no-seed"]);
+async fn loaded_mesh(data: &tempfile::TempDir, args: &[&str]) -> Loaded {
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up = Up::start_with(data.path(), free_port_base(), args);
     let tester = tester(&up).await;
     let acked = Arc::new(Acked::default());
     let run = Arc::new(Run::default());
     let worker = load(&up, &tester, acked.clone(), run.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
+    Loaded {
+        up,
+        tester,
+        acked,
+        run,
+        worker,
+    }
+}
 
-    let mut table = format!(
+/// The per-part table the tests print.
+fn table_header() -> String {
+    format!(
         "{:<18} {:>11} {:>15} {:>22} {:>22}\n",
         "PART KILLED", "DETECTED", "SERVING AGAIN", "ACKED AT KILL (m/c/u)", "PRESENT AFTER (m/c/u)"
+    )
+}
+
+type Counts = (usize, usize, usize);
+
+fn table_row(table: &mut String, part: &str, detected: Duration, back: Duration, at_kill: Counts, present: Counts) {
+    let counts = |(m, c, u): Counts| format!("{m}/{c}/{u}");
+    let _ = writeln!(
+        table,
+        "{part:<18} {:>9}ms {:>13}ms {:>22} {:>22}",
+        detected.as_millis(),
+        back.as_millis(),
+        counts(at_kill),
+        counts(present),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_loses_no_acknowledged_write() {
+    let data = tempfile::tempdir().unwrap();
+    let Loaded {
+        up,
+        tester,
+        acked,
+        run,
+        worker,
+    } = loaded_mesh(&data, &["--no-seed"]).await;
+    let mut table = table_header();
     let mut redis_back_at = Instant::now();
     for part in PARTS {
         let before = up.part(part);
         let pid = up.pid(part);
         let at_kill = acked.counts();
-        kill(pid);
+        kill9(pid);
         let detected = until(&up, part, Duration::from_secs(2), "reported dead by SIGKILL", |p| {
             killed_by_sigkill(p, &before["last_death"])
         })
@@ -366,14 +391,7 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
         );
         converge(&up, &run).await;
         let present = check_acked(&up, &tester, &acked).await;
-        let _ = writeln!(
-            table,
-            "{part:<18} {:>9}ms {:>13}ms {:>22} {:>22}",
-            detected.as_millis(),
-            back.as_millis(),
-            format!("{}/{}/{}", at_kill.0, at_kill.1, at_kill.2),
-            format!("{}/{}/{}", present.0, present.1, present.2),
-        );
+        table_row(&mut table, part, detected, back, at_kill, present);
     }
     println!("--restart on-failure (the default), SIGKILL under load:\n{table}");
 
@@ -386,7 +404,7 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
     let before = up.part("redis");
     std::fs::rename(&redis_dir, &kept).unwrap();
     std::fs::write(&redis_dir, "not a directory").unwrap();
-    kill(before["pid"].as_i64().unwrap() as i32);
+    kill9(before["pid"].as_i64().unwrap() as i32);
     let gave_up = until(&up, "redis", Duration::from_secs(40), "given up on", |p| {
         p["state"] == "failed"
     })
@@ -454,22 +472,19 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_restart_never_a_killed_part_stays_down_until_chaos_start_brings_it_back() {
     let data = tempfile::tempdir().unwrap();
-    let up = mesh(&data, &["--no-seed", "--restart", "never"]);
-    let tester = tester(&up).await;
-    let acked = Arc::new(Acked::default());
-    let run = Arc::new(Run::default());
-    let worker = load(&up, &tester, acked.clone(), run.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    let mut table = format!(
-        "{:<18} {:>11} {:>15} {:>22} {:>22}\n",
-        "PART KILLED", "DETECTED", "SERVING AGAIN", "ACKED AT KILL (m/c/u)", "PRESENT AFTER (m/c/u)"
-    );
+    let Loaded {
+        up,
+        tester,
+        acked,
+        run,
+        worker,
+    } = loaded_mesh(&data, &["--no-seed", "--restart", "never"]).await;
+    let mut table = table_header();
     for part in PARTS {
         let before = up.part(part);
         let pid = up.pid(part);
         let at_kill = acked.counts();
-        kill(pid);
+        kill9(pid);
         let detected = until(&up, part, Duration::from_secs(2), "reported dead by SIGKILL", |p| {
             killed_by_sigkill(p, &before["last_death"]) && p["state"] == "dead"
         })
@@ -490,14 +505,7 @@ async fn with_restart_never_a_killed_part_stays_down_until_chaos_start_brings_it
         let back = started.elapsed();
         converge(&up, &run).await;
         let present = check_acked(&up, &tester, &acked).await;
-        let _ = writeln!(
-            table,
-            "{part:<18} {:>9}ms {:>13}ms {:>22} {:>22}",
-            detected.as_millis(),
-            back.as_millis(),
-            format!("{}/{}/{}", at_kill.0, at_kill.1, at_kill.2),
-            format!("{}/{}/{}", present.0, present.1, present.2),
-        );
+        table_row(&mut table, part, detected, back, at_kill, present);
     }
     println!("--restart never, SIGKILL under load, then chirp chaos start:\n{table}");
     run.stop.store(true, Ordering::Relaxed);

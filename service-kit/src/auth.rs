@@ -620,7 +620,7 @@ impl TokenVerifier {
         // Before the cache, so that keys are refreshed on schedule even
         // while every token is a known one.
         self.refresh_if_old().await;
-        if let Some(known) = self.cached(token, unix_now()) {
+        if let Some(known) = self.cached(token, chrono::Utc::now().timestamp()) {
             return known;
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
@@ -753,12 +753,6 @@ impl TokenVerifier {
 
 fn verified_cache() -> moka::sync::Cache<Arc<str>, Verified> {
     moka::sync::Cache::builder().max_capacity(VERIFIED_CAPACITY).build()
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@
 //! request is cheap to clone where a streamed HTTP body is not.
 
 use std::{
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -393,9 +394,8 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// that answer SERVING. A TCP connection alone would not do: a replica
 /// accepts connections before it can serve (its listener is bound while it
 /// connects to its store) and after it stops serving (while it drains), and
-/// calls sent to it then fail. When none answers, all stay in, so calls fail fast
-/// (UNAVAILABLE) instead of waiting for a replica to appear. Stops when the
-/// channel is dropped.
+/// calls sent to it then fail. [`choose`] says what stays in when a check
+/// is slow or none answers. Stops when the channel is dropped.
 async fn discover(
     name: &'static str,
     health_service: &'static str,
@@ -407,10 +407,7 @@ async fn discover(
     wake: Arc<tokio::sync::Notify>,
     done: tokio::sync::watch::Sender<u64>,
 ) {
-    use std::{
-        collections::{HashMap, HashSet},
-        net::SocketAddr,
-    };
+    use std::net::SocketAddr;
 
     use tonic::transport::channel::Change;
 
@@ -442,17 +439,15 @@ async fn discover(
         let found: HashMap<SocketAddr, Probe> = futures::future::join_all(checks)
             .await
             .into_iter()
-            .map(|(addr, probe)| {
+            .map(|(addr, answer)| {
                 let rounds = silent.entry(addr).or_default();
-                *rounds = if probe == Probe::Silent { *rounds + 1 } else { 0 };
-                (
-                    addr,
-                    if probe == Probe::Silent {
-                        Probe::SilentFor(*rounds)
-                    } else {
-                        probe
-                    },
-                )
+                *rounds = if answer.is_none() { *rounds + 1 } else { 0 };
+                let probe = match answer {
+                    Some(true) => Probe::Serving,
+                    Some(false) => Probe::NotServing,
+                    None => Probe::Silent(*rounds),
+                };
+                (addr, probe)
             })
             .collect();
         silent.retain(|addr, _| found.contains_key(addr));
@@ -499,10 +494,8 @@ enum Probe {
     /// An answer other than SERVING, or a connection refused: a replica
     /// starting, without its store, draining, or gone.
     NotServing,
-    /// No answer within [`PROBE_TIMEOUT`].
-    Silent,
-    /// [`Probe::Silent`], for this many rounds in a row.
-    SilentFor(u32),
+    /// No answer within [`PROBE_TIMEOUT`], for this many rounds in a row.
+    Silent(u32),
 }
 
 /// The replicas to balance over after a round: those that answer SERVING,
@@ -512,16 +505,13 @@ enum Probe {
 /// calls fail fast rather than wait for a replica to appear, and rounds in
 /// which every check was slow (a busy machine) do not put back a replica
 /// known to be gone.
-fn choose<A: Copy + Eq + std::hash::Hash>(
-    current: &std::collections::HashSet<A>,
-    found: &std::collections::HashMap<A, Probe>,
-) -> std::collections::HashSet<A> {
-    let wanted: std::collections::HashSet<A> = found
+fn choose<A: Copy + Eq + std::hash::Hash>(current: &HashSet<A>, found: &HashMap<A, Probe>) -> HashSet<A> {
+    let wanted: HashSet<A> = found
         .iter()
         .filter(|(addr, probe)| match probe {
             Probe::Serving => true,
-            Probe::SilentFor(rounds) => current.contains(*addr) && *rounds < SILENT_ROUNDS,
-            Probe::NotServing | Probe::Silent => false,
+            Probe::Silent(rounds) => current.contains(*addr) && *rounds < SILENT_ROUNDS,
+            Probe::NotServing => false,
         })
         .map(|(addr, _)| *addr)
         .collect();
@@ -531,7 +521,7 @@ fn choose<A: Copy + Eq + std::hash::Hash>(
     if current.is_empty() {
         return found.keys().copied().collect();
     }
-    let not_refused: std::collections::HashSet<A> = current
+    let not_refused: HashSet<A> = current
         .iter()
         .filter(|addr| found.get(*addr) != Some(&Probe::NotServing))
         .copied()
@@ -543,8 +533,9 @@ fn choose<A: Copy + Eq + std::hash::Hash>(
     }
 }
 
-/// Asks the server behind `channel` whether it is SERVING `service`.
-async fn probe(channel: Channel, service: &str) -> Probe {
+/// Asks the server behind `channel` whether it is SERVING `service`;
+/// `None` when it does not answer within [`PROBE_TIMEOUT`].
+async fn probe(channel: Channel, service: &str) -> Option<bool> {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
@@ -552,10 +543,10 @@ async fn probe(channel: Channel, service: &str) -> Probe {
     request.set_timeout(PROBE_TIMEOUT);
     let mut client = HealthClient::new(channel);
     match tokio::time::timeout(PROBE_TIMEOUT, client.check(request)).await {
-        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => Probe::Serving,
-        Ok(Err(status)) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => Probe::Silent,
-        Err(_) => Probe::Silent,
-        Ok(_) => Probe::NotServing,
+        Ok(Ok(reply)) => Some(reply.get_ref().status == ServingStatus::Serving as i32),
+        Ok(Err(status)) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => None,
+        Err(_) => None,
+        Ok(Err(_)) => Some(false),
     }
 }
 
@@ -670,8 +661,6 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet};
-
     use super::*;
 
     #[test]
@@ -679,19 +668,19 @@ mod tests {
         let current: HashSet<u8> = [1, 2, 3].into();
         let found: HashMap<u8, Probe> = [
             (1, Probe::Serving),
-            (2, Probe::SilentFor(1)),
+            (2, Probe::Silent(1)),
             (3, Probe::NotServing),
-            (4, Probe::SilentFor(1)),
+            (4, Probe::Silent(1)),
         ]
         .into();
         assert_eq!(choose(&current, &found), [1, 2].into());
-        let found: HashMap<u8, Probe> = [(1, Probe::Serving), (2, Probe::SilentFor(SILENT_ROUNDS))].into();
+        let found: HashMap<u8, Probe> = [(1, Probe::Serving), (2, Probe::Silent(SILENT_ROUNDS))].into();
         assert_eq!(choose(&current, &found), [1].into());
     }
 
     #[test]
     fn discovery_with_no_replica_serving_keeps_what_it_has_or_takes_every_address_at_first() {
-        let found: HashMap<u8, Probe> = [(1, Probe::NotServing), (2, Probe::SilentFor(5))].into();
+        let found: HashMap<u8, Probe> = [(1, Probe::NotServing), (2, Probe::Silent(5))].into();
         assert_eq!(choose(&[1, 2].into(), &found), [2].into());
         assert_eq!(choose(&[1].into(), &found), [1].into());
         assert_eq!(choose(&HashSet::new(), &found), [1, 2].into());

@@ -186,6 +186,27 @@ impl Drop for Up {
     }
 }
 
+/// Every service SERVING, every outbox empty and no erasure in progress,
+/// as `chirp status --json` tells it: the mesh has settled.
+pub fn settled(status: &serde_json::Value) -> bool {
+    let Some(services) = status["services"].as_array() else {
+        return false;
+    };
+    services.iter().all(|s| {
+        s["serving"] == serde_json::json!(true)
+            && s["outbox"]
+                .as_array()
+                .is_some_and(|o| o.iter().all(|entry| entry[1] == serde_json::json!(0)))
+            && (s["erasures_pending"].is_null() || s["erasures_pending"] == serde_json::json!(0))
+    })
+}
+
+/// SIGKILL, as a crash or the OOM killer would.
+pub fn kill9(pid: i32) {
+    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(killed.success(), "kill -KILL {pid}");
+}
+
 pub fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid, 0) == 0 }
