@@ -16,14 +16,21 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use service_kit::{
     auth::TokenVerifier,
+    bootstrap::Service,
     client::{peer, DEFAULT_CALL_TIMEOUT},
     revocation::Revocations,
-    server::{Health, ServeOptions},
-    store::{StoreMonitor, StoreStatus},
 };
 use tokio::net::TcpListener;
 
 use crate::{config::Config, grpc::SERVICE_NAME, store::Store};
+
+/// This binary, for [`service_kit::bootstrap::main`].
+pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binary {
+    name: "analytics-service",
+    api: "chirp.analytics.v1.AnalyticsService",
+    default_port: config::DEFAULT_PORT,
+    default_metrics_port: config::DEFAULT_METRICS_PORT,
+};
 
 /// Runs analytics-service on `listener` until `shutdown` resolves.
 ///
@@ -40,19 +47,12 @@ pub async fn run(
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer)?.with_revocations(revocations.clone()),
     );
-    let status = StoreStatus::new();
-    let store = Store::connect_lazy(&config.database_url, status.clone()).context("DATABASE_URL")?;
-    let _revocation_sync = revocations.sync(store.clone());
-
-    let health = Health::new();
-    let registry = prometheus::Registry::new();
-    let _monitor = StoreMonitor::watch(
+    let mut service = Service::new("analytics-service", vec![SERVICE_NAME])?;
+    let store = Store::connect_lazy(&config.database_url, service.store_status()).context("DATABASE_URL")?;
+    service.keep(revocations.sync(store.clone()));
+    service.watch_store(
         "sqlite",
-        health.clone(),
-        &registry,
-        vec![SERVICE_NAME],
         config.store_probe_interval,
-        status,
         Arc::new(store::Prepared {
             store: store.clone(),
             revocations: revocations.clone(),
@@ -63,14 +63,7 @@ pub async fn run(
     let routes = tonic::service::Routes::new(
         grpc::AnalyticsServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service_kit::server::serve(
-        ServeOptions::new("analytics-service", vec![SERVICE_NAME], &config.common),
-        health,
-        registry,
-        listener,
-        metrics_listener,
-        routes,
-        shutdown,
-    )
-    .await
+    service
+        .serve(&config.common, None, routes, listener, metrics_listener, shutdown)
+        .await
 }

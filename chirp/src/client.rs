@@ -12,6 +12,7 @@ use chirp_proto::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use service_kit::client::PeerChannel;
 use tonic::transport::Channel;
 
 use crate::layout::{Part, Ports};
@@ -85,11 +86,14 @@ pub struct Client {
     pub json: bool,
 }
 
-fn channel(ports: Ports, part: Part) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(ports.url(part))?
+/// A channel to `part` that carries the command's trace context (when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, chirp's own spans are exported too).
+fn channel(ports: Ports, part: Part) -> anyhow::Result<PeerChannel> {
+    let channel = Channel::from_shared(ports.url(part))?
         .connect_timeout(std::time::Duration::from_secs(1))
         .timeout(std::time::Duration::from_secs(5))
-        .connect_lazy())
+        .connect_lazy();
+    Ok(PeerChannel::new(channel, part.name()))
 }
 
 fn authed<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -133,7 +137,7 @@ impl Client {
         Self { ports, json }
     }
 
-    fn users(&self) -> anyhow::Result<UserServiceClient<Channel>> {
+    fn users(&self) -> anyhow::Result<UserServiceClient<PeerChannel>> {
         Ok(UserServiceClient::new(channel(self.ports, Part::UserService)?))
     }
 

@@ -65,6 +65,10 @@ enum Command {
         /// row), or left down until `chirp chaos start`
         #[arg(long, value_enum, default_value_t = restart::Policy::OnFailure)]
         restart: restart::Policy,
+        /// Export every service's traces over OTLP/gRPC to this collector
+        /// (e.g. http://127.0.0.1:4317, Jaeger's); none are exported without it
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
     /// dead letters, erasures in progress
@@ -141,6 +145,27 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `chirp up` hands the endpoint to the services; every other command
+    // traces its own calls when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = if matches!(cli.command, Command::Up { .. }) {
+        None
+    } else {
+        Some(service_kit::telemetry::Telemetry::for_tool("chirp"))
+    };
+    let command = cli.command.name();
+    let span = if service_kit::telemetry::exporting() {
+        tracing::info_span!(target: "chirp::cli", "command", otel.name = format!("chirp {command}"))
+    } else {
+        tracing::Span::none()
+    };
+    let code = tracing::Instrument::instrument(run(cli), span).await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown_async().await;
+    }
+    code
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let ports = Ports { base: cli.port_base };
     let data_dir = layout::data_dir(cli.data_dir.as_deref());
     let client = client::Client::new(ports, cli.json);
@@ -149,6 +174,7 @@ async fn main() -> ExitCode {
             no_seed,
             replicas,
             restart,
+            otlp_endpoint,
         } => {
             up::run(up::UpArgs {
                 data_dir,
@@ -156,6 +182,7 @@ async fn main() -> ExitCode {
                 seed: !no_seed,
                 replicas,
                 restart,
+                otlp_endpoint: otlp_endpoint.filter(|e| !e.trim().is_empty()),
             })
             .await
         }
@@ -183,6 +210,29 @@ async fn main() -> ExitCode {
         Err(err) => {
             eprintln!("chirp: {err:#}");
             ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+impl Command {
+    /// The subcommand as typed, for span names.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Up { .. } => "up",
+            Self::Status => "status",
+            Self::Outbox { .. } => "outbox",
+            Self::Chaos { .. } => "chaos",
+            Self::Register { .. } => "register",
+            Self::Login { .. } => "login",
+            Self::Post { .. } => "post",
+            Self::Get { .. } => "get",
+            Self::Timeline { .. } => "timeline",
+            Self::Comment { .. } => "comment",
+            Self::Follow { .. } => "follow",
+            Self::Ban { .. } => "ban",
+            Self::Stats { .. } => "stats",
+            Self::Bench(_) => "bench",
+            Self::BenchEcho { .. } => "bench-echo",
         }
     }
 }

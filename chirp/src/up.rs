@@ -39,6 +39,8 @@ pub struct UpArgs {
     pub seed: bool,
     pub replicas: Replicas,
     pub restart: restart::Policy,
+    /// Where every service exports its traces (OTLP/gRPC), if anywhere.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How many replicas of each service to run (`--replicas
@@ -465,6 +467,13 @@ impl Supervisor {
                     .env("LOG_FORMAT", "pretty")
                     .env("NO_COLOR", "1")
                     .env("INGEST_TOKEN", &self.ingest_token)
+                    // Replicas share the service's name; the instance id
+                    // tells them apart in a trace.
+                    .env("OTEL_SERVICE_NAME", part.name())
+                    .env(
+                        "OTEL_RESOURCE_ATTRIBUTES",
+                        format!("service.instance.id={}", instance.name()),
+                    )
                     // With replicas, a replica told to stop keeps serving
                     // (health NOT_SERVING) until its callers' discovery
                     // (every second) has taken it out, so none of their
@@ -472,6 +481,10 @@ impl Supervisor {
                     .env(
                         "SHUTDOWN_DELAY",
                         if self.args.replicas.of(part) > 1 { "2s" } else { "0s" },
+                    )
+                    .env(
+                        "OTEL_EXPORTER_OTLP_ENDPOINT",
+                        self.args.otlp_endpoint.as_deref().unwrap_or_default(),
                     )
                     .env("USER_SERVICE_URL", self.peer_urls(Part::UserService))
                     .env("MESSAGE_SERVICE_URL", self.peer_urls(Part::MessageService))

@@ -16,13 +16,7 @@ pub mod store;
 use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
-use service_kit::{
-    auth::TokenVerifier,
-    relay::{self, Analytics, RelayConfig, Relays},
-    revocation::Revocations,
-    server::{Health, ServeOptions},
-    store::{StoreMonitor, StoreStatus},
-};
+use service_kit::{auth::TokenVerifier, bootstrap::Service, relay::Analytics, revocation::Revocations};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -31,6 +25,14 @@ use crate::{
     grpc::SERVICE_NAME,
     service::Comments,
     store::Store,
+};
+
+/// This binary, for [`service_kit::bootstrap::main`].
+pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binary {
+    name: "comment-service",
+    api: "chirp.comment.v1.CommentService",
+    default_port: config::DEFAULT_PORT,
+    default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
 /// Runs comment-service on `listener` until `shutdown` resolves. Starts even
@@ -53,60 +55,45 @@ pub async fn run(
     );
     let messages = MessageClient::new(peer("message-service", &config.message_service_url)?);
 
-    let status = StoreStatus::new();
-    let store =
-        Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, status.clone()).context("REDIS_URL")?;
-    let health = Health::new();
-    let registry = prometheus::Registry::new();
-    service_kit::client::register_metrics(&registry)?;
-    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
-    relays.spawn(
-        RelayConfig::new("analytics"),
+    let mut service = Service::new("comment-service", vec![SERVICE_NAME])?;
+    let store = Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, service.store_status())
+        .context("REDIS_URL")?;
+    service.relay(
+        "analytics",
         store.outbox(),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
             &config.ingest_token,
         )?,
     );
-    let relays = Arc::new(relays);
-    let _revocation_sync = revocations.sync(store.revocation_store());
-    let purges = service_kit::jobs::spawn(
+    service.keep(revocations.sync(store.revocation_store()));
+    let purges = service.job(
         "erasures_pending",
         "Purges of users' and deleted messages' comments recorded and not finished",
         service::Purges(store.clone()),
-        &registry,
     )?;
     let comments = Arc::new(Comments::new(
         store,
         messages,
         UserClient::new(user_peer),
         revocations,
-        purges.waker(),
+        purges,
         config.message_exists_cache_ttl,
     ));
-    let _monitor = StoreMonitor::watch(
-        "redis",
-        health.clone(),
-        &registry,
-        vec![SERVICE_NAME],
-        config.store_probe_interval,
-        status.clone(),
-        comments.clone(),
-    )?;
+    service.watch_store("redis", config.store_probe_interval, comments.clone())?;
 
     let api = grpc::CommentApi::new(comments, verifier, config.ingest_token.clone());
     let routes = tonic::service::Routes::new(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service_kit::server::serve(
-        ServeOptions::new("comment-service", vec![SERVICE_NAME], &config.common)
-            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
-        health,
-        registry,
-        listener,
-        metrics_listener,
-        routes,
-        shutdown,
-    )
-    .await
+    service
+        .serve(
+            &config.common,
+            Some(&config.ingest_token),
+            routes,
+            listener,
+            metrics_listener,
+            shutdown,
+        )
+        .await
 }

@@ -16,6 +16,7 @@ use service_kit::{
     revocation::{Revocation, Revocations},
 };
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::{
     clients::{MessageClient, UserClient},
@@ -194,47 +195,55 @@ impl Comments {
     pub async fn apply_events(&self, producer: Producer, events: &[Event]) -> Result<Vec<bool>> {
         let mut done = Vec::with_capacity(events.len());
         for event in events {
-            let applied = match (producer, &event.payload) {
-                (
-                    Producer::UserService,
-                    Payload::TokensRevoked {
-                        user_id,
-                        issued_before,
-                        reason,
-                    },
-                ) => {
-                    let revocation = Revocation {
-                        user_id: *user_id,
-                        issued_before: *issued_before,
-                        reason: *reason,
-                    };
-                    self.store.revoke(&revocation).await?;
-                    self.revocations.note(revocation);
-                    true
-                }
-                (Producer::UserService, Payload::UserBanned { user_id, .. } | Payload::UserDeleted { user_id }) => {
-                    self.store.request_purge(PurgeOf::User(UserId::from(*user_id))).await?;
-                    true
-                }
-                (Producer::MessageService, Payload::MessageDeleted { message_id, .. }) => {
-                    let message = MessageId::from(*message_id);
-                    if let Some(cache) = &self.known_messages {
-                        cache.invalidate(&message);
+            let applied = async {
+                Ok::<bool, crate::error::Error>(match (producer, &event.payload) {
+                    (
+                        Producer::UserService,
+                        Payload::TokensRevoked {
+                            user_id,
+                            issued_before,
+                            reason,
+                        },
+                    ) => {
+                        let revocation = Revocation {
+                            user_id: *user_id,
+                            issued_before: *issued_before,
+                            reason: *reason,
+                        };
+                        self.store.revoke(&revocation).await?;
+                        self.revocations.note(revocation);
+                        true
                     }
-                    self.store.request_purge(PurgeOf::Message(message)).await?;
-                    self.store.set_message_hidden(message, false).await?;
-                    true
-                }
-                (Producer::MessageService, Payload::MessageHidden { message_id, hidden, .. }) => {
-                    let message = MessageId::from(*message_id);
-                    if let Some(cache) = &self.known_messages {
-                        cache.invalidate(&message);
+                    (Producer::UserService, Payload::UserBanned { user_id, .. } | Payload::UserDeleted { user_id }) => {
+                        self.store
+                            .request_purge(PurgeOf::User(UserId::from(*user_id)), event.trace.as_deref())
+                            .await?;
+                        true
                     }
-                    self.store.set_message_hidden(message, *hidden).await?;
-                    true
-                }
-                _ => false,
-            };
+                    (Producer::MessageService, Payload::MessageDeleted { message_id, .. }) => {
+                        let message = MessageId::from(*message_id);
+                        if let Some(cache) = &self.known_messages {
+                            cache.invalidate(&message);
+                        }
+                        self.store
+                            .request_purge(PurgeOf::Message(message), event.trace.as_deref())
+                            .await?;
+                        self.store.set_message_hidden(message, false).await?;
+                        true
+                    }
+                    (Producer::MessageService, Payload::MessageHidden { message_id, hidden, .. }) => {
+                        let message = MessageId::from(*message_id);
+                        if let Some(cache) = &self.known_messages {
+                            cache.invalidate(&message);
+                        }
+                        self.store.set_message_hidden(message, *hidden).await?;
+                        true
+                    }
+                    _ => false,
+                })
+            }
+            .instrument(event.apply_span())
+            .await?;
             done.push(applied);
         }
         if done.contains(&true) {

@@ -17,13 +17,7 @@ pub mod store;
 use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
-use service_kit::{
-    auth::TokenVerifier,
-    relay::{self, Analytics, RelayConfig, Relays},
-    revocation::Revocations,
-    server::{Health, ServeOptions},
-    store::{StoreMonitor, StoreStatus},
-};
+use service_kit::{auth::TokenVerifier, bootstrap::Service, relay::Analytics, revocation::Revocations};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -31,6 +25,14 @@ use crate::{
     config::Config,
     service::{CacheSettings, Messages},
     store::Store,
+};
+
+/// This binary, for [`service_kit::bootstrap::main`].
+pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binary {
+    name: "message-service",
+    api: "chirp.message.v1.MessageService",
+    default_port: config::DEFAULT_PORT,
+    default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
 /// Runs message-service on `listener` until `shutdown` resolves. Starts even
@@ -53,39 +55,34 @@ pub async fn run(
             .with_revocations(revocations.clone()),
     );
 
-    let status = StoreStatus::new();
-    let store = Store::connect_lazy(&config.mongodb_uri, &config.mongodb_database, status.clone())
+    let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];
+    let mut service = Service::new("message-service", apis)?;
+    let store = Store::connect_lazy(&config.mongodb_uri, &config.mongodb_database, service.store_status())
         .await
         .context("MONGODB_URI")?;
-    let registry = prometheus::Registry::new();
-    service_kit::client::register_metrics(&registry)?;
-    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
-    relays.spawn(
-        RelayConfig::new(store::ANALYTICS),
+    service.relay(
+        store::ANALYTICS,
         store.outbox(store::ANALYTICS),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
             &config.ingest_token,
         )?,
     );
-    relays.spawn(
-        RelayConfig::new(store::COMMENTS),
+    service.relay(
+        store::COMMENTS,
         store.outbox(store::COMMENTS),
         CommentEvents::new(comment_peer.clone(), &config.ingest_token)?,
     );
-    let relays = Arc::new(relays);
-    let _revocation_sync = revocations.sync(store.revocation_store());
-    let erasures = service_kit::jobs::spawn(
+    service.keep(revocations.sync(store.revocation_store()));
+    let erasures = service.job(
         "erasures_pending",
         "Erasures of deleted users' messages recorded and not finished",
         service::Erasures(store.clone()),
-        &registry,
     )?;
-    let visibility = service_kit::jobs::spawn(
+    let visibility = service.job(
         "visibility_changes_pending",
         "Bans and unbans whose users' messages are not all hidden or shown yet",
         service::Visibility(store.clone()),
-        &registry,
     )?;
     let messages = Arc::new(Messages::new(
         store,
@@ -97,25 +94,11 @@ pub async fn run(
             max_ids: config.following_cache_max_ids,
         },
         config.comment_preview_size,
-        &registry,
+        service.registry(),
         revocations,
-        service::Wakers {
-            erasures: erasures.waker(),
-            visibility: visibility.waker(),
-        },
+        service::Wakers { erasures, visibility },
     )?);
-
-    let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];
-    let health = Health::new();
-    let _monitor = StoreMonitor::watch(
-        "mongodb",
-        health.clone(),
-        &registry,
-        apis.clone(),
-        config.store_probe_interval,
-        status.clone(),
-        messages.clone(),
-    )?;
+    service.watch_store("mongodb", config.store_probe_interval, messages.clone())?;
 
     let shared = Arc::new(grpc::Shared { messages, verifier });
     let routes = tonic::service::Routes::new(
@@ -125,15 +108,14 @@ pub async fn run(
     .add_service(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service_kit::server::serve(
-        ServeOptions::new("message-service", apis, &config.common)
-            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
-        health,
-        registry,
-        listener,
-        metrics_listener,
-        routes,
-        shutdown,
-    )
-    .await
+    service
+        .serve(
+            &config.common,
+            Some(&config.ingest_token),
+            routes,
+            listener,
+            metrics_listener,
+            shutdown,
+        )
+        .await
 }

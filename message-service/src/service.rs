@@ -22,6 +22,7 @@ use service_kit::{
     revocation::{Revocation, Revocations},
 };
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::{
     clients::{CommentClient, UserClient},
@@ -329,41 +330,45 @@ impl Messages {
     pub async fn apply_user_events(&self, events: &[Event]) -> Result<Vec<bool>> {
         let mut done = Vec::with_capacity(events.len());
         for event in events {
-            let applied = match &event.payload {
-                Payload::TokensRevoked {
-                    user_id,
-                    issued_before,
-                    reason,
-                } => {
-                    let revocation = Revocation {
-                        user_id: *user_id,
-                        issued_before: *issued_before,
-                        reason: *reason,
-                    };
-                    self.store.revoke(&revocation).await?;
-                    self.revocations.note(revocation);
-                    true
-                }
-                // Recorded, then done by the worker in chunks: a user with
-                // 50,000 messages must not hold this delivery (or the ones
-                // behind it) past its deadline.
-                Payload::UserBanned { user_id, .. } => {
-                    self.store.request_visibility(UserId::from(*user_id), true).await?;
-                    self.visibility.notify_one();
-                    true
-                }
-                Payload::UserUnbanned { user_id, .. } => {
-                    self.store.request_visibility(UserId::from(*user_id), false).await?;
-                    self.visibility.notify_one();
-                    true
-                }
-                Payload::UserDeleted { user_id } => {
-                    self.store.request_erasure(UserId::from(*user_id)).await?;
-                    self.erasures.notify_one();
-                    true
-                }
-                _ => false,
-            };
+            let applied = async {
+                Ok::<bool, crate::error::Error>(match &event.payload {
+                    Payload::TokensRevoked {
+                        user_id,
+                        issued_before,
+                        reason,
+                    } => {
+                        let revocation = Revocation {
+                            user_id: *user_id,
+                            issued_before: *issued_before,
+                            reason: *reason,
+                        };
+                        self.store.revoke(&revocation).await?;
+                        self.revocations.note(revocation);
+                        true
+                    }
+                    // Recorded, then done by the worker in chunks: a user with
+                    // 50,000 messages must not hold this delivery (or the ones
+                    // behind it) past its deadline.
+                    Payload::UserBanned { user_id, .. } => {
+                        self.store.request_visibility(UserId::from(*user_id), true).await?;
+                        self.visibility.notify_one();
+                        true
+                    }
+                    Payload::UserUnbanned { user_id, .. } => {
+                        self.store.request_visibility(UserId::from(*user_id), false).await?;
+                        self.visibility.notify_one();
+                        true
+                    }
+                    Payload::UserDeleted { user_id } => {
+                        self.store.request_erasure(UserId::from(*user_id)).await?;
+                        self.erasures.notify_one();
+                        true
+                    }
+                    _ => false,
+                })
+            }
+            .instrument(event.apply_span())
+            .await?;
             done.push(applied);
         }
         Ok(done)

@@ -70,6 +70,46 @@ fn attempt_histogram() -> &'static prometheus::HistogramVec {
     })
 }
 
+/// Client-side RED metrics of calls sent to peers, by peer, method and
+/// code (one count per attempt that went on the wire; calls the stack
+/// refused itself are in `peer_calls_refused_total`).
+struct ClientMetrics {
+    handled: prometheus::IntCounterVec,
+    seconds: prometheus::HistogramVec,
+    refused: prometheus::IntCounterVec,
+}
+
+fn client_metrics() -> &'static ClientMetrics {
+    static METRICS: std::sync::OnceLock<ClientMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| ClientMetrics {
+        handled: prometheus::IntCounterVec::new(
+            Opts::new(
+                "grpc_client_handled_total",
+                "Calls sent to peers (each attempt), by peer, method and gRPC code",
+            ),
+            &["peer", "grpc_method", "grpc_code"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name and labels are valid")),
+        seconds: prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "grpc_client_handling_seconds",
+                "Time of a call sent to a peer (each attempt), by peer and method",
+            )
+            .buckets(crate::server::LATENCY_BUCKETS.to_vec()),
+            &["peer", "grpc_method"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name, labels and buckets are valid")),
+        refused: prometheus::IntCounterVec::new(
+            Opts::new(
+                "peer_calls_refused_total",
+                "Calls the client stack failed without sending, by peer and reason",
+            ),
+            &["peer", "reason"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name and labels are valid")),
+    })
+}
+
 /// Adds the client stack's metrics to a service's registry.
 ///
 /// # Errors
@@ -77,6 +117,10 @@ fn attempt_histogram() -> &'static prometheus::HistogramVec {
 pub fn register_metrics(registry: &Registry) -> anyhow::Result<()> {
     registry.register(Box::new(circuit_gauge().clone()))?;
     registry.register(Box::new(attempt_histogram().clone()))?;
+    let client = client_metrics();
+    registry.register(Box::new(client.handled.clone()))?;
+    registry.register(Box::new(client.seconds.clone()))?;
+    registry.register(Box::new(client.refused.clone()))?;
     Ok(())
 }
 
@@ -266,6 +310,16 @@ impl Peer {
         self.lock_breaker().state(Instant::now())
     }
 
+    /// Counts a call the stack failed without sending, and says so in the
+    /// caller's span (a trace shows the circuit open).
+    fn refused(&self, reason: &'static str) {
+        client_metrics()
+            .refused
+            .with_label_values(&[self.config.name, reason])
+            .inc();
+        tracing::debug!(target: "chirp::peer", peer = self.config.name, reason, "call refused by the client stack");
+    }
+
     fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
         self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -285,7 +339,7 @@ impl Peer {
     ) -> Result<Resp, Status>
     where
         Req: Clone,
-        F: FnMut(Channel, tonic::Request<Req>) -> Fut,
+        F: FnMut(PeerChannel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let start = Instant::now();
@@ -295,6 +349,7 @@ impl Peer {
             incoming.as_ref().and_then(|c| c.deadline),
             start,
         ) else {
+            self.refused("no_time_left");
             return Err(Status::deadline_exceeded(format!(
                 "no time left to call {}",
                 self.config.name
@@ -302,6 +357,7 @@ impl Peer {
         };
         let deadline = start + timeout;
         let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.refused("too_many_in_flight");
             return Err(Status::unavailable(format!(
                 "too many calls in flight to {}",
                 self.config.name
@@ -312,6 +368,7 @@ impl Peer {
         let mut attempt = 0u32;
         loop {
             if !self.lock_breaker().try_acquire(Instant::now()) {
+                self.refused("circuit_open");
                 return Err(Status::unavailable(format!(
                     "{} is failing; circuit open",
                     self.config.name
@@ -324,7 +381,11 @@ impl Peer {
                 outgoing.metadata_mut().insert(REQUEST_ID_HEADER, id);
             }
             let sent = Instant::now();
-            let result = match tokio::time::timeout(left, call(self.channel.clone(), outgoing)).await {
+            let channel = PeerChannel {
+                inner: self.channel.clone(),
+                peer: self.config.name,
+            };
+            let result = match tokio::time::timeout(left, call(channel, outgoing)).await {
                 Ok(result) => result.map(tonic::Response::into_inner),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "{} did not answer within {left:?}",
@@ -361,9 +422,143 @@ impl Peer {
                 // round, so the retry finds it gone.
                 rediscover.now().await;
             }
-            tracing::debug!(peer = self.config.name, attempt, ?backoff, "retrying after UNAVAILABLE");
+            // An event in the caller's span, so a trace shows the retry.
+            tracing::debug!(
+                target: "chirp::peer",
+                peer = self.config.name,
+                attempt = attempt + 1,
+                backoff_ms = backoff.as_millis(),
+                reason = status.message(),
+                "retrying after UNAVAILABLE"
+            );
             tokio::time::sleep(backoff).await;
             attempt += 1;
+        }
+    }
+}
+
+/// The channel a call to a peer goes out on: the peer's shared channel, plus
+/// what each attempt needs on the wire and in telemetry. For each request it
+/// records `grpc_client_handled_total` and `grpc_client_handling_seconds`
+/// by method and code, and, while traces are exported, opens a client span
+/// named after the method and writes its context as `traceparent`, so the
+/// peer's server span continues this trace.
+#[derive(Clone)]
+pub struct PeerChannel {
+    inner: Channel,
+    peer: &'static str,
+}
+
+impl PeerChannel {
+    /// `channel` to the service named `peer`, with this stack's telemetry
+    /// but none of [`Peer`]'s deadline, retry or breaker: for tools (the
+    /// chirp CLI) that call a service once and report what happened.
+    #[must_use]
+    pub fn new(channel: Channel, peer: &'static str) -> Self {
+        Self { inner: channel, peer }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        use tracing::Instrument as _;
+
+        let path = request.uri().path();
+        let method = path.strip_prefix('/').unwrap_or(path).to_owned();
+        let span = if crate::telemetry::exporting() {
+            let (service, rpc) = method.split_once('/').unwrap_or((method.as_str(), ""));
+            let span = tracing::info_span!(
+                target: "chirp::peer",
+                "grpc call",
+                otel.name = %method,
+                otel.kind = "client",
+                otel.status_description = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = rpc,
+                peer.service = self.peer,
+                rpc.grpc.status_code = tracing::field::Empty,
+            );
+            crate::telemetry::inject(&span, request.headers_mut());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let mut outcome = CallOutcome {
+            peer: self.peer,
+            method,
+            start: Instant::now(),
+            code: None,
+            message: None,
+            span: span.clone(),
+        };
+        let response = self.inner.call(request);
+        Box::pin(
+            async move {
+                let result = response.await;
+                match &result {
+                    // Unary errors come trailers-only, so their code is in
+                    // the headers; a code in the trailers is OK here.
+                    Ok(response) => {
+                        let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok());
+                        let code = header("grpc-status")
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map_or(Code::Ok, Code::from_i32);
+                        outcome.finish(code, header("grpc-message").map(|m| m.replace("%20", " ")));
+                    }
+                    Err(_) => outcome.finish(Code::Unavailable, None),
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records one attempt when it ends: answered, failed, or dropped by the
+/// caller's deadline (counted DEADLINE_EXCEEDED).
+struct CallOutcome {
+    peer: &'static str,
+    method: String,
+    start: Instant,
+    code: Option<Code>,
+    message: Option<String>,
+    span: tracing::Span,
+}
+
+impl CallOutcome {
+    fn finish(&mut self, code: Code, message: Option<String>) {
+        self.code = Some(code);
+        self.message = message;
+    }
+}
+
+impl Drop for CallOutcome {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::DeadlineExceeded);
+        let metrics = client_metrics();
+        metrics
+            .handled
+            .with_label_values(&[self.peer, &self.method, &format!("{code:?}")])
+            .inc();
+        metrics
+            .seconds
+            .with_label_values(&[self.peer, &self.method])
+            .observe(self.start.elapsed().as_secs_f64());
+        if !self.span.is_none() {
+            self.span.record("rpc.grpc.status_code", code as i32);
+            if code != Code::Ok {
+                let message = self.message.take().unwrap_or_else(|| format!("{code:?}"));
+                self.span.record("otel.status_description", message);
+            }
         }
     }
 }

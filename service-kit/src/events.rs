@@ -81,6 +81,27 @@ pub enum Payload {
     },
 }
 
+impl Payload {
+    /// The event's kind, as in logs and span names (`user_banned`).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UserRegistered { .. } => "user_registered",
+            Self::UserFollowed { .. } => "user_followed",
+            Self::UserUnfollowed { .. } => "user_unfollowed",
+            Self::UserBanned { .. } => "user_banned",
+            Self::UserUnbanned { .. } => "user_unbanned",
+            Self::UserDeleted { .. } => "user_deleted",
+            Self::TokensRevoked { .. } => "tokens_revoked",
+            Self::MessagePosted { .. } => "message_posted",
+            Self::MessageDeleted { .. } => "message_deleted",
+            Self::MessageHidden { .. } => "message_hidden",
+            Self::CommentAdded { .. } => "comment_added",
+            Self::CommentDeleted { .. } => "comment_deleted",
+        }
+    }
+}
+
 /// Why a user's tokens were revoked; decides how a void token is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -121,10 +142,16 @@ pub struct Event {
     pub producer: String,
     pub occurred_at: DateTime<Utc>,
     pub payload: Payload,
+    /// The W3C `traceparent` of the request that wrote the event, when it
+    /// was traced: a delivery links to it, however much later it happens.
+    /// Absent from events written untraced (and from older outbox rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl Event {
-    /// A new event, stamped now (to the millisecond, as stores keep it).
+    /// A new event, stamped now (to the millisecond, as stores keep it),
+    /// carrying the current trace context when traces are exported.
     #[must_use]
     pub fn new(producer: &str, payload: Payload) -> Self {
         let now = Utc::now().timestamp_millis();
@@ -133,7 +160,30 @@ impl Event {
             producer: producer.to_owned(),
             occurred_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
             payload,
+            trace: crate::telemetry::current_traceparent(),
         }
+    }
+
+    /// The span a consumer applies this event in while traces are exported:
+    /// a child of the delivery that brought it (the current span), linked to
+    /// the request that wrote it.
+    #[must_use]
+    pub fn apply_span(&self) -> tracing::Span {
+        if !crate::telemetry::exporting() {
+            return tracing::Span::none();
+        }
+        let span = tracing::info_span!(
+            target: "chirp::apply",
+            "apply",
+            otel.name = format!("apply {}", self.payload.kind()),
+            otel.kind = "consumer",
+            event.id = %self.id,
+            event.producer = %self.producer,
+        );
+        if let Some(trace) = &self.trace {
+            crate::telemetry::link(&span, trace);
+        }
+        span
     }
 
     /// # Errors
@@ -237,6 +287,7 @@ impl Event {
                 nanos: i32::try_from(self.occurred_at.timestamp_subsec_nanos()).unwrap_or(0),
             }),
             payload: Some(payload),
+            traceparent: self.trace.clone().unwrap_or_default(),
         }
     }
 
@@ -313,11 +364,17 @@ impl Event {
                 message_author_id: id("message_author_id", &p.message_author_id)?,
             },
         };
+        // A malformed traceparent is dropped rather than refused: it only
+        // serves traces, and refusing would dead-letter a good event.
+        let trace = Some(event.traceparent.as_str())
+            .filter(|t| crate::telemetry::is_traceparent(t))
+            .map(str::to_owned);
         Ok(Self {
             id: event_id,
             producer,
             occurred_at,
             payload,
+            trace,
         })
     }
 }

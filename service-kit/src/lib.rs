@@ -1,8 +1,11 @@
 //! The runtime every Chirp service stands on.
 //!
+//! - [`bootstrap`]: every service's `main` and the parts that run beside its
+//!   routes (metrics registry, store monitor, relays, jobs), built one way.
 //! - [`config`]: settings shared by every binary (flags mirror environment
 //!   variables, so `--help` documents the whole surface).
-//! - [`telemetry`]: pretty or JSON logs.
+//! - [`telemetry`]: pretty or JSON logs, and OpenTelemetry traces over OTLP
+//!   with W3C trace context carried through calls and outbox events.
 //! - [`context`]: the request id and incoming deadline of the RPC being served,
 //!   so outgoing calls can carry them on.
 //! - [`server`]: health, reflection, metrics, tower layers and graceful
@@ -20,6 +23,7 @@
 //! - [`validate`]: field violations and the text rules every service shares.
 
 pub mod auth;
+pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod context;

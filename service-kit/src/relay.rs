@@ -28,6 +28,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng as _;
 use serde::Serialize;
 use tokio::{sync::Notify, task::JoinHandle};
+use tracing::Instrument as _;
 
 use crate::{
     events::{Event, Outcome},
@@ -502,6 +503,30 @@ async fn run<O: Outbox, D: Destination>(
     }
 }
 
+/// The span of one delivery while traces are exported: a root of its own
+/// (the relay runs outside any request) linked to the request that wrote
+/// each event, so a trace viewer leads from a request to the delivery of
+/// its events, and from there (the call's `traceparent`) to the consumer's
+/// apply.
+fn delivery_span(config: &RelayConfig, events: &[Event]) -> tracing::Span {
+    if !crate::telemetry::exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "chirp::relay",
+        parent: None,
+        "deliver",
+        otel.name = format!("deliver to {}", config.destination),
+        otel.kind = "producer",
+        messaging.destination.name = config.destination,
+        messaging.batch.message_count = events.len(),
+    );
+    for trace in events.iter().filter_map(|e| e.trace.as_deref()) {
+        crate::telemetry::link(&span, trace);
+    }
+    span
+}
+
 /// Delivers one batch: unreadable entries and the events the destination
 /// rejects are set aside, the rest marked delivered. `Err` means try again
 /// after a pause (nothing was lost: the batch is still in the outbox).
@@ -527,7 +552,11 @@ async fn deliver_batch<O: Outbox, D: Destination>(
     let events: Vec<Event> = readable.iter().filter_map(|p| p.event.as_ref().ok().cloned()).collect();
     let mut delivered = Vec::new();
     if !events.is_empty() {
-        let outcomes = match destination.deliver(&events).await {
+        let outcomes = match destination
+            .deliver(&events)
+            .instrument(delivery_span(config, &events))
+            .await
+        {
             Ok(outcomes) => outcomes,
             Err(status) => {
                 metrics.failures.with_label_values(&label).inc();

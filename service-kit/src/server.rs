@@ -401,6 +401,17 @@ fn too_large_is_resource_exhausted(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The codes that mark a server span as failed, as OpenTelemetry's gRPC
+/// conventions say: a caller's mistake (INVALID_ARGUMENT, NOT_FOUND…) is not
+/// the server's failure.
+fn server_fault(code: tonic::Code) -> bool {
+    use tonic::Code as C;
+    matches!(
+        code,
+        C::Unknown | C::DeadlineExceeded | C::Unimplemented | C::Internal | C::Unavailable | C::DataLoss
+    )
+}
+
 #[derive(Clone)]
 struct RpcLayer {
     metrics: Arc<RpcMetrics>,
@@ -444,7 +455,27 @@ where
         let method = request.uri().path().to_owned();
         let context = RequestContext::from_headers(request.headers(), start);
         let request_id = context.request_id.clone();
-        let span = tracing::info_span!("rpc", method = %method, request_id = %request_id);
+        // The span every log line of the RPC carries; with traces on it is
+        // also the server span, continuing the caller's trace. Health checks
+        // and reflection (probes every second) are not traced.
+        let span = if method.starts_with("/grpc.") {
+            tracing::info_span!("rpc", method = %method, request_id = %request_id)
+        } else {
+            tracing::info_span!(
+                target: "chirp::rpc",
+                "rpc",
+                method = %method,
+                request_id = %request_id,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                otel.name = method.strip_prefix('/').unwrap_or(&method),
+                otel.kind = "server",
+                otel.status_description = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.grpc.status_code = tracing::field::Empty,
+            )
+        };
+        crate::telemetry::continue_from_headers(&span, request.headers());
         let metrics = self.metrics.clone();
         let response = {
             let _entered = span.enter();
@@ -485,6 +516,13 @@ where
                         .with_label_values(&[label])
                         .observe(elapsed.as_secs_f64());
                     tracing::debug!(code = ?code, elapsed_us = elapsed.as_micros(), "rpc done");
+                    if crate::telemetry::exporting() {
+                        let span = tracing::Span::current();
+                        span.record("rpc.grpc.status_code", code as i32);
+                        if server_fault(code) {
+                            span.record("otel.status_description", format!("{code:?}"));
+                        }
+                    }
                     result
                 })
                 .instrument(span),

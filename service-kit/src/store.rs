@@ -155,3 +155,72 @@ impl StoreMonitor {
         Ok(Self { task })
     }
 }
+
+/// `store_operation_seconds{store, operation, outcome}`: how long each call
+/// into a service's store took, by operation, as the service saw it. One
+/// histogram for the process, registered by [`register_metrics`].
+fn operation_histogram() -> &'static prometheus::HistogramVec {
+    static HISTOGRAM: std::sync::OnceLock<prometheus::HistogramVec> = std::sync::OnceLock::new();
+    HISTOGRAM.get_or_init(|| {
+        prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "store_operation_seconds",
+                "Time of one store operation, by store, operation and outcome (ok or error)",
+            )
+            .buckets(crate::server::LATENCY_BUCKETS.to_vec()),
+            &["store", "operation", "outcome"],
+        )
+        .unwrap_or_else(|_| unreachable!("the metric's name, labels and buckets are valid"))
+    })
+}
+
+/// Adds the store operation histogram to a service's registry.
+///
+/// # Errors
+/// When it is registered already.
+pub fn register_metrics(registry: &Registry) -> anyhow::Result<()> {
+    registry.register(Box::new(operation_histogram().clone()))?;
+    Ok(())
+}
+
+/// Runs one store operation: times it into `store_operation_seconds` and,
+/// while traces are exported and the operation is part of a traced piece of
+/// work (a request, a delivery, a job step), gives it a client span named
+/// `<store> <operation>`. Probes and other untraced work get no span, so a
+/// store monitor does not start a trace every interval.
+///
+/// # Errors
+/// The operation's own.
+pub async fn timed<T, E: std::fmt::Display>(
+    store: &'static str,
+    operation: &'static str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    use tracing::Instrument as _;
+
+    let span = if crate::telemetry::exporting() && !tracing::Span::current().is_none() {
+        tracing::info_span!(
+            target: "chirp::store",
+            "store",
+            otel.name = format!("{store} {operation}"),
+            otel.kind = "client",
+            otel.status_description = tracing::field::Empty,
+            db.system = store,
+            db.operation = operation,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    let start = std::time::Instant::now();
+    let result = work.instrument(span.clone()).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    operation_histogram()
+        .with_label_values(&[store, operation, outcome])
+        .observe(start.elapsed().as_secs_f64());
+    if let Err(err) = &result {
+        if !span.is_none() {
+            span.record("otel.status_description", err.to_string());
+        }
+    }
+    result
+}

@@ -8,6 +8,8 @@
 //! - Private store processes ([`process`]) that a test stops and starts again
 //!   to play an outage, on the same port and data directory.
 //!
+//! - An in-process OTLP trace receiver ([`otlp`]) that services export to.
+//!
 //! Everything is removed on drop. Processes are also tied to this test
 //! process with `PR_SET_PDEATHSIG`, so a test that panics or is killed does
 //! not leave servers running.
@@ -26,6 +28,8 @@ pub mod sqlite;
 
 #[cfg(feature = "mongodb")]
 pub mod mongo;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

@@ -19,13 +19,7 @@ use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
 use chirp_proto::user::v1::user_service_server::SERVICE_NAME;
-use service_kit::{
-    auth::TokenSigner,
-    client::DEFAULT_CALL_TIMEOUT,
-    relay::{self, Analytics, RelayConfig, Relays},
-    server::{Health, ServeOptions},
-    store::{StoreMonitor, StoreStatus},
-};
+use service_kit::{auth::TokenSigner, bootstrap::Service, client::DEFAULT_CALL_TIMEOUT, relay::Analytics};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -35,6 +29,14 @@ use crate::{
     limits::AuthLimits,
     service::{AdminAccount, Users},
     store::Store,
+};
+
+/// This binary, for [`service_kit::bootstrap::main`].
+pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binary {
+    name: "user-service",
+    api: "chirp.user.v1.UserService",
+    default_port: config::DEFAULT_PORT,
+    default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
 /// Runs user-service on `listener` until `shutdown` resolves.
@@ -73,15 +75,18 @@ pub async fn run(
         _ => None,
     };
 
-    let status = StoreStatus::new();
-    let store = Store::connect_lazy(&config.database_url, config.database_max_connections, status.clone())
-        .context("DATABASE_URL")?;
-    let registry = prometheus::Registry::new();
+    let mut service = Service::new("user-service", vec![SERVICE_NAME])?;
+    let store = Store::connect_lazy(
+        &config.database_url,
+        config.database_max_connections,
+        service.store_status(),
+    )
+    .context("DATABASE_URL")?;
     let hasher = password::Hasher::new(
         config.password_hash_memory_kib,
         config.password_hash_concurrency(),
         config.password_hash_queue_wait,
-        &registry,
+        service.registry(),
     )?;
     let users = Arc::new(
         Users::new(store.clone(), hasher, signer, retired_keys, admin)
@@ -92,61 +97,47 @@ pub async fn run(
         config.auth_requests_per_address_per_minute,
         config.login_attempts_per_username_per_minute,
     );
-    let _forgetting = limits.spawn_forgetting();
-
-    let health = Health::new();
-    service_kit::client::register_metrics(&registry)?;
-    let _monitor = StoreMonitor::watch(
-        "postgresql",
-        health.clone(),
-        &registry,
-        vec![SERVICE_NAME],
-        config.store_probe_interval,
-        status.clone(),
-        users.clone(),
-    )?;
+    service.keep(limits.spawn_forgetting());
+    service.watch_store("postgresql", config.store_probe_interval, users.clone())?;
 
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, DEFAULT_CALL_TIMEOUT);
-    let mut relays = Relays::new(&registry)?.gated_by(status.clone());
-    relays.spawn(
-        RelayConfig::new(store::ANALYTICS),
+    service.relay(
+        store::ANALYTICS,
         store.outbox(store::ANALYTICS),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
             &config.ingest_token,
         )?,
     );
-    relays.spawn(
-        RelayConfig::new(store::COMMENTS),
+    service.relay(
+        store::COMMENTS,
         store.outbox(store::COMMENTS),
         clients::CommentService {
             peer: peer("comment-service", &config.comment_service_url)?,
             users: users.clone(),
         },
     );
-    relays.spawn(
-        RelayConfig::new(store::MESSAGES),
+    service.relay(
+        store::MESSAGES,
         store.outbox(store::MESSAGES),
         clients::MessageService {
             peer: peer("message-service", &config.message_service_url)?,
             users: users.clone(),
         },
     );
-    let relays = Arc::new(relays);
 
     let routes = tonic::service::Routes::new(
         UserServiceServer::new(UserApi::new(users, limits, config.ingest_token.clone()))
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service_kit::server::serve(
-        ServeOptions::new("user-service", vec![SERVICE_NAME], &config.common)
-            .with_operator_routes(relay::operator_routes(relays, &config.ingest_token)),
-        health,
-        registry,
-        listener,
-        metrics_listener,
-        routes,
-        shutdown,
-    )
-    .await
+    service
+        .serve(
+            &config.common,
+            Some(&config.ingest_token),
+            routes,
+            listener,
+            metrics_listener,
+            shutdown,
+        )
+        .await
 }

@@ -33,6 +33,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
     Row, Sqlite, Transaction,
 };
+use tracing::Instrument as _;
 
 use crate::{
     domain::{Bucket, Event, Granularity, MessageStats, Payload, UserStats, Window},
@@ -169,130 +170,148 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("sqlite", "ping", async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Stores a batch in one transaction; events already stored are skipped
     /// by their unique id, so redelivery changes nothing. For each event, in
     /// order, whether it was stored now.
     pub async fn record(&self, events: &[Event]) -> Result<Vec<bool>> {
-        let pool = self.ready()?;
-        let _writer = self.writer.lock().await;
-        let mut tx = pool.begin().await.map_err(classify)?;
-        let mut stored_now = Vec::with_capacity(events.len());
-        for event in events {
-            let (kind, message_id) = describe(&event.payload);
-            let inserted = sqlx::query(
-                "INSERT INTO events (event_id, producer, kind, occurred_at, message_id, payload)
+        service_kit::store::timed("sqlite", "record", async move {
+            let pool = self.ready()?;
+            let _writer = self.writer.lock().await;
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut stored_now = Vec::with_capacity(events.len());
+            for event in events {
+                let (kind, message_id) = describe(&event.payload);
+                let inserted = sqlx::query(
+                    "INSERT INTO events (event_id, producer, kind, occurred_at, message_id, payload)
                  VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(event.id.to_string())
-            .bind(&event.producer)
-            .bind(kind)
-            .bind(event.occurred_at.timestamp_millis())
-            .bind(message_id)
-            .bind(event.to_json()?)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let stored = inserted.rows_affected() > 0;
-            stored_now.push(stored);
-            if stored {
-                apply(&mut tx, event).await?;
+                )
+                .bind(event.id.to_string())
+                .bind(&event.producer)
+                .bind(kind)
+                .bind(event.occurred_at.timestamp_millis())
+                .bind(message_id)
+                .bind(event.to_json()?)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+                let stored = inserted.rows_affected() > 0;
+                stored_now.push(stored);
+                if stored {
+                    apply(&mut tx, event).instrument(event.apply_span()).await?;
+                }
             }
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(stored_now)
+            tx.commit().await.map_err(classify)?;
+            Ok(stored_now)
+        })
+        .await
     }
 
     pub async fn user_stats(&self, user: &str) -> Result<UserStats> {
-        let row = sqlx::query(
-            "SELECT message_count, comment_count, follower_count, following_count, comments_received_count
+        service_kit::store::timed("sqlite", "user_stats", async move {
+            let row = sqlx::query(
+                "SELECT message_count, comment_count, follower_count, following_count, comments_received_count
              FROM user_stats WHERE user_id = ?",
-        )
-        .bind(user)
-        .fetch_optional(&mut *self.reader().await?)
-        .await
-        .map_err(classify)?;
-        let Some(row) = row else {
-            return Ok(UserStats::default());
-        };
-        Ok(UserStats {
-            messages: get(&row, "message_count")?,
-            comments: get(&row, "comment_count")?,
-            followers: get(&row, "follower_count")?,
-            following: get(&row, "following_count")?,
-            comments_received: get(&row, "comments_received_count")?,
-        })
-    }
-
-    pub async fn message_stats(&self, message: &str) -> Result<MessageStats> {
-        let row = sqlx::query("SELECT author_id, comment_count, deleted FROM message_stats WHERE message_id = ?")
-            .bind(message)
+            )
+            .bind(user)
             .fetch_optional(&mut *self.reader().await?)
             .await
             .map_err(classify)?;
-        let Some(row) = row else {
-            return Ok(MessageStats::default());
-        };
-        Ok(MessageStats {
-            author_id: row.try_get("author_id").map_err(internal)?,
-            comments: get(&row, "comment_count")?,
-            deleted: get::<i64>(&row, "deleted")? != 0,
+            let Some(row) = row else {
+                return Ok(UserStats::default());
+            };
+            Ok(UserStats {
+                messages: get(&row, "message_count")?,
+                comments: get(&row, "comment_count")?,
+                followers: get(&row, "follower_count")?,
+                following: get(&row, "following_count")?,
+                comments_received: get(&row, "comments_received_count")?,
+            })
         })
+        .await
+    }
+
+    pub async fn message_stats(&self, message: &str) -> Result<MessageStats> {
+        service_kit::store::timed("sqlite", "message_stats", async move {
+            let row = sqlx::query("SELECT author_id, comment_count, deleted FROM message_stats WHERE message_id = ?")
+                .bind(message)
+                .fetch_optional(&mut *self.reader().await?)
+                .await
+                .map_err(classify)?;
+            let Some(row) = row else {
+                return Ok(MessageStats::default());
+            };
+            Ok(MessageStats {
+                author_id: row.try_get("author_id").map_err(internal)?,
+                comments: get(&row, "comment_count")?,
+                deleted: get::<i64>(&row, "deleted")? != 0,
+            })
+        })
+        .await
     }
 
     /// Messages with the most comments added in `window`, deleted ones left out.
     pub async fn top_messages(&self, window: Window, limit: u32) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT e.message_id, count(*) AS comments
+        service_kit::store::timed("sqlite", "top_messages", async move {
+            let rows = sqlx::query(
+                "SELECT e.message_id, count(*) AS comments
              FROM events e LEFT JOIN message_stats m ON m.message_id = e.message_id
              WHERE e.kind = 'comment_added' AND e.occurred_at >= ? AND e.occurred_at < ?
                AND COALESCE(m.deleted, 0) = 0
              GROUP BY e.message_id
              ORDER BY comments DESC, e.message_id
              LIMIT ?",
-        )
-        .bind(window.start.timestamp_millis())
-        .bind(window.end.timestamp_millis())
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.reader().await?)
+            )
+            .bind(window.start.timestamp_millis())
+            .bind(window.end.timestamp_millis())
+            .bind(i64::from(limit))
+            .fetch_all(&mut *self.reader().await?)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|row| Ok((row.try_get("message_id").map_err(internal)?, get(row, "comments")?)))
+                .collect()
+        })
         .await
-        .map_err(classify)?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("message_id").map_err(internal)?, get(row, "comments")?)))
-            .collect()
     }
 
     /// Activity per bucket in `window`; empty buckets are left out.
     pub async fn histogram(&self, window: Window, granularity: Granularity) -> Result<Vec<Bucket>> {
-        let width = granularity.minutes();
-        let rows = sqlx::query(
-            "SELECT (minute / ?1) * ?1 AS bucket, sum(messages_posted) AS messages_posted,
+        service_kit::store::timed("sqlite", "histogram", async move {
+            let width = granularity.minutes();
+            let rows = sqlx::query(
+                "SELECT (minute / ?1) * ?1 AS bucket, sum(messages_posted) AS messages_posted,
                     sum(comments_added) AS comments_added, sum(users_registered) AS users_registered,
                     sum(follows) AS follows
              FROM activity WHERE minute >= ?2 AND minute < ?3
              GROUP BY bucket ORDER BY bucket",
-        )
-        .bind(width)
-        .bind(window.start.timestamp().div_euclid(60))
-        .bind(window.end.timestamp().div_euclid(60) + i64::from(window.end.timestamp().rem_euclid(60) != 0))
-        .fetch_all(&mut *self.reader().await?)
-        .await
-        .map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                let minute: i64 = get(row, "bucket")?;
-                Ok(Bucket {
-                    start: Utc.timestamp_opt(minute * 60, 0).single().unwrap_or_default(),
-                    messages_posted: get(row, "messages_posted")?,
-                    comments_added: get(row, "comments_added")?,
-                    users_registered: get(row, "users_registered")?,
-                    follows: get(row, "follows")?,
+            )
+            .bind(width)
+            .bind(window.start.timestamp().div_euclid(60))
+            .bind(window.end.timestamp().div_euclid(60) + i64::from(window.end.timestamp().rem_euclid(60) != 0))
+            .fetch_all(&mut *self.reader().await?)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let minute: i64 = get(row, "bucket")?;
+                    Ok(Bucket {
+                        start: Utc.timestamp_opt(minute * 60, 0).single().unwrap_or_default(),
+                        messages_posted: get(row, "messages_posted")?,
+                        comments_added: get(row, "comments_added")?,
+                        users_registered: get(row, "users_registered")?,
+                        follows: get(row, "follows")?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 }
 

@@ -53,11 +53,20 @@ impl Up {
 
     /// `chirp up` with more arguments, once it says the mesh is up.
     pub fn start_with(data_dir: &Path, base: u16, args: &[&str]) -> Self {
+        Self::start_env(data_dir, base, args, &[])
+    }
+
+    /// `chirp up` with more arguments and environment variables (which its
+    /// services inherit), once it says the mesh is up.
+    pub fn start_env(data_dir: &Path, base: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = data_dir.join(format!("up-{}.log", rand_u16()));
         let out = std::fs::File::create(&log).unwrap();
         let child = chirp()
             .arg("up")
             .args(args)
+            .envs(env.iter().copied())
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env("CHIRP_DATA_DIR", data_dir)
             .env("CHIRP_PORT_BASE", base.to_string())
             .env_remove("DATABASE_URL")

@@ -16,6 +16,7 @@
 //! | `{p}revocations` | hash | user id → `{issued_before unix seconds}:{reason}`, the latest `TokensRevoked` per user |
 //! | `{p}purge:users` | set | users whose comments are still being purged (ban, erasure) |
 //! | `{p}purge:messages` | set | deleted messages whose comments are still being deleted |
+//! | `{p}purge:traces` | hash | purge member → `traceparent` of the request that asked for it (only while traced) |
 //! | `{p}hidden` | set | messages message-service hides (their author is banned): their comments are kept but not listed |
 //!
 //! Comment ids are UUIDv7: their text sorts by creation time, so with every
@@ -47,6 +48,7 @@ use service_kit::{
     revocation::{Revocation, RevocationStore},
     store::StoreStatus,
 };
+use tracing::Instrument as _;
 
 use crate::{
     domain::{Body, Comment, CommentId, MessageId, Page, PageRequest, UserId},
@@ -229,9 +231,12 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        let mut redis = self.redis.clone();
-        let _: String = redis::cmd("PING").query_async(&mut redis).await.map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("redis", "ping", async move {
+            let mut redis = self.redis.clone();
+            let _: String = redis::cmd("PING").query_async(&mut redis).await.map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     fn outbox_key(&self) -> String {
@@ -240,35 +245,41 @@ impl Store {
 
     /// Stores a comment and its event in one `MULTI`/`EXEC`.
     pub async fn insert(&self, comment: &Comment, event: &Event) -> Result<()> {
-        let mut redis = self.ready()?;
-        let id = comment.id.to_string();
-        redis::pipe()
-            .atomic()
-            .hset_multiple(
-                self.comment_key(comment.id),
-                &[
-                    ("message_id", comment.message_id.to_string()),
-                    ("author_id", comment.author_id.to_string()),
-                    ("message_author_id", comment.message_author_id.to_string()),
-                    ("body", comment.body.as_str().to_owned()),
-                ],
-            )
-            .ignore()
-            .xadd(self.outbox_key(), "*", &[("event", event.to_json()?)])
-            .ignore()
-            .zadd(self.message_key(comment.message_id), &id, 0)
-            .ignore()
-            .sadd(self.user_key(comment.author_id), &id)
-            .ignore()
-            .query_async::<()>(&mut redis)
-            .await
-            .map_err(classify)
+        service_kit::store::timed("redis", "insert", async move {
+            let mut redis = self.ready()?;
+            let id = comment.id.to_string();
+            redis::pipe()
+                .atomic()
+                .hset_multiple(
+                    self.comment_key(comment.id),
+                    &[
+                        ("message_id", comment.message_id.to_string()),
+                        ("author_id", comment.author_id.to_string()),
+                        ("message_author_id", comment.message_author_id.to_string()),
+                        ("body", comment.body.as_str().to_owned()),
+                    ],
+                )
+                .ignore()
+                .xadd(self.outbox_key(), "*", &[("event", event.to_json()?)])
+                .ignore()
+                .zadd(self.message_key(comment.message_id), &id, 0)
+                .ignore()
+                .sadd(self.user_key(comment.author_id), &id)
+                .ignore()
+                .query_async::<()>(&mut redis)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 
     pub async fn get(&self, id: CommentId) -> Result<Option<Comment>> {
-        let mut redis = self.ready()?;
-        let fields: HashMap<String, String> = redis.hgetall(self.comment_key(id)).await.map_err(classify)?;
-        comment_from_hash(id, fields)
+        service_kit::store::timed("redis", "get", async move {
+            let mut redis = self.ready()?;
+            let fields: HashMap<String, String> = redis.hgetall(self.comment_key(id)).await.map_err(classify)?;
+            comment_from_hash(id, fields)
+        })
+        .await
     }
 
     fn hidden_key(&self) -> String {
@@ -278,104 +289,119 @@ impl Store {
     /// Records whether message-service hides `message` (idempotent; the
     /// events arrive in the order message-service wrote them).
     pub async fn set_message_hidden(&self, message: MessageId, hidden: bool) -> Result<()> {
-        let mut redis = self.ready()?;
-        let (key, member) = (self.hidden_key(), message.to_string());
-        let _: i64 = if hidden {
-            redis.sadd(key, member).await
-        } else {
-            redis.srem(key, member).await
-        }
-        .map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("redis", "set_message_hidden", async move {
+            let mut redis = self.ready()?;
+            let (key, member) = (self.hidden_key(), message.to_string());
+            let _: i64 = if hidden {
+                redis.sadd(key, member).await
+            } else {
+                redis.srem(key, member).await
+            }
+            .map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     /// A message's comments, oldest first; none while the message is hidden.
     pub async fn list(&self, message: MessageId, page: PageRequest) -> Result<Page> {
-        let mut redis = self.ready()?;
-        let min = page.after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
-        // One more than asked says whether another page follows; the hidden
-        // check and the total ride in the same round trip.
-        let (hidden, ids, total): (bool, Vec<String>, i64) = redis::pipe()
-            .sismember(self.hidden_key(), message.to_string())
-            .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size as isize + 1)
-            .zcard(self.message_key(message))
-            .query_async(&mut redis)
-            .await
-            .map_err(classify)?;
-        if hidden {
-            return Ok(Page {
-                comments: Vec::new(),
-                next: None,
-                total: 0,
-            });
-        }
-        let more = ids.len() > page.size as usize;
-        let ids: Vec<CommentId> = ids
-            .iter()
-            .take(page.size as usize)
-            .map(|raw| CommentId::parse("id", raw).map_err(|_| corrupt("a comment id in a message's set")))
-            .collect::<Result<_>>()?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hgetall(self.comment_key(*id));
-        }
-        let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut redis).await.map_err(classify)?
-        };
-        let mut comments = Vec::with_capacity(ids.len());
-        for (id, fields) in ids.iter().zip(hashes) {
-            // Deleted between the two round trips: skip it.
-            if let Some(comment) = comment_from_hash(*id, fields)? {
-                comments.push(comment);
+        service_kit::store::timed("redis", "list", async move {
+            let mut redis = self.ready()?;
+            let min = page.after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
+            // One more than asked says whether another page follows; the hidden
+            // check and the total ride in the same round trip.
+            let (hidden, ids, total): (bool, Vec<String>, i64) = redis::pipe()
+                .sismember(self.hidden_key(), message.to_string())
+                .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size as isize + 1)
+                .zcard(self.message_key(message))
+                .query_async(&mut redis)
+                .await
+                .map_err(classify)?;
+            if hidden {
+                return Ok(Page {
+                    comments: Vec::new(),
+                    next: None,
+                    total: 0,
+                });
             }
-        }
-        let next = if more { ids.last().copied() } else { None };
-        Ok(Page { comments, next, total })
+            let more = ids.len() > page.size as usize;
+            let ids: Vec<CommentId> = ids
+                .iter()
+                .take(page.size as usize)
+                .map(|raw| CommentId::parse("id", raw).map_err(|_| corrupt("a comment id in a message's set")))
+                .collect::<Result<_>>()?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hgetall(self.comment_key(*id));
+            }
+            let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut redis).await.map_err(classify)?
+            };
+            let mut comments = Vec::with_capacity(ids.len());
+            for (id, fields) in ids.iter().zip(hashes) {
+                // Deleted between the two round trips: skip it.
+                if let Some(comment) = comment_from_hash(*id, fields)? {
+                    comments.push(comment);
+                }
+            }
+            let next = if more { ids.last().copied() } else { None };
+            Ok(Page { comments, next, total })
+        })
+        .await
     }
 
     /// Comment counts of many messages in one round trip.
     pub async fn counts(&self, messages: &[MessageId]) -> Result<Vec<(MessageId, i64)>> {
-        let mut redis = self.ready()?;
-        let mut pipe = redis::pipe();
-        for id in messages {
-            pipe.zcard(self.message_key(*id));
-        }
-        let counts: Vec<i64> = pipe.query_async(&mut redis).await.map_err(classify)?;
-        Ok(messages.iter().copied().zip(counts).collect())
+        service_kit::store::timed("redis", "counts", async move {
+            let mut redis = self.ready()?;
+            let mut pipe = redis::pipe();
+            for id in messages {
+                pipe.zcard(self.message_key(*id));
+            }
+            let counts: Vec<i64> = pipe.query_async(&mut redis).await.map_err(classify)?;
+            Ok(messages.iter().copied().zip(counts).collect())
+        })
+        .await
     }
 
     /// Deletes a comment and writes its event, atomically; `false` when it
     /// was already gone (and then no event is written).
     pub async fn delete(&self, id: CommentId, event: &Event) -> Result<bool> {
-        let mut redis = self.ready()?;
-        let deleted: i64 = self
-            .delete
-            .key(self.comment_key(id))
-            .arg(&self.prefix)
-            .arg(id.to_string())
-            .arg(event.to_json()?)
-            .invoke_async(&mut redis)
-            .await
-            .map_err(classify)?;
-        Ok(deleted == 1)
+        service_kit::store::timed("redis", "delete", async move {
+            let mut redis = self.ready()?;
+            let deleted: i64 = self
+                .delete
+                .key(self.comment_key(id))
+                .arg(&self.prefix)
+                .arg(id.to_string())
+                .arg(event.to_json()?)
+                .invoke_async(&mut redis)
+                .await
+                .map_err(classify)?;
+            Ok(deleted == 1)
+        })
+        .await
     }
 
     /// Deletes every comment of a user, a batch per atomic step, each
     /// deletion with its `CommentDeleted` event from `producer`; the number
     /// deleted (0 when repeated).
     pub async fn purge(&self, user: UserId, producer: &str) -> Result<u64> {
-        let mut total = 0u64;
-        loop {
-            let deleted = self
-                .purge_batch(&self.purge, &self.user_key(user), &user.to_string(), producer)
-                .await?;
-            total += deleted as u64;
-            if deleted < PURGE_BATCH {
-                return Ok(total);
+        service_kit::store::timed("redis", "purge", async move {
+            let mut total = 0u64;
+            loop {
+                let deleted = self
+                    .purge_batch(&self.purge, &self.user_key(user), &user.to_string(), producer)
+                    .await?;
+                total += deleted as u64;
+                if deleted < PURGE_BATCH {
+                    return Ok(total);
+                }
             }
-        }
+        })
+        .await
     }
 
     /// One atomic step of `script` (PURGE_SCRIPT or PURGE_MESSAGE_SCRIPT)
@@ -396,6 +422,10 @@ impl Store {
         invocation.invoke_async(&mut redis).await.map_err(classify)
     }
 
+    fn purge_traces_key(&self) -> String {
+        format!("{}purge:traces", self.prefix)
+    }
+
     fn purge_set(&self, what: PurgeOf) -> String {
         match what {
             PurgeOf::User(_) => format!("{}purge:users", self.prefix),
@@ -405,50 +435,95 @@ impl Store {
 
     /// Records that the comments of a user (ban, erasure) or of a deleted
     /// message are to be purged (idempotent; the worker does it in batches).
-    pub async fn request_purge(&self, what: PurgeOf) -> Result<()> {
-        let mut redis = self.ready()?;
-        let member = match what {
-            PurgeOf::User(id) => id.to_string(),
-            PurgeOf::Message(id) => id.to_string(),
-        };
-        let _: i64 = redis.sadd(self.purge_set(what), member).await.map_err(classify)?;
-        Ok(())
+    /// `trace` is the `traceparent` of the request that caused it (the ban,
+    /// the deletion), kept beside the job so the worker's spans link to it.
+    pub async fn request_purge(&self, what: PurgeOf, trace: Option<&str>) -> Result<()> {
+        service_kit::store::timed("redis", "request_purge", async move {
+            let mut redis = self.ready()?;
+            let member = match what {
+                PurgeOf::User(id) => id.to_string(),
+                PurgeOf::Message(id) => id.to_string(),
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic().sadd(self.purge_set(what), &member).ignore();
+            if let Some(trace) = trace {
+                pipe.hset(self.purge_traces_key(), &member, trace).ignore();
+            }
+            let () = pipe.query_async(&mut redis).await.map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn purges_pending(&self) -> Result<u64> {
-        let mut redis = self.ready()?;
-        let (users, messages): (u64, u64) = redis::pipe()
-            .scard(format!("{}purge:users", self.prefix))
-            .scard(format!("{}purge:messages", self.prefix))
-            .query_async(&mut redis)
-            .await
-            .map_err(classify)?;
-        Ok(users + messages)
+        service_kit::store::timed("redis", "purges_pending", async move {
+            let mut redis = self.ready()?;
+            let (users, messages): (u64, u64) = redis::pipe()
+                .scard(format!("{}purge:users", self.prefix))
+                .scard(format!("{}purge:messages", self.prefix))
+                .query_async(&mut redis)
+                .await
+                .map_err(classify)?;
+            Ok(users + messages)
+        })
+        .await
     }
 
     /// One batch of one recorded purge; the job is dropped once a batch
     /// comes back short. `false` when none is waiting.
     pub async fn purge_step(&self, producer: &str) -> Result<bool> {
-        let mut redis = self.ready()?;
-        let users = format!("{}purge:users", self.prefix);
-        let messages = format!("{}purge:messages", self.prefix);
-        let user: Option<String> = redis.srandmember(&users).await.map_err(classify)?;
-        let (set, member, script, key) = if let Some(user) = user {
-            let id = UserId::parse("user", &user).map_err(|_| corrupt("a user id in the purge set"))?;
-            (users, user, &self.purge, self.user_key(id))
-        } else {
-            let message: Option<String> = redis.srandmember(&messages).await.map_err(classify)?;
-            let Some(message) = message else {
-                return Ok(false);
+        service_kit::store::timed("redis", "purge_step", async move {
+            let mut redis = self.ready()?;
+            let users = format!("{}purge:users", self.prefix);
+            let messages = format!("{}purge:messages", self.prefix);
+            let user: Option<String> = redis.srandmember(&users).await.map_err(classify)?;
+            let (set, member, script, key) = if let Some(user) = user {
+                let id = UserId::parse("user", &user).map_err(|_| corrupt("a user id in the purge set"))?;
+                (users, user, &self.purge, self.user_key(id))
+            } else {
+                let message: Option<String> = redis.srandmember(&messages).await.map_err(classify)?;
+                let Some(message) = message else {
+                    return Ok(false);
+                };
+                let id = MessageId::parse("message", &message).map_err(|_| corrupt("a message id in the purge set"))?;
+                (messages, message, &self.purge_message, self.message_key(id))
             };
-            let id = MessageId::parse("message", &message).map_err(|_| corrupt("a message id in the purge set"))?;
-            (messages, message, &self.purge_message, self.message_key(id))
-        };
-        let taken = self.purge_batch(script, &key, &member, producer).await?;
-        if taken < PURGE_BATCH {
-            let _: i64 = redis.srem(&set, &member).await.map_err(classify)?;
-        }
-        Ok(true)
+            // A batch is a root span of its own (the worker runs outside any
+            // request), linked to the request that asked for the purge.
+            let span = if service_kit::telemetry::exporting() {
+                let span = tracing::info_span!(
+                    target: "chirp::job",
+                    parent: None,
+                    "purge batch",
+                    otel.name = "purge batch",
+                    purge.of = %member,
+                );
+                let trace: Option<String> = redis.hget(self.purge_traces_key(), &member).await.map_err(classify)?;
+                if let Some(trace) = trace {
+                    service_kit::telemetry::link(&span, &trace);
+                }
+                span
+            } else {
+                tracing::Span::none()
+            };
+            let batch = self.purge_batch(script, &key, &member, producer);
+            let taken = service_kit::store::timed("redis", "purge_batch", batch)
+                .instrument(span)
+                .await?;
+            if taken < PURGE_BATCH {
+                let () = redis::pipe()
+                    .atomic()
+                    .srem(&set, &member)
+                    .ignore()
+                    .hdel(self.purge_traces_key(), &member)
+                    .ignore()
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(classify)?;
+            }
+            Ok(true)
+        })
+        .await
     }
 
     fn revocations_key(&self) -> String {
@@ -457,17 +532,20 @@ impl Store {
 
     /// Stores `revocation` unless a later one is stored already.
     pub async fn revoke(&self, revocation: &Revocation) -> Result<()> {
-        let mut redis = self.ready()?;
-        let _: i64 = self
-            .revoke
-            .key(self.revocations_key())
-            .arg(revocation.user_id.to_string())
-            .arg(revocation.issued_before.timestamp())
-            .arg(revocation.reason.as_str())
-            .invoke_async(&mut redis)
-            .await
-            .map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("redis", "revoke", async move {
+            let mut redis = self.ready()?;
+            let _: i64 = self
+                .revoke
+                .key(self.revocations_key())
+                .arg(revocation.user_id.to_string())
+                .arg(revocation.issued_before.timestamp())
+                .arg(revocation.reason.as_str())
+                .invoke_async(&mut redis)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     /// The revocations hash, for the verifier's sync.

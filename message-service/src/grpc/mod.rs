@@ -227,6 +227,12 @@ macro_rules! versioned_api {
             }
 
             fn enriched_to_pb(enriched: Enriched) -> pb::EnrichedMessage {
+                if matches!(enriched.author, Part::Unavailable) {
+                    service_kit::telemetry::degraded("author");
+                }
+                if matches!(enriched.comments, Part::Unavailable) {
+                    service_kit::telemetry::degraded("comments");
+                }
                 let author = pb::AuthorPart {
                     status: status(&enriched.author),
                     ..match enriched.author {

@@ -254,119 +254,137 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.database.run_command(doc! { "ping": 1 }).await.map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("mongodb", "ping", async move {
+            self.database.run_command(doc! { "ping": 1 }).await.map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Stores a message and its event in one transaction.
     pub async fn insert(&self, message: &Message, event: &Event) -> Result<()> {
-        let messages = self.ready()?;
-        let entries = OutboxDoc::for_event(event)?;
-        let mut session = self.client.start_session().await.map_err(classify)?;
-        session.start_transaction().await.map_err(classify)?;
-        messages
-            .insert_one(to_doc(message))
-            .session(&mut session)
-            .await
-            .map_err(classify)?;
-        self.outbox
-            .insert_many(entries)
-            .session(&mut session)
-            .await
-            .map_err(classify)?;
-        session.commit_transaction().await.map_err(classify)
+        service_kit::store::timed("mongodb", "insert", async move {
+            let messages = self.ready()?;
+            let entries = OutboxDoc::for_event(event)?;
+            let mut session = self.client.start_session().await.map_err(classify)?;
+            session.start_transaction().await.map_err(classify)?;
+            messages
+                .insert_one(to_doc(message))
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+            self.outbox
+                .insert_many(entries)
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+            session.commit_transaction().await.map_err(classify)
+        })
+        .await
     }
 
     /// A visible message.
     pub async fn get(&self, id: MessageId) -> Result<Option<Message>> {
-        let found = self
-            .ready()?
-            .find_one(doc! { "_id": id.to_string(), "hidden": false })
-            .await
-            .map_err(classify)?;
-        found.map(from_doc).transpose()
+        service_kit::store::timed("mongodb", "get", async move {
+            let found = self
+                .ready()?
+                .find_one(doc! { "_id": id.to_string(), "hidden": false })
+                .await
+                .map_err(classify)?;
+            found.map(from_doc).transpose()
+        })
+        .await
     }
 
     /// Visible messages of `authors`, newest first.
     pub async fn by_authors(&self, authors: &[UserId], page: PageRequest) -> Result<Page<Message>> {
-        let authors: Vec<String> = authors.iter().map(ToString::to_string).collect();
-        let mut filter = doc! { "author_id": { "$in": authors }, "hidden": false };
-        if let Some(after) = page.after {
-            let at = BsonDateTime::from_millis(after.created_at.timestamp_millis());
-            filter.insert(
-                "$or",
-                vec![
-                    Bson::Document(doc! { "created_at": { "$lt": at } }),
-                    Bson::Document(doc! { "created_at": at, "_id": { "$lt": after.id.to_string() } }),
-                ],
-            );
-        }
-        // One more than asked says whether another page follows.
-        let limit = i64::from(page.size) + 1;
-        let docs: Vec<MessageDoc> = self
-            .ready()?
-            .find(filter)
-            .sort(doc! { "created_at": -1, "_id": -1 })
-            .limit(limit)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
-        let mut items = docs.into_iter().map(from_doc).collect::<Result<Vec<_>>>()?;
-        let more = items.len() > page.size as usize;
-        items.truncate(page.size as usize);
-        let next = if more {
-            items.last().map(crate::domain::Cursor::of)
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+        service_kit::store::timed("mongodb", "by_authors", async move {
+            let authors: Vec<String> = authors.iter().map(ToString::to_string).collect();
+            let mut filter = doc! { "author_id": { "$in": authors }, "hidden": false };
+            if let Some(after) = page.after {
+                let at = BsonDateTime::from_millis(after.created_at.timestamp_millis());
+                filter.insert(
+                    "$or",
+                    vec![
+                        Bson::Document(doc! { "created_at": { "$lt": at } }),
+                        Bson::Document(doc! { "created_at": at, "_id": { "$lt": after.id.to_string() } }),
+                    ],
+                );
+            }
+            // One more than asked says whether another page follows.
+            let limit = i64::from(page.size) + 1;
+            let docs: Vec<MessageDoc> = self
+                .ready()?
+                .find(filter)
+                .sort(doc! { "created_at": -1, "_id": -1 })
+                .limit(limit)
+                .await
+                .map_err(classify)?
+                .try_collect()
+                .await
+                .map_err(classify)?;
+            let mut items = docs.into_iter().map(from_doc).collect::<Result<Vec<_>>>()?;
+            let more = items.len() > page.size as usize;
+            items.truncate(page.size as usize);
+            let next = if more {
+                items.last().map(crate::domain::Cursor::of)
+            } else {
+                None
+            };
+            Ok(Page { items, next })
+        })
+        .await
     }
 
     /// Deletes a message and writes the event `event_for` makes of it, in
     /// one transaction; `false` when there was no such message.
     pub async fn delete(&self, id: MessageId, event_for: impl FnOnce(&Message) -> Event) -> Result<bool> {
-        let messages = self.ready()?;
-        let mut session = self.client.start_session().await.map_err(classify)?;
-        session.start_transaction().await.map_err(classify)?;
-        let deleted = messages
-            .find_one_and_delete(doc! { "_id": id.to_string() })
-            .session(&mut session)
-            .await
-            .map_err(classify)?;
-        let Some(deleted) = deleted else {
-            session.abort_transaction().await.map_err(classify)?;
-            return Ok(false);
-        };
-        let entries = OutboxDoc::for_event(&event_for(&from_doc(deleted)?))?;
-        self.outbox
-            .insert_many(entries)
-            .session(&mut session)
-            .await
-            .map_err(classify)?;
-        session.commit_transaction().await.map_err(classify)?;
-        Ok(true)
+        service_kit::store::timed("mongodb", "delete", async move {
+            let messages = self.ready()?;
+            let mut session = self.client.start_session().await.map_err(classify)?;
+            session.start_transaction().await.map_err(classify)?;
+            let deleted = messages
+                .find_one_and_delete(doc! { "_id": id.to_string() })
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+            let Some(deleted) = deleted else {
+                session.abort_transaction().await.map_err(classify)?;
+                return Ok(false);
+            };
+            let entries = OutboxDoc::for_event(&event_for(&from_doc(deleted)?))?;
+            self.outbox
+                .insert_many(entries)
+                .session(&mut session)
+                .await
+                .map_err(classify)?;
+            session.commit_transaction().await.map_err(classify)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// The author of a message, visible or not.
     pub async fn author_of(&self, id: MessageId) -> Result<Option<UserId>> {
-        let found = self
-            .ready()?
-            .clone_with_type::<Document>()
-            .find_one(doc! { "_id": id.to_string() })
-            .projection(doc! { "author_id": 1 })
-            .await
-            .map_err(classify)?;
-        found
-            .map(|d| {
-                d.get_str("author_id")
-                    .map_err(|e| Error::Internal(anyhow::anyhow!("stored author_id: {e}")))
-                    .and_then(|raw| {
-                        UserId::parse("author_id", raw).map_err(|v| Error::Internal(anyhow::anyhow!("{v}")))
-                    })
-            })
-            .transpose()
+        service_kit::store::timed("mongodb", "author_of", async move {
+            let found = self
+                .ready()?
+                .clone_with_type::<Document>()
+                .find_one(doc! { "_id": id.to_string() })
+                .projection(doc! { "author_id": 1 })
+                .await
+                .map_err(classify)?;
+            found
+                .map(|d| {
+                    d.get_str("author_id")
+                        .map_err(|e| Error::Internal(anyhow::anyhow!("stored author_id: {e}")))
+                        .and_then(|raw| {
+                            UserId::parse("author_id", raw).map_err(|v| Error::Internal(anyhow::anyhow!("{v}")))
+                        })
+                })
+                .transpose()
+        })
+        .await
     }
 
     /// Hides or shows every message of `author`, writing the event
@@ -379,14 +397,17 @@ impl Store {
         hidden: bool,
         event_for: impl Fn(MessageId) -> Event,
     ) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let changed = self.set_hidden_chunk(author, hidden, &event_for).await?;
-            total += changed;
-            if changed < VISIBILITY_CHUNK as u64 {
-                return Ok(total);
+        service_kit::store::timed("mongodb", "set_hidden", async move {
+            let mut total = 0;
+            loop {
+                let changed = self.set_hidden_chunk(author, hidden, &event_for).await?;
+                total += changed;
+                if changed < VISIBILITY_CHUNK as u64 {
+                    return Ok(total);
+                }
             }
-        }
+        })
+        .await
     }
 
     /// Hides or shows up to [`VISIBILITY_CHUNK`] of `author`'s messages
@@ -451,64 +472,76 @@ impl Store {
     /// chunks, so the call that delivers a ban returns at once however many
     /// messages the user wrote.
     pub async fn request_visibility(&self, user: UserId, hidden: bool) -> Result<()> {
-        self.ready()?;
-        self.visibility
-            .update_one(
-                doc! { "_id": user.to_string() },
-                doc! { "$set": { "hidden": hidden, "requested_at": BsonDateTime::now() } },
-            )
-            .upsert(true)
-            .await
-            .map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("mongodb", "request_visibility", async move {
+            self.ready()?;
+            self.visibility
+                .update_one(
+                    doc! { "_id": user.to_string() },
+                    doc! { "$set": { "hidden": hidden, "requested_at": BsonDateTime::now() } },
+                )
+                .upsert(true)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn visibility_pending(&self) -> Result<u64> {
-        self.visibility.count_documents(doc! {}).await.map_err(classify)
+        service_kit::store::timed("mongodb", "visibility_pending", async move {
+            self.visibility.count_documents(doc! {}).await.map_err(classify)
+        })
+        .await
     }
 
     /// One chunk of the oldest visibility request; the request is dropped
     /// once a chunk comes back short, unless a newer one replaced it
     /// meanwhile. `false` when none is waiting.
     pub async fn visibility_step(&self, event_for: impl Fn(MessageId, UserId, bool) -> Event) -> Result<bool> {
-        self.ready()?;
-        let Some(job) = oldest(&self.visibility).await? else {
-            return Ok(false);
-        };
-        let author = UserId::parse("_id", &job.user_id)
-            .map_err(|_| Error::Internal(anyhow::anyhow!("a visibility request names a malformed user id")))?;
-        let changed = self
-            .set_hidden_chunk(author, job.hidden, &|id| event_for(id, author, job.hidden))
-            .await?;
-        if changed < VISIBILITY_CHUNK as u64 {
-            self.visibility
-                .delete_one(doc! { "_id": &job.user_id, "hidden": job.hidden, "requested_at": job.requested_at })
-                .await
-                .map_err(classify)?;
-        }
-        Ok(true)
+        service_kit::store::timed("mongodb", "visibility_step", async move {
+            self.ready()?;
+            let Some(job) = oldest(&self.visibility).await? else {
+                return Ok(false);
+            };
+            let author = UserId::parse("_id", &job.user_id)
+                .map_err(|_| Error::Internal(anyhow::anyhow!("a visibility request names a malformed user id")))?;
+            let changed = self
+                .set_hidden_chunk(author, job.hidden, &|id| event_for(id, author, job.hidden))
+                .await?;
+            if changed < VISIBILITY_CHUNK as u64 {
+                self.visibility
+                    .delete_one(doc! { "_id": &job.user_id, "hidden": job.hidden, "requested_at": job.requested_at })
+                    .await
+                    .map_err(classify)?;
+            }
+            Ok(true)
+        })
+        .await
     }
 
     /// Stores `revocation` unless a later one is stored already.
     pub async fn revoke(&self, revocation: &Revocation) -> Result<()> {
-        self.ready()?;
-        let user = revocation.user_id.to_string();
-        let cutoff = BsonDateTime::from_millis(revocation.issued_before.timestamp_millis());
-        let result = self
-            .revocations
-            .update_one(
-                doc! { "_id": &user, "issued_before": { "$lte": cutoff } },
-                doc! { "$set": { "issued_before": cutoff, "reason": revocation.reason.as_str() } },
-            )
-            .upsert(true)
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // The filter missed because a later revocation is stored, and the
-            // upsert then hit its `_id`: nothing to do.
-            Err(err) if is_duplicate_key(&err) => Ok(()),
-            Err(err) => Err(classify(err)),
-        }
+        service_kit::store::timed("mongodb", "revoke", async move {
+            self.ready()?;
+            let user = revocation.user_id.to_string();
+            let cutoff = BsonDateTime::from_millis(revocation.issued_before.timestamp_millis());
+            let result = self
+                .revocations
+                .update_one(
+                    doc! { "_id": &user, "issued_before": { "$lte": cutoff } },
+                    doc! { "$set": { "issued_before": cutoff, "reason": revocation.reason.as_str() } },
+                )
+                .upsert(true)
+                .await;
+            match result {
+                Ok(_) => Ok(()),
+                // The filter missed because a later revocation is stored, and the
+                // upsert then hit its `_id`: nothing to do.
+                Err(err) if is_duplicate_key(&err) => Ok(()),
+                Err(err) => Err(classify(err)),
+            }
+        })
+        .await
     }
 
     /// The revocations store, for the verifier's sync.
@@ -521,20 +554,26 @@ impl Store {
 
     /// Records that `user`'s messages are to be erased (idempotent).
     pub async fn request_erasure(&self, user: UserId) -> Result<()> {
-        self.ready()?;
-        self.erasures
-            .update_one(
-                doc! { "_id": user.to_string() },
-                doc! { "$setOnInsert": { "requested_at": BsonDateTime::now() } },
-            )
-            .upsert(true)
-            .await
-            .map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("mongodb", "request_erasure", async move {
+            self.ready()?;
+            self.erasures
+                .update_one(
+                    doc! { "_id": user.to_string() },
+                    doc! { "$setOnInsert": { "requested_at": BsonDateTime::now() } },
+                )
+                .upsert(true)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn erasures_pending(&self) -> Result<u64> {
-        self.erasures.count_documents(doc! {}).await.map_err(classify)
+        service_kit::store::timed("mongodb", "erasures_pending", async move {
+            self.erasures.count_documents(doc! {}).await.map_err(classify)
+        })
+        .await
     }
 
     /// Erases up to [`ERASE_CHUNK`] messages of the oldest erasure, with
@@ -542,42 +581,45 @@ impl Store {
     /// removed in the transaction that finds nothing more. `false` when no
     /// erasure is waiting.
     pub async fn erase_step(&self, event_for: impl Fn(MessageId, UserId) -> Event) -> Result<bool> {
-        let Some(job) = oldest(&self.erasures).await? else {
-            return Ok(false);
-        };
-        let author = UserId::parse("_id", &job.user_id)
-            .map_err(|_| Error::Internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
-        let mut session = self.client.start_session().await.map_err(classify)?;
-        session.start_transaction().await.map_err(classify)?;
-        let ids = self
-            .message_ids(&mut session, doc! { "author_id": &job.user_id }, ERASE_CHUNK)
-            .await?;
-        if ids.is_empty() {
-            self.erasures
-                .delete_one(doc! { "_id": &job.user_id })
-                .session(&mut session)
-                .await
-                .map_err(classify)?;
-        } else {
-            self.messages
-                .delete_many(doc! { "_id": { "$in": &ids } })
-                .session(&mut session)
-                .await
-                .map_err(classify)?;
-            let mut entries = Vec::with_capacity(ids.len() * 2);
-            for id in ids.iter().filter_map(|id| MessageId::parse("_id", id).ok()) {
-                entries.extend(OutboxDoc::for_event(&event_for(id, author))?);
-            }
-            if !entries.is_empty() {
-                self.outbox
-                    .insert_many(entries)
+        service_kit::store::timed("mongodb", "erase_step", async move {
+            let Some(job) = oldest(&self.erasures).await? else {
+                return Ok(false);
+            };
+            let author = UserId::parse("_id", &job.user_id)
+                .map_err(|_| Error::Internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
+            let mut session = self.client.start_session().await.map_err(classify)?;
+            session.start_transaction().await.map_err(classify)?;
+            let ids = self
+                .message_ids(&mut session, doc! { "author_id": &job.user_id }, ERASE_CHUNK)
+                .await?;
+            if ids.is_empty() {
+                self.erasures
+                    .delete_one(doc! { "_id": &job.user_id })
                     .session(&mut session)
                     .await
                     .map_err(classify)?;
+            } else {
+                self.messages
+                    .delete_many(doc! { "_id": { "$in": &ids } })
+                    .session(&mut session)
+                    .await
+                    .map_err(classify)?;
+                let mut entries = Vec::with_capacity(ids.len() * 2);
+                for id in ids.iter().filter_map(|id| MessageId::parse("_id", id).ok()) {
+                    entries.extend(OutboxDoc::for_event(&event_for(id, author))?);
+                }
+                if !entries.is_empty() {
+                    self.outbox
+                        .insert_many(entries)
+                        .session(&mut session)
+                        .await
+                        .map_err(classify)?;
+                }
             }
-        }
-        session.commit_transaction().await.map_err(classify)?;
-        Ok(true)
+            session.commit_transaction().await.map_err(classify)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// The outbox as `destination` sees it, for a relay.

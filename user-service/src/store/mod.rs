@@ -83,96 +83,114 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
-        Ok(())
+        service_kit::store::timed("postgresql", "ping", async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Stores a new user and its `UserRegistered` event, atomically.
     pub async fn insert_user(&self, user: &NewUser, event: &Event) -> Result<User> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO users (id, username, display_name, password_hash, role)
+        service_kit::store::timed("postgresql", "insert_user", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let row = sqlx::query(&format!(
+                "INSERT INTO users (id, username, display_name, password_hash, role)
              VALUES ($1, $2, $3, $4, $5) RETURNING {USER_COLUMNS}"
-        ))
-        .bind(user.id.as_uuid())
-        .bind(user.username.as_str())
-        .bind(user.display_name.as_str())
-        .bind(&user.password_hash)
-        .bind(user.role.as_str())
-        .fetch_one(&mut *tx)
+            ))
+            .bind(user.id.as_uuid())
+            .bind(user.username.as_str())
+            .bind(user.display_name.as_str())
+            .bind(&user.password_hash)
+            .bind(user.role.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => Error::AlreadyExists("the username is taken"),
+                _ => classify(e),
+            })?;
+            let user = user_from_row(&row)?;
+            write_event(&mut tx, event).await?;
+            tx.commit().await.map_err(classify)?;
+            Ok(user)
+        })
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => Error::AlreadyExists("the username is taken"),
-            _ => classify(e),
-        })?;
-        let user = user_from_row(&row)?;
-        write_event(&mut tx, event).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(user)
     }
 
     /// Creates the configured administrator, or makes the existing account
     /// with that name an administrator.
     pub async fn ensure_admin(&self, admin: &NewUser) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO users (id, username, display_name, password_hash, role)
+        service_kit::store::timed("postgresql", "ensure_admin", async move {
+            sqlx::query(
+                "INSERT INTO users (id, username, display_name, password_hash, role)
              VALUES ($1, $2, $3, $4, 'admin')
              ON CONFLICT (username) DO UPDATE SET role = 'admin' WHERE users.role <> 'admin'",
-        )
-        .bind(admin.id.as_uuid())
-        .bind(admin.username.as_str())
-        .bind(admin.display_name.as_str())
-        .bind(&admin.password_hash)
-        .execute(&self.pool)
+            )
+            .bind(admin.id.as_uuid())
+            .bind(admin.username.as_str())
+            .bind(admin.display_name.as_str())
+            .bind(&admin.password_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+            Ok(())
+        })
         .await
-        .map_err(classify)?;
-        Ok(())
     }
 
     /// Whether `username` is taken (the unique index answers it), so
     /// Register refuses a taken name before spending a password hash on it.
     pub async fn username_taken(&self, username: &str) -> Result<bool> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
-            .bind(username)
-            .fetch_one(self.ready()?)
-            .await
-            .map_err(classify)
+        service_kit::store::timed("postgresql", "username_taken", async move {
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
+                .bind(username)
+                .fetch_one(self.ready()?)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 
     /// The user with `username`, their standing and password hash.
     pub async fn credentials(&self, username: &str) -> Result<Option<(Standing, String)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE username = $1"
-        ))
-        .bind(username)
-        .fetch_optional(self.ready()?)
-        .await
-        .map_err(classify)?;
-        row.map(|row| {
-            Ok((
-                standing_from_row(&row)?,
-                row.try_get("password_hash").map_err(internal)?,
+        service_kit::store::timed("postgresql", "credentials", async move {
+            let row = sqlx::query(&format!(
+                "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE username = $1"
             ))
+            .bind(username)
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+            row.map(|row| {
+                Ok((
+                    standing_from_row(&row)?,
+                    row.try_get("password_hash").map_err(internal)?,
+                ))
+            })
+            .transpose()
         })
-        .transpose()
+        .await
     }
 
     /// The standing of `id` and their password hash, by primary key.
     pub async fn standing(&self, id: UserId) -> Result<Option<(Standing, String)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE id = $1"
-        ))
-        .bind(id.as_uuid())
-        .fetch_optional(self.ready()?)
-        .await
-        .map_err(classify)?;
-        row.map(|row| {
-            Ok((
-                standing_from_row(&row)?,
-                row.try_get("password_hash").map_err(internal)?,
+        service_kit::store::timed("postgresql", "standing", async move {
+            let row = sqlx::query(&format!(
+                "SELECT {USER_COLUMNS}, tokens_valid_from, password_hash FROM users WHERE id = $1"
             ))
+            .bind(id.as_uuid())
+            .fetch_optional(self.ready()?)
+            .await
+            .map_err(classify)?;
+            row.map(|row| {
+                Ok((
+                    standing_from_row(&row)?,
+                    row.try_get("password_hash").map_err(internal)?,
+                ))
+            })
+            .transpose()
         })
-        .transpose()
+        .await
     }
 
     /// Replaces the password hash and voids earlier tokens, writing the
@@ -187,42 +205,51 @@ impl Store {
         earliest: DateTime<Utc>,
         revoked: &Revoke<'_>,
     ) -> Result<Option<DateTime<Utc>>> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let cutoff: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
-            "UPDATE users SET password_hash = $2, tokens_valid_from = {NEXT_CUTOFF} WHERE id = $1
+        service_kit::store::timed("postgresql", "change_password", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let cutoff: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+                "UPDATE users SET password_hash = $2, tokens_valid_from = {NEXT_CUTOFF} WHERE id = $1
              RETURNING tokens_valid_from"
-        ))
-        .bind(id.as_uuid())
-        .bind(hash)
-        .bind(earliest)
-        .fetch_optional(&mut *tx)
+            ))
+            .bind(id.as_uuid())
+            .bind(hash)
+            .bind(earliest)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let Some(cutoff) = cutoff else {
+                return Ok(None);
+            };
+            write_event(&mut tx, &revoked(cutoff)).await?;
+            tx.commit().await.map_err(classify)?;
+            Ok(Some(cutoff))
+        })
         .await
-        .map_err(classify)?;
-        let Some(cutoff) = cutoff else {
-            return Ok(None);
-        };
-        write_event(&mut tx, &revoked(cutoff)).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(Some(cutoff))
     }
 
     pub async fn user(&self, id: UserId) -> Result<Option<User>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-            .bind(id.as_uuid())
-            .fetch_optional(self.ready()?)
-            .await
-            .map_err(classify)?;
-        row.as_ref().map(user_from_row).transpose()
+        service_kit::store::timed("postgresql", "user", async move {
+            let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+                .bind(id.as_uuid())
+                .fetch_optional(self.ready()?)
+                .await
+                .map_err(classify)?;
+            row.as_ref().map(user_from_row).transpose()
+        })
+        .await
     }
 
     pub async fn users(&self, ids: &[UserId]) -> Result<Vec<User>> {
-        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
-        let rows = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ANY($1)"))
-            .bind(&ids)
-            .fetch_all(self.ready()?)
-            .await
-            .map_err(classify)?;
-        rows.iter().map(user_from_row).collect()
+        service_kit::store::timed("postgresql", "users", async move {
+            let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+            let rows = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ANY($1)"))
+                .bind(&ids)
+                .fetch_all(self.ready()?)
+                .await
+                .map_err(classify)?;
+            rows.iter().map(user_from_row).collect()
+        })
+        .await
     }
 
     /// Adds the edge (and its event, in the same transaction); already
@@ -230,65 +257,77 @@ impl Store {
     /// followee does not exist and PermissionDenied when the follower is
     /// banned or gone.
     pub async fn follow(&self, follower: UserId, followee: UserId, event: &Event) -> Result<()> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND banned_at IS NULL) AS follower_ok,
+        service_kit::store::timed("postgresql", "follow", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let row = sqlx::query(
+                "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND banned_at IS NULL) AS follower_ok,
                     EXISTS (SELECT 1 FROM users WHERE id = $2) AS followee_ok",
-        )
-        .bind(follower.as_uuid())
-        .bind(followee.as_uuid())
-        .fetch_one(&mut *tx)
+            )
+            .bind(follower.as_uuid())
+            .bind(followee.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if !row.try_get::<bool, _>("follower_ok").map_err(internal)? {
+                return Err(Error::PermissionDenied("the caller is banned or deleted"));
+            }
+            if !row.try_get::<bool, _>("followee_ok").map_err(internal)? {
+                return Err(Error::NotFound("no user has that id"));
+            }
+            let inserted =
+                sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(follower.as_uuid())
+                    .bind(followee.as_uuid())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match &e {
+                        // The followee was deleted between the check and the insert.
+                        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                            Error::NotFound("no user has that id")
+                        }
+                        _ => classify(e),
+                    })?;
+            if inserted.rows_affected() == 1 {
+                write_event(&mut tx, event).await?;
+            }
+            tx.commit().await.map_err(classify)
+        })
         .await
-        .map_err(classify)?;
-        if !row.try_get::<bool, _>("follower_ok").map_err(internal)? {
-            return Err(Error::PermissionDenied("the caller is banned or deleted"));
-        }
-        if !row.try_get::<bool, _>("followee_ok").map_err(internal)? {
-            return Err(Error::NotFound("no user has that id"));
-        }
-        let inserted =
-            sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(follower.as_uuid())
-                .bind(followee.as_uuid())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match &e {
-                    // The followee was deleted between the check and the insert.
-                    sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                        Error::NotFound("no user has that id")
-                    }
-                    _ => classify(e),
-                })?;
-        if inserted.rows_affected() == 1 {
-            write_event(&mut tx, event).await?;
-        }
-        tx.commit().await.map_err(classify)
     }
 
     /// Removes the edge (and writes its event); not following is success and
     /// writes nothing.
     pub async fn unfollow(&self, follower: UserId, followee: UserId, event: &Event) -> Result<()> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let deleted = sqlx::query("DELETE FROM follows WHERE follower_id = $1 AND followee_id = $2")
-            .bind(follower.as_uuid())
-            .bind(followee.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if deleted.rows_affected() == 1 {
-            write_event(&mut tx, event).await?;
-        }
-        tx.commit().await.map_err(classify)
+        service_kit::store::timed("postgresql", "unfollow", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let deleted = sqlx::query("DELETE FROM follows WHERE follower_id = $1 AND followee_id = $2")
+                .bind(follower.as_uuid())
+                .bind(followee.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if deleted.rows_affected() == 1 {
+                write_event(&mut tx, event).await?;
+            }
+            tx.commit().await.map_err(classify)
+        })
+        .await
     }
 
     /// Users `user` follows, in id order.
     pub async fn following(&self, user: UserId, page: PageRequest) -> Result<Page> {
-        self.edge_page(user, page, "follower_id", "followee_id").await
+        service_kit::store::timed("postgresql", "following", async move {
+            self.edge_page(user, page, "follower_id", "followee_id").await
+        })
+        .await
     }
 
     /// Users following `user`, in id order.
     pub async fn followers(&self, user: UserId, page: PageRequest) -> Result<Page> {
-        self.edge_page(user, page, "followee_id", "follower_id").await
+        service_kit::store::timed("postgresql", "followers", async move {
+            self.edge_page(user, page, "followee_id", "follower_id").await
+        })
+        .await
     }
 
     async fn edge_page(&self, user: UserId, page: PageRequest, by: &str, other: &str) -> Result<Page> {
@@ -327,26 +366,29 @@ impl Store {
         earliest: DateTime<Utc>,
         revoked: &Revoke<'_>,
     ) -> Result<Option<User>> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let changed = sqlx::query(&format!(
-            "UPDATE users SET role = $2, tokens_valid_from = {NEXT_CUTOFF}
+        service_kit::store::timed("postgresql", "set_role", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let changed = sqlx::query(&format!(
+                "UPDATE users SET role = $2, tokens_valid_from = {NEXT_CUTOFF}
              WHERE id = $1 AND role <> $2 RETURNING {USER_COLUMNS}, tokens_valid_from"
-        ))
-        .bind(id.as_uuid())
-        .bind(role.as_str())
-        .bind(earliest)
-        .fetch_optional(&mut *tx)
+            ))
+            .bind(id.as_uuid())
+            .bind(role.as_str())
+            .bind(earliest)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if let Some(row) = changed {
+                let user = user_from_row(&row)?;
+                write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
+                tx.commit().await.map_err(classify)?;
+                return Ok(Some(user));
+            }
+            tx.rollback().await.map_err(classify)?;
+            // Already in that role (nothing to revoke), or no such user.
+            self.user(id).await
+        })
         .await
-        .map_err(classify)?;
-        if let Some(row) = changed {
-            let user = user_from_row(&row)?;
-            write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
-            tx.commit().await.map_err(classify)?;
-            return Ok(Some(user));
-        }
-        tx.rollback().await.map_err(classify)?;
-        // Already in that role (nothing to revoke), or no such user.
-        self.user(id).await
     }
 
     /// Bans (`Some(reason)`) or unbans (`None`) `id`, but only if its role is
@@ -363,46 +405,49 @@ impl Store {
         events: &[Event],
         revoked: &Revoke<'_>,
     ) -> Result<Moderated> {
-        let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
-            .into_iter()
-            .filter(|r| *r < below)
-            .map(Role::as_str)
-            .collect();
-        let sql = if ban.is_some() {
-            format!(
-                "UPDATE users SET banned_at = now(), ban_reason = $4, tokens_valid_from = {NEXT_CUTOFF}
+        service_kit::store::timed("postgresql", "set_banned", async move {
+            let lower_roles: Vec<&str> = [Role::User, Role::Moderator, Role::Admin]
+                .into_iter()
+                .filter(|r| *r < below)
+                .map(Role::as_str)
+                .collect();
+            let sql = if ban.is_some() {
+                format!(
+                    "UPDATE users SET banned_at = now(), ban_reason = $4, tokens_valid_from = {NEXT_CUTOFF}
                  WHERE id = $1 AND role = ANY($2) AND banned_at IS NULL
                  RETURNING {USER_COLUMNS}, tokens_valid_from"
-            )
-        } else {
-            format!(
-                "UPDATE users SET banned_at = NULL, ban_reason = NULL, tokens_valid_from = {NEXT_CUTOFF}
+                )
+            } else {
+                format!(
+                    "UPDATE users SET banned_at = NULL, ban_reason = NULL, tokens_valid_from = {NEXT_CUTOFF}
                  WHERE id = $1 AND role = ANY($2) AND banned_at IS NOT NULL
                  RETURNING {USER_COLUMNS}, tokens_valid_from"
-            )
-        };
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles).bind(earliest);
-        let query = match ban {
-            Some(reason) => query.bind(reason.as_str()),
-            None => query,
-        };
-        let changed = query.fetch_optional(&mut *tx).await.map_err(classify)?;
-        if let Some(row) = changed {
-            let user = user_from_row(&row)?;
-            for event in events {
-                write_event(&mut tx, event).await?;
+                )
+            };
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let query = sqlx::query(&sql).bind(id.as_uuid()).bind(&lower_roles).bind(earliest);
+            let query = match ban {
+                Some(reason) => query.bind(reason.as_str()),
+                None => query,
+            };
+            let changed = query.fetch_optional(&mut *tx).await.map_err(classify)?;
+            if let Some(row) = changed {
+                let user = user_from_row(&row)?;
+                for event in events {
+                    write_event(&mut tx, event).await?;
+                }
+                write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
+                tx.commit().await.map_err(classify)?;
+                return Ok(Moderated::Changed(user));
             }
-            write_event(&mut tx, &revoked(cutoff_from_row(&row)?)).await?;
-            tx.commit().await.map_err(classify)?;
-            return Ok(Moderated::Changed(user));
-        }
-        tx.rollback().await.map_err(classify)?;
-        Ok(match self.user(id).await? {
-            None => Moderated::NoSuchUser,
-            Some(user) if user.role >= below => Moderated::NotAllowed,
-            Some(user) => Moderated::Unchanged(user),
+            tx.rollback().await.map_err(classify)?;
+            Ok(match self.user(id).await? {
+                None => Moderated::NoSuchUser,
+                Some(user) if user.role >= below => Moderated::NotAllowed,
+                Some(user) => Moderated::Unchanged(user),
+            })
         })
+        .await
     }
 
     /// Deletes the user and, by cascade, their follow edges. `false` when no
@@ -414,26 +459,29 @@ impl Store {
         revoked: &Revoke<'_>,
         events: &[Event],
     ) -> Result<bool> {
-        let mut tx = self.ready()?.begin().await.map_err(classify)?;
-        let stored: Option<Option<DateTime<Utc>>> =
-            sqlx::query_scalar("DELETE FROM users WHERE id = $1 RETURNING tokens_valid_from")
-                .bind(id.as_uuid())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-        let Some(stored) = stored else {
-            return Ok(false);
-        };
-        // The same rule as NEXT_CUTOFF: past every token ever issued.
-        let cutoff = stored.map_or(earliest, |from| earliest.max(from + chrono::Duration::seconds(1)));
-        // The revocation first, so every service refuses the user's tokens
-        // before it starts erasing their content.
-        write_event(&mut tx, &revoked(cutoff)).await?;
-        for event in events {
-            write_event(&mut tx, event).await?;
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(true)
+        service_kit::store::timed("postgresql", "delete_user", async move {
+            let mut tx = self.ready()?.begin().await.map_err(classify)?;
+            let stored: Option<Option<DateTime<Utc>>> =
+                sqlx::query_scalar("DELETE FROM users WHERE id = $1 RETURNING tokens_valid_from")
+                    .bind(id.as_uuid())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            let Some(stored) = stored else {
+                return Ok(false);
+            };
+            // The same rule as NEXT_CUTOFF: past every token ever issued.
+            let cutoff = stored.map_or(earliest, |from| earliest.max(from + chrono::Duration::seconds(1)));
+            // The revocation first, so every service refuses the user's tokens
+            // before it starts erasing their content.
+            write_event(&mut tx, &revoked(cutoff)).await?;
+            for event in events {
+                write_event(&mut tx, event).await?;
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// The outbox as `destination` sees it, for a relay.
@@ -483,29 +531,32 @@ impl Store {
         after: Option<(DateTime<Utc>, Uuid)>,
         limit: u32,
     ) -> Result<Vec<Revocation>> {
-        let (after_cutoff, after_user) = after.unwrap_or((since, Uuid::nil()));
-        let rows: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
-            "SELECT user_id, issued_before, reason FROM revocations
+        service_kit::store::timed("postgresql", "revocations", async move {
+            let (after_cutoff, after_user) = after.unwrap_or((since, Uuid::nil()));
+            let rows: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
+                "SELECT user_id, issued_before, reason FROM revocations
              WHERE issued_before > $1 AND (issued_before, user_id) > ($2, $3)
              ORDER BY issued_before, user_id LIMIT $4",
-        )
-        .bind(since)
-        .bind(after_cutoff)
-        .bind(after_user)
-        .bind(i64::from(limit))
-        .fetch_all(self.ready()?)
-        .await
-        .map_err(classify)?;
-        rows.into_iter()
-            .map(|(user_id, issued_before, reason)| {
-                Ok(Revocation {
-                    user_id,
-                    issued_before,
-                    reason: RevocationReason::parse(&reason)
-                        .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored revocation reason {reason:?}")))?,
+            )
+            .bind(since)
+            .bind(after_cutoff)
+            .bind(after_user)
+            .bind(i64::from(limit))
+            .fetch_all(self.ready()?)
+            .await
+            .map_err(classify)?;
+            rows.into_iter()
+                .map(|(user_id, issued_before, reason)| {
+                    Ok(Revocation {
+                        user_id,
+                        issued_before,
+                        reason: RevocationReason::parse(&reason)
+                            .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored revocation reason {reason:?}")))?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 }
 

@@ -1,0 +1,392 @@
+//! Traces across the mesh: `chirp up --otlp-endpoint` against an in-process
+//! OTLP receiver. Each request is sent with a `traceparent` of the test's
+//! own, so its trace is found among everything the mesh exports; the span
+//! trees are printed for the record.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use chirp_proto::{
+    comment::v1::{self as cpb, comment_service_client::CommentServiceClient},
+    message::v2::{self as m2, message_service_client::MessageServiceClient},
+    user::v1::{self as upb, user_service_client::UserServiceClient},
+};
+use common::{free_port_base, settled, Up};
+use test_support::otlp::{tree, Collector, Span};
+use tonic::transport::Channel;
+
+const DEMO_PASSWORD: &str = "chirp-demo-password";
+const ADMIN: &str = "admin";
+const ADMIN_PASSWORD: &str = "chirp-admin-password";
+/// Exporters send every 200 ms here (OTEL_BSP_SCHEDULE_DELAY); a trace's
+/// last span may come from a service that answered last.
+const EXPORT_WAIT: Duration = Duration::from_secs(20);
+
+/// A caller's span: a fresh trace id and the span id the mesh's first
+/// span must name as its parent.
+struct Caller {
+    trace_id: String,
+    span_id: String,
+}
+
+impl Caller {
+    fn new() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        Self {
+            trace_id: format!("{nanos:016x}{:08x}{n:08x}", std::process::id()),
+            span_id: format!("{:016x}", nanos ^ (n << 40) | 1),
+        }
+    }
+
+    fn request<T>(&self, message: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let traceparent = format!("00-{}-{}-01", self.trace_id, self.span_id);
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().expect("a header value"));
+        if let Some(token) = token {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("a header value"),
+            );
+        }
+        request.set_timeout(Duration::from_secs(5));
+        request
+    }
+
+    fn spans<'a>(&self, all: &'a [Span]) -> Vec<&'a Span> {
+        all.iter().filter(|s| s.trace_id == self.trace_id).collect()
+    }
+}
+
+fn find<'a>(spans: &[&'a Span], service: &str, name: &str) -> Option<&'a Span> {
+    spans.iter().copied().find(|s| s.service == service && s.name == name)
+}
+
+fn children<'a>(spans: &[&'a Span], parent: &Span) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .copied()
+        .filter(|s| s.parent_span_id == parent.span_id)
+        .collect()
+}
+
+fn links_to(span: &Span, trace_id: &str) -> bool {
+    span.links.iter().any(|(trace, _)| trace == trace_id)
+}
+
+/// The session token and user id of a login.
+async fn login(channel: &Channel, username: &str, password: &str) -> (String, String) {
+    let reply = UserServiceClient::new(channel.clone())
+        .login(upb::LoginRequest {
+            username: username.into(),
+            password: password.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    (reply.access_token, reply.user.unwrap_or_default().id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures_show_in_them() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base();
+    let up = Up::start_env(
+        dir.path(),
+        base,
+        &["--otlp-endpoint", &collector.endpoint()],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "200")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled(&up.status()) {
+        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let users = up.channel(1);
+    let messages = up.channel(2);
+    let comments = up.channel(3);
+    let (alice, _) = login(&users, "alice", DEMO_PASSWORD).await;
+    let (bob, bob_id) = login(&users, "bob", DEMO_PASSWORD).await;
+
+    // PostMessage: its event reaches analytics through message-service's
+    // outbox; the delivery links back to the post's trace.
+    let post = Caller::new();
+    let message_id = MessageServiceClient::new(messages.clone())
+        .post_message(post.request(
+            m2::PostMessageRequest {
+                body: "traced from end to end".into(),
+            },
+            Some(&alice),
+        ))
+        .await
+        .expect("PostMessage")
+        .into_inner()
+        .message
+        .unwrap_or_default()
+        .id;
+    CommentServiceClient::new(comments.clone())
+        .add_comment(Caller::new().request(
+            cpb::AddCommentRequest {
+                message_id: message_id.clone(),
+                body: "a comment by bob".into(),
+            },
+            Some(&bob),
+        ))
+        .await
+        .expect("AddComment");
+
+    // GetMessage: one trace through message-, user- and comment-service.
+    let get = Caller::new();
+    let reply = MessageServiceClient::new(messages.clone())
+        .get_message(get.request(
+            m2::GetMessageRequest {
+                message_id: message_id.clone(),
+            },
+            None,
+        ))
+        .await
+        .expect("GetMessage")
+        .into_inner();
+    assert_eq!(reply.message.unwrap_or_default().comments.unwrap_or_default().count, 1);
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            let spans: Vec<&Span> = all.iter().filter(|s| s.trace_id == get.trace_id).collect();
+            ["message-service", "user-service", "comment-service"]
+                .iter()
+                .all(|service| {
+                    spans.iter().any(|s| {
+                        s.service == *service
+                            && (s.name.starts_with("mongodb ")
+                                || s.name.starts_with("postgresql ")
+                                || s.name.starts_with("redis "))
+                    })
+                })
+        })
+        .await;
+    let spans = get.spans(&all);
+    println!("GetMessage, trace {}:\n{}", get.trace_id, tree(&all, &get.trace_id));
+    let server = find(&spans, "message-service", "chirp.message.v2.MessageService/GetMessage")
+        .expect("message-service's server span");
+    assert_eq!(
+        server.parent_span_id, get.span_id,
+        "the server span continues the caller's"
+    );
+    assert_eq!(server.kind, "Server");
+    let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    for span in &spans {
+        assert!(
+            span.parent_span_id == get.span_id || ids.contains(span.parent_span_id.as_str()),
+            "{} {} hangs outside the trace",
+            span.service,
+            span.name
+        );
+    }
+    let under_server = children(&spans, server);
+    assert!(
+        under_server
+            .iter()
+            .any(|s| s.name == "mongodb get" && s.kind == "Client"),
+        "the MongoDB read is a child of the server span: {under_server:#?}"
+    );
+    for (peer, store) in [("user-service", "postgresql "), ("comment-service", "redis ")] {
+        let call = under_server
+            .iter()
+            .find(|s| s.kind == "Client" && s.attributes.get("peer.service").map(String::as_str) == Some(peer))
+            .unwrap_or_else(|| panic!("no client span for {peer} under GetMessage"));
+        let remote = children(&spans, call);
+        let remote_server = remote
+            .iter()
+            .find(|s| s.service == peer && s.kind == "Server" && s.name == call.name)
+            .unwrap_or_else(|| panic!("{peer}'s server span is not a child of the call to it: {remote:#?}"));
+        assert!(
+            children(&spans, remote_server)
+                .iter()
+                .any(|s| s.service == peer && s.name.starts_with(store)),
+            "{peer}'s server span has its store span"
+        );
+    }
+
+    // The post's delivery to analytics links to the post; analytics applies
+    // the event in a span that continues the delivery.
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            all.iter().any(|s| {
+                s.service == "analytics-service" && s.name == "apply message_posted" && links_to(s, &post.trace_id)
+            })
+        })
+        .await;
+    println!("PostMessage, trace {}:\n{}", post.trace_id, tree(&all, &post.trace_id));
+    let apply = all
+        .iter()
+        .find(|s| s.service == "analytics-service" && s.name == "apply message_posted" && links_to(s, &post.trace_id))
+        .expect("analytics applies the post's event in a span linked to the post");
+    let delivery_trace: Vec<&Span> = all.iter().filter(|s| s.trace_id == apply.trace_id).collect();
+    println!(
+        "its delivery, trace {}:\n{}",
+        apply.trace_id,
+        tree(&all, &apply.trace_id)
+    );
+    let by_id = |id: &str| delivery_trace.iter().copied().find(|s| s.span_id == id);
+    // Apply runs inside the SQLite transaction that records the batch.
+    let mut record = by_id(&apply.parent_span_id).expect("apply has a parent in the delivery's trace");
+    while record.kind != "Server" {
+        record = by_id(&record.parent_span_id).expect("apply is under the RecordEvents server span");
+    }
+    assert_eq!(record.name, "chirp.analytics.v1.AnalyticsService/RecordEvents");
+    assert_eq!(record.service, "analytics-service");
+    let call = by_id(&record.parent_span_id).expect("RecordEvents continues a call");
+    assert_eq!(
+        (call.service.as_str(), call.kind.as_str()),
+        ("message-service", "Client")
+    );
+    let delivery = by_id(&call.parent_span_id).expect("the call is part of a delivery");
+    assert_eq!(delivery.name, "deliver to analytics");
+    assert!(links_to(delivery, &post.trace_id), "the delivery links to the post");
+
+    // A ban: the purge of bob's comments in comment-service, done later by
+    // its worker, links to the BanUser trace.
+    let (admin, _) = login(&users, ADMIN, ADMIN_PASSWORD).await;
+    let ban = Caller::new();
+    UserServiceClient::new(users.clone())
+        .ban_user(ban.request(
+            upb::BanUserRequest {
+                user_id: bob_id,
+                reason: "traced".into(),
+            },
+            Some(&admin),
+        ))
+        .await
+        .expect("BanUser");
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            let linked = |service: &str, name: &str| {
+                all.iter()
+                    .any(|s| s.service == service && s.name == name && links_to(s, &ban.trace_id))
+            };
+            linked("comment-service", "purge batch") && linked("user-service", "deliver to comments")
+        })
+        .await;
+    println!("BanUser, trace {}:\n{}", ban.trace_id, tree(&all, &ban.trace_id));
+    let linked: Vec<&Span> = all.iter().filter(|s| links_to(s, &ban.trace_id)).collect();
+    assert!(
+        linked
+            .iter()
+            .any(|s| s.name == "deliver to comments" && s.service == "user-service"),
+        "user-service's delivery to comment-service links to the ban: {linked:#?}"
+    );
+    let purge = linked
+        .iter()
+        .find(|s| s.name == "purge batch")
+        .expect("the purge links to the ban");
+    println!("spans linked to the ban:");
+    for span in &linked {
+        println!("  {:<18} {} (trace {})", span.service, span.name, span.trace_id);
+    }
+    println!("the purge, trace {}:\n{}", purge.trace_id, tree(&all, &purge.trace_id));
+    assert!(
+        all.iter()
+            .any(|s| s.trace_id == purge.trace_id && s.parent_span_id == purge.span_id && s.name.starts_with("redis")),
+        "the purge's Redis work is under it"
+    );
+
+    // The comment store down: the comment call's span carries the error and
+    // the reply's degraded part shows in the server span.
+    let (code, out) = up.run(&["chaos", "stop", "redis"]);
+    assert_eq!(code, 0, "{out}");
+    let degraded = Caller::new();
+    let reply = MessageServiceClient::new(messages.clone())
+        .get_message(degraded.request(m2::GetMessageRequest { message_id }, None))
+        .await
+        .expect("GetMessage answers with the comments part degraded")
+        .into_inner();
+    assert_eq!(
+        reply.message.unwrap_or_default().comments.unwrap_or_default().status,
+        m2::PartStatus::Unavailable as i32
+    );
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            all.iter().any(|s| {
+                s.trace_id == degraded.trace_id
+                    && s.name == "chirp.message.v2.MessageService/GetMessage"
+                    && s.events.iter().any(|(name, _)| name == "reply part degraded")
+            })
+        })
+        .await;
+    println!(
+        "GetMessage with redis down, trace {}:\n{}",
+        degraded.trace_id,
+        tree(&all, &degraded.trace_id)
+    );
+    let spans = degraded.spans(&all);
+    let server =
+        find(&spans, "message-service", "chirp.message.v2.MessageService/GetMessage").expect("the server span");
+    assert!(
+        server
+            .events
+            .iter()
+            .any(|(name, attrs)| name == "reply part degraded"
+                && attrs.get("part").map(String::as_str) == Some("comments")),
+        "the server span says which part is degraded: {:?}",
+        server.events
+    );
+    let failed_calls: Vec<&&Span> = spans
+        .iter()
+        .filter(|s| {
+            s.kind == "Client"
+                && s.attributes.get("peer.service").map(String::as_str) == Some("comment-service")
+                && s.status.starts_with("error")
+        })
+        .collect();
+    assert!(
+        !failed_calls.is_empty(),
+        "the call to comment-service carries its error: {spans:#?}"
+    );
+    let (code, out) = up.run(&["chaos", "start", "redis"]);
+    assert_eq!(code, 0, "{out}");
+    drop(up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_endpoint_no_service_opens_an_otlp_connection() {
+    // Where an exporter with no endpoint would go: the OTLP default.
+    let default_port =
+        std::net::TcpListener::bind("127.0.0.1:4317").expect("the OTLP default port 4317 is free for this test");
+    default_port.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base();
+    let up = Up::start_env(dir.path(), base, &["--no-seed"], &[("OTEL_BSP_SCHEDULE_DELAY", "200")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled(&up.status()) {
+        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A request that would be traced through three services.
+    let reply = MessageServiceClient::new(up.channel(2))
+        .get_message(Caller::new().request(
+            m2::GetMessageRequest {
+                message_id: "0190d7a4-0000-7000-8000-000000000000".into(),
+            },
+            None,
+        ))
+        .await;
+    assert_eq!(reply.unwrap_err().code(), tonic::Code::NotFound);
+    // Several export intervals.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    match default_port.accept() {
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("something connected to the OTLP port: {other:?}"),
+    }
+    drop(up);
+}

@@ -1,0 +1,210 @@
+//! One start-up for every service, so that each service's `main.rs` and
+//! `lib.rs` say only what is their own (their store, their peers, their
+//! routes) and the rest is the same everywhere:
+//!
+//! - [`main`]: the binary: `healthcheck` for containers, flags and
+//!   environment, logs and traces ([`crate::telemetry`]), the two
+//!   listeners, SIGTERM, and the last spans flushed after the server stops;
+//! - [`Service`]: what runs beside the routes: one metrics registry with
+//!   the client stack's and the store operations' metrics in it, the health
+//!   reporter, the store status and its monitor, the outbox relays (which
+//!   wait for the store), background jobs, and [`Service::serve`].
+
+use std::{any::Any, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use prometheus::Registry;
+use tokio::{net::TcpListener, sync::Notify};
+
+use crate::{
+    config::CommonArgs,
+    jobs::Jobs,
+    relay::{Destination, Outbox, RelayConfig, Relays},
+    server::{Health, ServeOptions},
+    store::{Probe, StoreMonitor, StoreStatus},
+    telemetry::Telemetry,
+};
+
+/// A service binary: its name (logs, metrics, traces), the API a container
+/// healthcheck asks about, and its default ports.
+#[derive(Clone, Copy, Debug)]
+pub struct Binary {
+    pub name: &'static str,
+    pub api: &'static str,
+    pub default_port: u16,
+    pub default_metrics_port: u16,
+}
+
+/// Resolves when the process is asked to stop (SIGTERM, SIGINT).
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A service's `main`: `<binary> healthcheck` answers whether the local
+/// service is SERVING (exit code); otherwise parses `C` from flags and
+/// environment, sets up telemetry, binds the gRPC and metrics listeners and
+/// runs `run` until SIGTERM, then flushes the spans not exported yet.
+///
+/// # Errors
+/// When the configuration is unusable, a port cannot be bound or the
+/// service fails.
+pub async fn main<C, F, Fut>(
+    binary: Binary,
+    common: impl Fn(&C) -> &CommonArgs,
+    run: F,
+) -> anyhow::Result<std::process::ExitCode>
+where
+    C: clap::Parser,
+    F: FnOnce(C, TcpListener, Option<TcpListener>, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return Ok(crate::server::healthcheck(binary.api, binary.default_port).await);
+    }
+    let config = C::parse();
+    let args = common(&config);
+    let telemetry = Telemetry::init(binary.name, args.log_format);
+    let listen: SocketAddr = args.listen_addr(binary.default_port);
+    let metrics: SocketAddr = args.metrics_addr(binary.default_metrics_port);
+    let result = async {
+        let listener = crate::server::bind(listen).await?;
+        let metrics = crate::server::bind(metrics).await?;
+        run(
+            config,
+            listener,
+            Some(metrics),
+            Box::pin(crate::server::shutdown_signal()),
+        )
+        .await
+    }
+    .await;
+    telemetry.shutdown_async().await;
+    result?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// What runs beside a service's routes, built up by its `run` and started
+/// by [`Service::serve`].
+pub struct Service {
+    name: &'static str,
+    apis: Vec<&'static str>,
+    registry: Registry,
+    health: Health,
+    status: StoreStatus,
+    relays: Relays,
+    /// Handles whose drop would stop something (workers, syncs, monitor).
+    kept: Vec<Box<dyn Any + Send>>,
+}
+
+impl Service {
+    /// A service named `name` serving `apis` (their health starts
+    /// NOT_SERVING and follows the store once [`Self::watch_store`] runs).
+    ///
+    /// # Errors
+    /// When the metrics cannot be registered (not expected).
+    pub fn new(name: &'static str, apis: Vec<&'static str>) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        crate::client::register_metrics(&registry)?;
+        crate::store::register_metrics(&registry)?;
+        let status = StoreStatus::new();
+        let relays = Relays::new(&registry)?.gated_by(status.clone());
+        Ok(Self {
+            name,
+            apis,
+            registry,
+            health: Health::new(),
+            status,
+            relays,
+            kept: Vec::new(),
+        })
+    }
+
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether the store answers; the store module fails fast while it does
+    /// not, and relays wait for it.
+    #[must_use]
+    pub fn store_status(&self) -> StoreStatus {
+        self.status.clone()
+    }
+
+    /// Delivers `outbox` to `destination` in the background.
+    pub fn relay<O: Outbox, D: Destination>(&mut self, name: &'static str, outbox: O, destination: D) {
+        self.relays.spawn(RelayConfig::new(name), outbox, destination);
+    }
+
+    /// Runs `jobs` in the background (see [`crate::jobs`]); the gauge
+    /// `metric` counts what is pending. Returns the worker's waker.
+    ///
+    /// # Errors
+    /// When the metric is registered already.
+    pub fn job<J: Jobs>(&mut self, metric: &str, help: &str, jobs: J) -> anyhow::Result<Arc<Notify>> {
+        let worker = crate::jobs::spawn(metric, help, jobs, &self.registry)?;
+        let waker = worker.waker();
+        self.kept.push(Box::new(worker));
+        Ok(waker)
+    }
+
+    /// Keeps `handle` alive as long as the service runs (a task that stops
+    /// when its handle is dropped).
+    pub fn keep<T: Send + 'static>(&mut self, handle: T) {
+        self.kept.push(Box::new(handle));
+    }
+
+    /// Probes the store named `store` every `interval` through `probe`,
+    /// prepares it once it answers, and makes the APIs' health follow it.
+    ///
+    /// # Errors
+    /// When the monitor's metrics are registered already.
+    pub fn watch_store<P: Probe>(
+        &mut self,
+        store: &'static str,
+        interval: Duration,
+        probe: Arc<P>,
+    ) -> anyhow::Result<()> {
+        let monitor = StoreMonitor::watch(
+            store,
+            self.health.clone(),
+            &self.registry,
+            self.apis.clone(),
+            interval,
+            self.status.clone(),
+            probe,
+        )?;
+        self.kept.push(Box::new(monitor));
+        Ok(())
+    }
+
+    /// Serves `routes` on `listener`, `/metrics` (and, given the ingest
+    /// token, the outbox operator routes) on `metrics_listener`, until
+    /// `shutdown` resolves; see [`crate::server::serve`].
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn serve(
+        self,
+        common: &CommonArgs,
+        ingest_token: Option<&str>,
+        routes: tonic::service::Routes,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let mut options = ServeOptions::new(self.name, self.apis, common);
+        let relays = Arc::new(self.relays);
+        if let Some(token) = ingest_token {
+            options = options.with_operator_routes(crate::relay::operator_routes(relays.clone(), token));
+        }
+        let _running = (relays, self.kept);
+        crate::server::serve(
+            options,
+            self.health,
+            self.registry,
+            listener,
+            metrics_listener,
+            routes,
+            shutdown,
+        )
+        .await
+    }
+}
