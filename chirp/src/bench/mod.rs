@@ -6,6 +6,7 @@
 mod hops;
 mod load;
 mod procfs;
+mod sink;
 mod targets;
 
 use std::{
@@ -49,6 +50,11 @@ pub struct BenchArgs {
     /// Start a mesh of its own in a temporary directory, and stop it after
     #[arg(long)]
     pub fresh: bool,
+    /// With --fresh: every service exports its traces (to a counting OTLP
+    /// receiver in this process), sampling this share of requests (0 to 1);
+    /// compare with a run without it for tracing's cost
+    #[arg(long)]
+    pub tracing: Option<f64>,
     /// Users in the seeded graph
     #[arg(long, default_value_t = 50)]
     pub users: usize,
@@ -201,7 +207,7 @@ async fn start_echo() -> anyhow::Result<EchoServer> {
     anyhow::bail!("the echo server did not start")
 }
 
-async fn start_fresh() -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
+async fn start_fresh(otlp: Option<(&str, f64)>) -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
     let dir = tempfile::Builder::new().prefix("chirp-bench").tempdir()?;
     // PostgreSQL may run as another user, who must reach the data directory.
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
@@ -212,7 +218,14 @@ async fn start_fresh() -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
         }
     };
     let log = std::fs::File::create(dir.path().join("up.log"))?;
-    let child = std::process::Command::new(std::env::current_exe()?)
+    let mut up = std::process::Command::new(std::env::current_exe()?);
+    up.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    if let Some((endpoint, ratio)) = otlp {
+        up.args(["--otlp-endpoint", endpoint])
+            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+            .env("OTEL_TRACES_SAMPLER_ARG", ratio.to_string());
+    }
+    let child = up
         .args(["up", "--no-seed"])
         .arg("--data-dir")
         .arg(dir.path())
@@ -275,8 +288,21 @@ fn ms(micros: u64) -> f64 {
 }
 
 pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.tracing.is_none() || args.fresh,
+        "--tracing needs --fresh (it starts the mesh with an exporter)"
+    );
+    anyhow::ensure!(
+        args.tracing.is_none_or(|r| (0.0..=1.0).contains(&r)),
+        "--tracing is a sampling ratio from 0 to 1"
+    );
+    let sink = match args.tracing {
+        Some(_) => Some(sink::Sink::start().await?),
+        None => None,
+    };
     let (_fresh, data_dir, ports) = if args.fresh {
-        let (mesh, dir, ports) = start_fresh().await?;
+        let otlp = sink.as_ref().zip(args.tracing).map(|(s, r)| (s.endpoint.as_str(), r));
+        let (mesh, dir, ports) = start_fresh(otlp).await?;
         (Some(mesh), dir, ports)
     } else {
         let reply = control::send(data_dir, "ps")
@@ -487,6 +513,14 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_table(&report);
+    }
+    if let (Some(sink), Some(ratio)) = (&sink, args.tracing) {
+        // The last batches leave within the exporters' schedule delay.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        eprintln!(
+            "tracing: sampling {ratio}, {} spans exported to the receiver",
+            sink.spans()
+        );
     }
     Ok(())
 }
