@@ -49,6 +49,7 @@ async fn sqlite_stops_a_read_at_its_callers_deadline() {
     let hurried = RequestContext {
         request_id: "hurried".into(),
         deadline: Some(Instant::now() + Duration::from_millis(1)),
+        sampled: false,
     }
     .scope(store.top_messages(window, 10))
     .await;

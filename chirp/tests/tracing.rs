@@ -218,6 +218,44 @@ async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures
         );
     }
 
+    // The CLI traces too: `chirp get` is the root of the GetMessage trace.
+    let output = common::chirp()
+        .args(["get", &message_id])
+        .env("CHIRP_DATA_DIR", &up.data_dir)
+        .env("CHIRP_PORT_BASE", up.base.to_string())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+        .output()
+        .expect("chirp get runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            all.iter().any(|s| s.service == "chirp" && s.name == "chirp get")
+        })
+        .await;
+    let root = all
+        .iter()
+        .find(|s| s.service == "chirp" && s.name == "chirp get")
+        .expect("chirp exports its command's span");
+    assert!(root.parent_span_id.is_empty(), "the command is the root");
+    let all = collector
+        .wait_for(EXPORT_WAIT, |all| {
+            all.iter()
+                .any(|s| s.trace_id == root.trace_id && s.service == "message-service" && s.kind == "Server")
+        })
+        .await;
+    println!("chirp get, trace {}:\n{}", root.trace_id, tree(&all, &root.trace_id));
+    let cli_call = all
+        .iter()
+        .find(|s| s.trace_id == root.trace_id && s.service == "chirp" && s.kind == "Client")
+        .expect("chirp's call to message-service");
+    assert_eq!(cli_call.parent_span_id, root.span_id);
+    assert!(
+        all.iter().any(|s| s.trace_id == root.trace_id
+            && s.service == "message-service"
+            && s.parent_span_id == cli_call.span_id),
+        "message-service continues chirp's call"
+    );
+
     // The post's delivery to analytics links to the post; analytics applies
     // the event in a span that continues the delivery.
     let all = collector
@@ -353,6 +391,30 @@ async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures
         !failed_calls.is_empty(),
         "the call to comment-service carries its error: {spans:#?}"
     );
+    assert!(
+        server
+            .events
+            .iter()
+            .any(|(name, attrs)| name == "retrying after UNAVAILABLE"
+                && attrs.get("peer").map(String::as_str) == Some("comment-service")),
+        "the retry is an event of the server span: {:?}",
+        server.events
+    );
+    // The logs name the trace: message-service's warning about the
+    // degraded part carries the trace id of the request it happened in.
+    let logs = up.output();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("serving a degraded part") && l.contains(&format!("trace_id={}", degraded.trace_id)));
+    assert!(
+        warning.is_some(),
+        "message-service's log line names the trace {}:\n{}",
+        degraded.trace_id,
+        logs.lines()
+            .filter(|l| l.contains("degraded"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let (code, out) = up.run(&["chaos", "start", "redis"]);
     assert_eq!(code, 0, "{out}");
     drop(up);
@@ -389,4 +451,52 @@ async fn without_an_endpoint_no_service_opens_an_otlp_connection() {
         other => panic!("something connected to the OTLP port: {other:?}"),
     }
     drop(up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_buffered_when_the_mesh_stops_are_exported_on_the_way_out() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base();
+    // Batches leave only every 10 minutes (or at 512 spans): what arrives
+    // before then was flushed at shutdown.
+    let up = Up::start_env(
+        dir.path(),
+        base,
+        &["--no-seed", "--otlp-endpoint", &collector.endpoint()],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled(&up.status()) {
+        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let get = Caller::new();
+    let reply = MessageServiceClient::new(up.channel(2))
+        .get_message(get.request(
+            m2::GetMessageRequest {
+                message_id: "0190d7a4-0000-7000-8000-000000000000".into(),
+            },
+            None,
+        ))
+        .await;
+    assert_eq!(reply.unwrap_err().code(), tonic::Code::NotFound);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        get.spans(&collector.spans()).is_empty(),
+        "nothing is exported before the schedule or the shutdown"
+    );
+    up.stop();
+    let all = collector.spans();
+    let spans = get.spans(&all);
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.service == "message-service" && s.name == "chirp.message.v2.MessageService/GetMessage"),
+        "the GetMessage span was flushed when message-service stopped: {spans:#?}"
+    );
+    assert!(
+        spans.iter().any(|s| s.name == "mongodb get"),
+        "and its store span with it"
+    );
 }

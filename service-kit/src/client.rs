@@ -473,7 +473,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
 
         let path = request.uri().path();
         let method = path.strip_prefix('/').unwrap_or(path).to_owned();
-        let span = if crate::telemetry::exporting() {
+        let span = if crate::telemetry::tracing_here() {
             let (service, rpc) = method.split_once('/').unwrap_or((method.as_str(), ""));
             let span = tracing::info_span!(
                 target: "chirp::peer",

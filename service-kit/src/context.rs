@@ -22,6 +22,10 @@ pub struct RequestContext {
     pub request_id: String,
     /// When the caller stops waiting, from its `grpc-timeout`.
     pub deadline: Option<Instant>,
+    /// Whether this request's trace is recorded (traces exported and the
+    /// request sampled): the spans that exist only for traces are created
+    /// only then.
+    pub sampled: bool,
 }
 
 tokio::task_local! {
@@ -43,13 +47,23 @@ impl RequestContext {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .and_then(|timeout| now.checked_add(timeout));
-        Self { request_id, deadline }
+        Self {
+            request_id,
+            deadline,
+            sampled: false,
+        }
     }
 
     /// Runs `future` with this context visible to [`current`].
     pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
         CONTEXT.scope(self, future).await
     }
+}
+
+/// Whether the RPC being served is traced; `None` outside any RPC.
+#[must_use]
+pub fn sampled() -> Option<bool> {
+    CONTEXT.try_with(|c| c.sampled).ok()
 }
 
 /// The context of the RPC being served, if any.
@@ -157,6 +171,7 @@ mod tests {
         let ctx = RequestContext {
             request_id: "r1".into(),
             deadline: None,
+            sampled: false,
         };
         let seen = ctx.scope(async { current().map(|c| c.request_id) }).await;
         assert_eq!(seen.as_deref(), Some("r1"));

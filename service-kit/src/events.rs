@@ -169,7 +169,7 @@ impl Event {
     /// the request that wrote it.
     #[must_use]
     pub fn apply_span(&self) -> tracing::Span {
-        if !crate::telemetry::exporting() {
+        if !crate::telemetry::tracing_here() {
             return tracing::Span::none();
         }
         let span = tracing::info_span!(

@@ -458,7 +458,7 @@ where
         // The span every log line of the RPC carries; with traces on it is
         // also the server span, continuing the caller's trace. Health checks
         // and reflection (probes every second) are not traced.
-        let span = if method.starts_with("/grpc.") {
+        let span = if method.starts_with("/grpc.") || !crate::telemetry::exporting() {
             tracing::info_span!("rpc", method = %method, request_id = %request_id)
         } else {
             tracing::info_span!(
@@ -475,7 +475,8 @@ where
                 rpc.grpc.status_code = tracing::field::Empty,
             )
         };
-        crate::telemetry::continue_from_headers(&span, request.headers());
+        let mut context = context;
+        context.sampled = crate::telemetry::continue_from_headers(&span, request.headers());
         let metrics = self.metrics.clone();
         let response = {
             let _entered = span.enter();
@@ -516,7 +517,7 @@ where
                         .with_label_values(&[label])
                         .observe(elapsed.as_secs_f64());
                     tracing::debug!(code = ?code, elapsed_us = elapsed.as_micros(), "rpc done");
-                    if crate::telemetry::exporting() {
+                    if crate::context::sampled() == Some(true) {
                         let span = tracing::Span::current();
                         span.record("rpc.grpc.status_code", code as i32);
                         if server_fault(code) {

@@ -198,7 +198,7 @@ pub async fn timed<T, E: std::fmt::Display>(
 ) -> Result<T, E> {
     use tracing::Instrument as _;
 
-    let span = if crate::telemetry::exporting() && !tracing::Span::current().is_none() {
+    let span = if crate::telemetry::tracing_here() && !tracing::Span::current().is_none() {
         tracing::info_span!(
             target: "chirp::store",
             "store",

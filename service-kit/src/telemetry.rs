@@ -245,29 +245,42 @@ impl Extractor for HeaderExtractor<'_> {
 /// Makes `span` continue the trace whose context `headers` carry (a caller's
 /// `traceparent`), if any, and records its ids in the span's `trace_id` and
 /// `span_id` fields for the logs. Does nothing unless [`exporting`].
-pub fn continue_from_headers(span: &Span, headers: &http::HeaderMap) {
+/// Answers whether the span is recorded (sampled); `false` unless
+/// [`exporting`].
+pub fn continue_from_headers(span: &Span, headers: &http::HeaderMap) -> bool {
     if !exporting() {
-        return;
+        return false;
     }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if parent.span().span_context().is_valid() {
         drop(span.set_parent(parent));
     }
-    record_ids(span);
+    record_ids(span)
 }
 
-/// Records `span`'s trace and span ids in its `trace_id`/`span_id` fields.
-pub fn record_ids(span: &Span) {
+/// Records `span`'s trace and span ids in its `trace_id`/`span_id` fields
+/// when it is sampled; answers whether it is.
+pub fn record_ids(span: &Span) -> bool {
     if !exporting() {
-        return;
+        return false;
     }
     let context = span.context();
     let otel = context.span();
     let ids = otel.span_context();
-    if ids.is_valid() {
-        span.record("trace_id", tracing::field::display(ids.trace_id()));
-        span.record("span_id", tracing::field::display(ids.span_id()));
+    if !ids.is_sampled() {
+        return false;
     }
+    span.record("trace_id", tracing::field::display(ids.trace_id()));
+    span.record("span_id", tracing::field::display(ids.span_id()));
+    true
+}
+
+/// Whether work here gets spans of its own: traces are exported, and the
+/// request being served (if any) is sampled. Outside a request (relays,
+/// jobs) the sampler decides at their root span.
+#[must_use]
+pub fn tracing_here() -> bool {
+    exporting() && crate::context::sampled().unwrap_or(true)
 }
 
 /// Writes `span`'s context into outgoing `headers` as `traceparent` (and
@@ -281,11 +294,11 @@ pub fn inject(span: &Span, headers: &mut http::HeaderMap) {
 /// [`exporting`] or not inside a sampled trace.
 #[must_use]
 pub fn current_traceparent() -> Option<String> {
-    if !exporting() {
+    if !tracing_here() {
         return None;
     }
     let context = Span::current().context();
-    if !context.span().span_context().is_valid() {
+    if !context.span().span_context().is_sampled() {
         return None;
     }
     let mut carrier = HashMap::new();

@@ -110,6 +110,7 @@ async fn the_incoming_deadline_and_request_id_travel_to_the_peer() {
     let context = RequestContext {
         request_id: "req-42".into(),
         deadline: Some(Instant::now() + Duration::from_millis(100)),
+        sampled: false,
     };
     context.scope(check(&peer, Idempotency::Idempotent)).await.unwrap();
 
@@ -132,6 +133,7 @@ async fn a_call_whose_caller_has_given_up_is_not_sent() {
     let context = RequestContext {
         request_id: "late".into(),
         deadline: Some(Instant::now()),
+        sampled: false,
     };
     let status = context.scope(check(&peer, Idempotency::Idempotent)).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);

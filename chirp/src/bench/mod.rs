@@ -219,14 +219,13 @@ async fn start_fresh(otlp: Option<(&str, f64)>) -> anyhow::Result<(FreshMesh, Pa
     };
     let log = std::fs::File::create(dir.path().join("up.log"))?;
     let mut up = std::process::Command::new(std::env::current_exe()?);
-    up.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    up.args(["up", "--no-seed"]).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     if let Some((endpoint, ratio)) = otlp {
         up.args(["--otlp-endpoint", endpoint])
             .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
             .env("OTEL_TRACES_SAMPLER_ARG", ratio.to_string());
     }
     let child = up
-        .args(["up", "--no-seed"])
         .arg("--data-dir")
         .arg(dir.path())
         .arg("--port-base")
