@@ -166,8 +166,7 @@ impl Ports {
 /// reach into `/root`.
 #[must_use]
 pub fn data_dir(given: Option<&Path>) -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     given.map_or_else(
         || {
             if root {

@@ -13,6 +13,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use nix::sys::signal::Signal;
+use test_support::process::{self, RunAs};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpStream, UnixListener},
@@ -228,7 +230,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(args.data_dir.join(dir))?;
     }
     let external = External::from_env();
-    if external.postgres.is_none() && postgres_user()?.is_some() {
+    if external.postgres.is_none() && process::postgres_user()?.is_some() {
         reachable_by_others(&args.data_dir)?;
     }
     let bin_dir = std::env::current_exe()?
@@ -408,9 +410,9 @@ impl Supervisor {
         let mut command = match part {
             Part::Postgres => {
                 let dir = data.join("postgres");
-                run_as = postgres_user()?;
+                run_as = process::postgres_user()?;
                 if let Some(user) = run_as {
-                    std::os::unix::fs::chown(&dir, Some(user.0), Some(user.1))?;
+                    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))?;
                 }
                 if !dir.join("cluster").join("PG_VERSION").exists() {
                     let initdb = pg_binary("initdb").context("initdb not found")?;
@@ -612,15 +614,13 @@ impl Supervisor {
             return None;
         };
         let signal = if instance.part == Part::Postgres {
-            libc::SIGINT
+            Signal::SIGINT
         } else {
-            libc::SIGTERM
+            Signal::SIGTERM
         };
-        if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-            // SAFETY: the pid is our own child's, not yet reaped.
-            unsafe {
-                libc::kill(pid, signal);
-            }
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            // Our own child, not reaped yet: the pid is still its.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
         }
         Some(child)
     }
@@ -913,59 +913,16 @@ fn print_banner(args: &UpArgs) {
     );
 }
 
-/// postgres refuses to run as root; when chirp is root, it runs as `postgres`.
-fn postgres_user() -> anyhow::Result<Option<(u32, u32)>> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let name = std::ffi::CString::new("postgres")?;
-    // SAFETY: getpwnam returns null or a pointer to a static record, read at once.
-    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
-    if entry.is_null() {
-        bail!("running as root, and there is no `postgres` user to run PostgreSQL as");
-    }
-    // SAFETY: non-null, points to a valid passwd record.
-    let entry = unsafe { &*entry };
-    Ok(Some((entry.pw_uid, entry.pw_gid)))
-}
-
-fn set_user(command: &mut Command, run_as: Option<(u32, u32)>) {
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some((uid, gid)) = run_as {
-                if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // If chirp dies without stopping its children, they die with it.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+/// Runs `command` as `run_as` (PostgreSQL's user when chirp is root), tied
+/// to chirp: if chirp dies without stopping its children, they get SIGTERM.
+fn set_user(command: &mut Command, run_as: Option<RunAs>) {
+    process::tie(command.as_std_mut(), run_as, Signal::SIGTERM);
 }
 
 fn pg_binary(name: &str) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path().join("bin").join(name))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.retain(|p| p.is_file());
-    found.sort();
-    found.pop().or_else(|| which(name))
+    process::pg_binary(name).ok()
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
+    which::which(name).ok()
 }

@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use nix::{sys::signal::Signal, unistd::Pid};
 
 type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
 
@@ -38,55 +39,61 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnJob>> {
 }
 
 /// The user a command runs as: postgres refuses to run as root.
-#[derive(Clone, Copy)]
-struct RunAs {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+#[derive(Clone, Copy, Debug)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 fn lookup_user(name: &str) -> Option<RunAs> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam returns a pointer into static storage or null; it is
-    // read at once, before any other call could overwrite it.
-    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
-    if entry.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, points to a valid passwd record.
-    let entry = unsafe { &*entry };
+    // getpwnam_r underneath: safe to call while other threads look users up.
+    let user = nix::unistd::User::from_name(name).ok()??;
     Some(RunAs {
-        uid: entry.pw_uid,
-        gid: entry.pw_gid,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
     })
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+#[must_use]
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Who PostgreSQL must run as: nobody else when this process is not root;
+/// the `postgres` user when it is (postgres refuses to run as root).
+///
+/// # Errors
+/// When this process is root and there is no `postgres` user.
+pub fn postgres_user() -> anyhow::Result<Option<RunAs>> {
+    if !is_root() {
+        return Ok(None);
+    }
+    lookup_user("postgres")
+        .map(Some)
+        .context("running as root, and there is no `postgres` user to run PostgreSQL as")
+}
+
+/// Makes `command` run as `run_as` (if given) and receive `death` when this
+/// process dies, so a server started by a test or by `chirp up` never
+/// outlives it.
+pub fn tie(command: &mut Command, run_as: Option<RunAs>, death: Signal) {
+    if let Some(user) = run_as {
+        command.gid(user.gid).uid(user.uid);
+    }
+    // SAFETY: the closure runs between fork and exec and makes one
+    // async-signal-safe call (prctl). std runs it after setuid, which
+    // clears the death signal, so the signal set here stays.
+    unsafe {
+        command.pre_exec(move || nix::sys::prctl::set_pdeathsig(death).map_err(io::Error::from));
+    }
 }
 
 /// Spawns `command` so that it dies with this process.
 fn spawn_tied(mut command: Command, run_as: Option<RunAs>) -> io::Result<Child> {
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(user) = run_as {
-                if libc::setgid(user.gid) != 0 || libc::setuid(user.uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // After setuid, which clears the death signal.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // A group of its own, so a kill reaches the server's workers too
-            // (PostgreSQL's backends outlive a killed postmaster otherwise).
-            if libc::setpgid(0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    tie(&mut command, run_as, Signal::SIGKILL);
+    // A group of its own, so a kill reaches the server's workers too
+    // (PostgreSQL's backends outlive a killed postmaster otherwise).
+    command.process_group(0);
     let (reply_tx, reply_rx) = mpsc::channel();
     spawner()
         .lock()
@@ -132,17 +139,15 @@ fn wait_for_postgres(port: u16, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn signal(child: &Child, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: the pid is our own child's, not yet reaped.
-        unsafe {
-            libc::kill(pid, signal);
-        }
+fn signal(child: &Child, signal: Signal) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // The child is ours and not reaped yet, so the pid is still its.
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
     }
 }
 
 /// Stops a child with `first`, then SIGKILL if it lingers past `grace`.
-fn stop_child(mut child: Child, first: libc::c_int, grace: Duration) {
+fn stop_child(mut child: Child, first: Signal, grace: Duration) {
     signal(&child, first);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
@@ -178,13 +183,10 @@ impl StoreProcess {
     /// When initdb or postgres cannot run.
     pub fn postgres() -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
-        let run_as = if is_root() {
-            let user = lookup_user("postgres").context("postgres refuses root, and no `postgres` user exists")?;
+        let run_as = postgres_user()?;
+        if let Some(user) = run_as {
             std::os::unix::fs::chown(data.path(), Some(user.uid), Some(user.gid))?;
-            Some(user)
-        } else {
-            None
-        };
+        }
         let mut initdb = Command::new(pg_binary("initdb")?);
         initdb
             .args([
@@ -319,8 +321,8 @@ impl StoreProcess {
         if let Some(child) = self.child.take() {
             let first = match self.kind {
                 // SIGINT is PostgreSQL's "fast" shutdown: clients are cut off at once.
-                Kind::Postgres { .. } => libc::SIGINT,
-                Kind::Redis { .. } | Kind::Secantus => libc::SIGTERM,
+                Kind::Postgres { .. } => Signal::SIGINT,
+                Kind::Redis { .. } | Kind::Secantus => Signal::SIGTERM,
             };
             stop_child(child, first, Duration::from_secs(10));
         }
@@ -331,11 +333,9 @@ impl StoreProcess {
     /// Its data stays for [`StoreProcess::start`].
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: the group is our own child's, made at its spawn.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // The group is our own child's, made at its spawn.
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
             let _ = child.wait();
         }
@@ -353,7 +353,7 @@ impl StoreProcess {
 impl Drop for StoreProcess {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
-            stop_child(child, libc::SIGKILL, Duration::from_secs(5));
+            stop_child(child, Signal::SIGKILL, Duration::from_secs(5));
         }
     }
 }
@@ -363,27 +363,54 @@ fn cluster_dir(data: &Path) -> PathBuf {
 }
 
 /// PostgreSQL's server binaries are not on PATH on Debian; find the newest.
-fn pg_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path().join("bin").join(name))
-                .collect()
-        })
-        .unwrap_or_default();
-    versions.retain(|p| p.exists());
-    versions.sort();
-    versions
-        .pop()
-        .or_else(|| which(name))
+/// A PostgreSQL program (`postgres`, `initdb`) of the newest version
+/// installed under `/usr/lib/postgresql/<major>` (by number: 9 < 15 < 17),
+/// else the one on `PATH`.
+///
+/// # Errors
+/// When there is none.
+pub fn pg_binary(name: &str) -> anyhow::Result<PathBuf> {
+    newest_pg_binary(Path::new("/usr/lib/postgresql"), name)
+        .or_else(|| which::which(name).ok())
         .with_context(|| format!("`{name}` not found: install the postgresql package"))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
+/// `root/<major>/bin/<name>` of the highest numbered major version.
+fn newest_pg_binary(root: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((major, e.path().join("bin").join(name)))
+        })
+        .filter(|(_, path)| path.is_file())
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, path)| path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_postgresql_is_chosen_by_number_not_by_text() {
+        let root = tempfile::tempdir().unwrap();
+        for major in ["9", "15", "17", "notes"] {
+            let bin = root.path().join(major).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::write(bin.join("initdb"), "").unwrap();
+        }
+        assert_eq!(
+            newest_pg_binary(root.path(), "initdb"),
+            Some(root.path().join("17").join("bin").join("initdb"))
+        );
+        std::fs::remove_file(root.path().join("17").join("bin").join("initdb")).unwrap();
+        assert_eq!(
+            newest_pg_binary(root.path(), "initdb"),
+            Some(root.path().join("15").join("bin").join("initdb")),
+            "a version without the program does not count"
+        );
+        assert_eq!(newest_pg_binary(root.path(), "pg_ctl"), None);
+    }
 }

@@ -149,10 +149,8 @@ impl Drop for FreshMesh {
     fn drop(&mut self) {
         // SIGINT: `chirp up` stops every part it started.
         if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill has no memory preconditions; the pid is our child's.
-            unsafe {
-                libc::kill(pid, libc::SIGINT);
-            }
+            // Our own child, not reaped yet: the pid is still its.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
         }
         let _ = self.child.wait();
     }

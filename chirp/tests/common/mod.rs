@@ -166,10 +166,7 @@ impl Up {
             .filter_map(|p| p["pid"].as_i64())
             .map(|p| p as i32)
             .collect();
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
+        sigint(&self.child);
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -186,10 +183,7 @@ impl Up {
 impl Drop for Up {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGINT);
-            }
+            sigint(&self.child);
             let _ = self.child.wait();
         }
     }
@@ -217,6 +211,12 @@ pub fn kill9(pid: i32) {
 }
 
 pub fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    // No signal: only asks whether the process exists.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// SIGINT to our own child, as Ctrl-C would send.
+fn sigint(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
 }
