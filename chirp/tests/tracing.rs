@@ -415,6 +415,48 @@ async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Metrics beside the traces: message-service counted the failed calls
+    // to comment-service by method and code, and timed its MongoDB reads.
+    let metrics = scrape(up.base + 12);
+    let has = |name: &str, labels: &[&str]| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
+    };
+    assert!(
+        has(
+            "grpc_client_handled_total",
+            &[
+                "peer=\"comment-service\"",
+                "grpc_method=\"chirp.comment.v1.CommentService/ListComments\"",
+                "grpc_code=\"Unavailable\""
+            ]
+        ),
+        "client RED metrics by peer, method and code"
+    );
+    assert!(has(
+        "grpc_client_handling_seconds_bucket",
+        &[
+            "peer=\"user-service\"",
+            "grpc_method=\"chirp.user.v1.UserService/BatchGetUsers\""
+        ]
+    ));
+    assert!(has(
+        "store_operation_seconds_count",
+        &["store=\"mongodb\"", "operation=\"get\"", "outcome=\"ok\""]
+    ));
+    // analytics-service registers the client metrics too (one start-up
+    // for all), so its circuit to user-service shows in chirp status.
+    let status = up.status();
+    let analytics = status["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["service"] == "analytics-service"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        analytics["circuits"].to_string().contains("user-service"),
+        "analytics-service's circuit to user-service: {analytics}"
+    );
     let (code, out) = up.run(&["chaos", "start", "redis"]);
     assert_eq!(code, 0, "{out}");
     drop(up);
@@ -499,4 +541,16 @@ async fn spans_still_buffered_when_the_mesh_stops_are_exported_on_the_way_out() 
         spans.iter().any(|s| s.name == "mongodb get"),
         "and its store span with it"
     );
+}
+
+/// `GET /metrics` on a service's metrics port.
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("a request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("a reply");
+    text
 }
