@@ -14,10 +14,12 @@
 //! process with `PR_SET_PDEATHSIG`, so a test that panics or is killed does
 //! not leave servers running.
 //!
-//! Shared servers come from the environment, as on the team's machines and
-//! in CI: `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
-//! `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), `MONGODB_URI` (when
-//! unset, each test gets a private `secantusd-rs`).
+//! Shared servers come from the environment: `TEST_POSTGRES_URL`,
+//! `TEST_REDIS_URL`; unset, the servers on their standard ports of this
+//! machine (as on the team's machines and in CI), and when nothing listens
+//! there, a private server started once per test process (so `make test`
+//! needs nothing set up beforehand). `MONGODB_URI` likewise; when unset,
+//! each test gets a private `secantusd-rs`.
 
 use std::net::TcpListener;
 

@@ -2,8 +2,6 @@
 
 use sqlx::{Connection, Executor, PgConnection};
 
-const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 /// A database of the test's own on a server (the shared one by default).
 pub struct TestDatabase {
     admin_url: String,
@@ -12,12 +10,17 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates `chirp_test_<uuid>` on the server at `TEST_POSTGRES_URL`.
+    /// Creates `chirp_test_<uuid>` on the shared server: `TEST_POSTGRES_URL`,
+    /// else the one on 127.0.0.1:5432, else a private one for this test
+    /// process ([`crate::process::StoreProcess::shared_url`]).
     ///
     /// # Errors
     /// When the server cannot be reached.
     pub async fn create() -> anyhow::Result<Self> {
-        let admin = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
+        let admin = tokio::task::spawn_blocking(|| {
+            crate::process::StoreProcess::shared_url(crate::process::SharedKind::Postgres)
+        })
+        .await?;
         Self::create_on(&admin).await
     }
 

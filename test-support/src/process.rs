@@ -160,6 +160,36 @@ fn stop_child(mut child: Child, first: Signal, grace: Duration) {
     let _ = child.wait();
 }
 
+/// A kind of server tests share (see [`StoreProcess::shared_url`]).
+#[derive(Clone, Copy, Debug)]
+pub enum SharedKind {
+    Postgres,
+    Redis,
+}
+
+/// Data directories of private shared servers start with this and the pid
+/// of the test process that owns them: a server lives as long as its test
+/// process (it gets SIGKILL when that dies), and its directory is removed by
+/// the next test process that starts one.
+const PRIVATE_PREFIX: &str = "chirp-test-shared-";
+
+fn sweep_private_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PRIVATE_PREFIX)) else {
+            continue;
+        };
+        let owner = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = owner.is_some_and(|pid| nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Which server, and how to start it.
 enum Kind {
     Postgres { run_as: Option<RunAs> },
@@ -182,7 +212,10 @@ impl StoreProcess {
     /// # Errors
     /// When initdb or postgres cannot run.
     pub fn postgres() -> anyhow::Result<Self> {
-        let data = tempfile::tempdir()?;
+        Self::postgres_in(tempfile::tempdir()?)
+    }
+
+    fn postgres_in(data: tempfile::TempDir) -> anyhow::Result<Self> {
         let run_as = postgres_user()?;
         if let Some(user) = run_as {
             std::os::unix::fs::chown(data.path(), Some(user.uid), Some(user.gid))?;
@@ -212,6 +245,51 @@ impl StoreProcess {
     /// When redis-server cannot run.
     pub fn redis(append_only: bool) -> anyhow::Result<Self> {
         Self::start_new(Kind::Redis { append_only }, tempfile::tempdir()?)
+    }
+
+    /// The URL of the shared server of a kind: `env` when set; else the
+    /// server on `default_port` of this machine when one listens (as on the
+    /// team's machines and in CI); else a private server started once for
+    /// this test process and shared by its tests, so the suite needs no
+    /// server set up beforehand.
+    ///
+    /// # Panics
+    /// When no server is given or listening and a private one cannot start.
+    #[must_use]
+    pub fn shared_url(kind: SharedKind) -> String {
+        static POSTGRES: OnceLock<StoreProcess> = OnceLock::new();
+        static REDIS: OnceLock<StoreProcess> = OnceLock::new();
+        let (env, default_url, port, slot) = match kind {
+            SharedKind::Postgres => (
+                "TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                5432,
+                &POSTGRES,
+            ),
+            SharedKind::Redis => ("TEST_REDIS_URL", "redis://127.0.0.1:6379", 6379, &REDIS),
+        };
+        if let Ok(url) = std::env::var(env) {
+            return url;
+        }
+        let listening = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300)).is_ok();
+        if listening {
+            return default_url.to_owned();
+        }
+        slot.get_or_init(|| {
+            sweep_private_dirs();
+            let data = tempfile::Builder::new()
+                .prefix(&format!("{PRIVATE_PREFIX}{}-", std::process::id()))
+                .tempdir()
+                .expect("a temporary directory");
+            let started = match kind {
+                SharedKind::Postgres => Self::postgres_in(data),
+                SharedKind::Redis => Self::start_new(Kind::Redis { append_only: false }, data),
+            };
+            started.unwrap_or_else(|e| {
+                panic!("no {env} given, nothing on port {port}, and a private server failed: {e:#}")
+            })
+        })
+        .url()
     }
 
     /// A private `secantusd-rs` (MongoDB wire protocol, single-node replica set).

@@ -1,18 +1,19 @@
 //! A Redis key prefix per test; its keys are deleted afterwards.
 
-const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
-
 pub struct KeyPrefix {
     url: String,
     prefix: String,
 }
 
 impl KeyPrefix {
-    /// A prefix `test:<uuid>:` on the server at `TEST_REDIS_URL`.
+    /// A prefix `test:<uuid>:` on the shared server: `TEST_REDIS_URL`, else
+    /// the one on 127.0.0.1:6379, else a private one for this test process
+    /// ([`crate::process::StoreProcess::shared_url`]).
     #[must_use]
     pub fn new() -> Self {
-        let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-        Self::on(&url)
+        Self::on(&crate::process::StoreProcess::shared_url(
+            crate::process::SharedKind::Redis,
+        ))
     }
 
     /// A prefix on the server at `url`.

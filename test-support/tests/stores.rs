@@ -37,8 +37,9 @@ mod postgres {
 
     #[tokio::test]
     async fn each_test_database_is_fresh_and_dropped_afterwards() {
-        let admin = "postgres://postgres@127.0.0.1:5432/postgres";
         let a = TestDatabase::create().await.unwrap();
+        let shared = test_support::process::StoreProcess::shared_url(test_support::process::SharedKind::Postgres);
+        let admin = shared.as_str();
         let b = TestDatabase::create().await.unwrap();
         assert_ne!(a.url(), b.url());
         let name = a.url().rsplit('/').next().unwrap().to_owned();
