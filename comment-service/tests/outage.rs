@@ -114,8 +114,9 @@ async fn no_acknowledged_comment_is_lost_when_redis_is_killed_mid_stream() {
     let app = TestApp::spawn(&backing).await;
     let (author, token) = backing.user(Role::User);
     let message = backing.message(&author);
+    let counts = test_support::WriteCounts::default();
     let writer = {
-        let (mut client, message, token) = (app.client(), message.clone(), token.clone());
+        let (mut client, message, token, counts) = (app.client(), message.clone(), token.clone(), counts.clone());
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0..400 {
@@ -126,7 +127,9 @@ async fn no_acknowledged_comment_is_lost_when_redis_is_killed_mid_stream() {
                     },
                     &token,
                 );
-                if client.add_comment(request).await.is_ok() {
+                let acked = client.add_comment(request).await.is_ok();
+                counts.record(acked);
+                if acked {
                     acknowledged.push(format!("comment {i}"));
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -134,9 +137,11 @@ async fn no_acknowledged_comment_is_lost_when_redis_is_killed_mid_stream() {
             acknowledged
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed mid-stream: once writes flow, and started again once the
+    // writer has seen them fail.
+    counts.until_acknowledged(20).await;
     backing.redis().kill();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    counts.until_failed(1).await;
     backing.redis().start().unwrap();
     let acknowledged = writer.await.unwrap();
     app.wait_for(ServingStatus::Serving).await;

@@ -75,8 +75,9 @@ async fn no_acknowledged_post_is_lost_when_mongodb_is_killed_mid_stream() {
     })
     .await;
     let (_, token) = app.user("alice", Role::User);
+    let counts = test_support::WriteCounts::default();
     let writer = {
-        let (mut client, token) = (app.v1(), token.clone());
+        let (mut client, token, counts) = (app.v1(), token.clone(), counts.clone());
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0..300 {
@@ -86,7 +87,9 @@ async fn no_acknowledged_post_is_lost_when_mongodb_is_killed_mid_stream() {
                     },
                     &token,
                 );
-                if let Ok(reply) = client.post_message(request).await {
+                let result = client.post_message(request).await;
+                counts.record(result.is_ok());
+                if let Ok(reply) = result {
                     acknowledged.push(reply.into_inner().message.unwrap().id);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -94,9 +97,11 @@ async fn no_acknowledged_post_is_lost_when_mongodb_is_killed_mid_stream() {
             acknowledged
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed mid-stream: once writes flow, and started again once the
+    // writer has seen them fail.
+    counts.until_acknowledged(20).await;
     app.mongo_server().kill();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    counts.until_failed(1).await;
     app.mongo_server().start().unwrap();
     let acknowledged = writer.await.unwrap();
     app.wait_for(ServingStatus::Serving).await;

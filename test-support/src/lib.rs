@@ -62,3 +62,47 @@ where
     });
     let _ = handle.join();
 }
+
+/// What a background writer in a test has seen so far, so the test can wait
+/// for a state ("writes are flowing", "writes fail") instead of sleeping a
+/// fixed time that a loaded machine may not honour.
+#[derive(Clone, Debug, Default)]
+pub struct WriteCounts {
+    acknowledged: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl WriteCounts {
+    /// Counts one write's outcome.
+    pub fn record(&self, acknowledged: bool) {
+        let counter = if acknowledged { &self.acknowledged } else { &self.failed };
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until `n` writes were acknowledged.
+    ///
+    /// # Panics
+    /// After 30 s.
+    pub async fn until_acknowledged(&self, n: usize) {
+        Self::until(&self.acknowledged, n, "acknowledged").await;
+    }
+
+    /// Waits until `n` writes failed.
+    ///
+    /// # Panics
+    /// After 30 s.
+    pub async fn until_failed(&self, n: usize) {
+        Self::until(&self.failed, n, "failed").await;
+    }
+
+    async fn until(counter: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {n} writes {what} within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}

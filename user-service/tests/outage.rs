@@ -106,8 +106,15 @@ async fn shutdown_turns_health_not_serving_before_the_server_stops() {
         }
     };
     let stopping = tokio::spawn(app.stop());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(check("").await.unwrap(), ServingStatus::NotServing);
+    // Still answering (for the 1 s delay), and NOT_SERVING as soon as the
+    // stop begins: polled, not slept, so a slow machine cannot flake it.
+    let asked = std::time::Instant::now();
+    let mut overall = check("").await.unwrap();
+    while overall != ServingStatus::NotServing && asked.elapsed() < Duration::from_millis(900) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        overall = check("").await.unwrap();
+    }
+    assert_eq!(overall, ServingStatus::NotServing);
     assert_eq!(check(SERVICE).await.unwrap(), ServingStatus::NotServing);
     stopping.await.unwrap().expect("run returns Ok after draining");
 }
@@ -119,8 +126,9 @@ async fn no_acknowledged_registration_is_lost_when_postgresql_is_killed_mid_stre
     let url = database.url().to_owned();
     let app = TestApp::spawn_on(&url, None, &[]).await;
     app.wait_for(ServingStatus::Serving).await;
+    let counts = test_support::WriteCounts::default();
     let writer = {
-        let mut client = app.client();
+        let (mut client, counts) = (app.client(), counts.clone());
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0..300 {
@@ -129,7 +137,9 @@ async fn no_acknowledged_registration_is_lost_when_postgresql_is_killed_mid_stre
                     password: common::PASSWORD.into(),
                     display_name: String::new(),
                 };
-                if let Ok(reply) = client.register(request).await {
+                let result = client.register(request).await;
+                counts.record(result.is_ok());
+                if let Ok(reply) = result {
                     acknowledged.push(reply.into_inner().user.unwrap().id);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -137,10 +147,12 @@ async fn no_acknowledged_registration_is_lost_when_postgresql_is_killed_mid_stre
             acknowledged
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed mid-stream: once writes flow, and started again once the
+    // writer has seen them fail.
+    counts.until_acknowledged(20).await;
     assert!(!writer.is_finished(), "the kill comes in the middle of the writes");
     postgres.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    counts.until_failed(1).await;
     postgres.start().expect("PostgreSQL starts again after the kill");
     let acknowledged = writer.await.unwrap();
     app.wait_for(ServingStatus::Serving).await;
