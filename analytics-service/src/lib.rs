@@ -64,6 +64,6 @@ pub async fn run(
         grpc::AnalyticsServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     service
-        .serve(&config.common, None, routes, listener, metrics_listener, shutdown)
+        .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await
 }

@@ -85,6 +85,37 @@ fn links_to(span: &Span, trace_id: &str) -> bool {
     span.links.iter().any(|(trace, _)| trace == trace_id)
 }
 
+/// `chirp up` with `args`, its exporters sending every `schedule_delay_ms`,
+/// once every service is SERVING with empty outboxes (up to 60 s).
+fn settled_mesh(dir: &std::path::Path, args: &[&str], schedule_delay_ms: &str) -> Up {
+    let up = Up::start_env(
+        dir,
+        free_port_base(),
+        args,
+        &[("OTEL_BSP_SCHEDULE_DELAY", schedule_delay_ms)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled(&up.status()) {
+        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    up
+}
+
+/// A GetMessage of a message that does not exist (a mesh without seed
+/// data): NOT_FOUND, after message-service's MongoDB read.
+async fn get_missing_message(up: &Up, caller: &Caller) {
+    let reply = MessageServiceClient::new(up.channel(2))
+        .get_message(caller.request(
+            m2::GetMessageRequest {
+                message_id: "0190d7a4-0000-7000-8000-000000000000".into(),
+            },
+            None,
+        ))
+        .await;
+    assert_eq!(reply.unwrap_err().code(), tonic::Code::NotFound);
+}
+
 /// The session token and user id of a login.
 async fn login(channel: &Channel, username: &str, password: &str) -> (String, String) {
     let reply = UserServiceClient::new(channel.clone())
@@ -102,18 +133,7 @@ async fn login(channel: &Channel, username: &str, password: &str) -> (String, St
 async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures_show_in_them() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let base = free_port_base();
-    let up = Up::start_env(
-        dir.path(),
-        base,
-        &["--otlp-endpoint", &collector.endpoint()],
-        &[("OTEL_BSP_SCHEDULE_DELAY", "200")],
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !settled(&up.status()) {
-        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let up = settled_mesh(dir.path(), &["--otlp-endpoint", &collector.endpoint()], "200");
     let users = up.channel(1);
     let messages = up.channel(2);
     let comments = up.channel(3);
@@ -469,23 +489,9 @@ async fn without_an_endpoint_no_service_opens_an_otlp_connection() {
         std::net::TcpListener::bind("127.0.0.1:4317").expect("the OTLP default port 4317 is free for this test");
     default_port.set_nonblocking(true).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let base = free_port_base();
-    let up = Up::start_env(dir.path(), base, &["--no-seed"], &[("OTEL_BSP_SCHEDULE_DELAY", "200")]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !settled(&up.status()) {
-        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // A request that would be traced through three services.
-    let reply = MessageServiceClient::new(up.channel(2))
-        .get_message(Caller::new().request(
-            m2::GetMessageRequest {
-                message_id: "0190d7a4-0000-7000-8000-000000000000".into(),
-            },
-            None,
-        ))
-        .await;
-    assert_eq!(reply.unwrap_err().code(), tonic::Code::NotFound);
+    let up = settled_mesh(dir.path(), &["--no-seed"], "200");
+    // A request that would be traced.
+    get_missing_message(&up, &Caller::new()).await;
     // Several export intervals.
     tokio::time::sleep(Duration::from_secs(2)).await;
     match default_port.accept() {
@@ -499,30 +505,15 @@ async fn without_an_endpoint_no_service_opens_an_otlp_connection() {
 async fn spans_still_buffered_when_the_mesh_stops_are_exported_on_the_way_out() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let base = free_port_base();
     // Batches leave only every 10 minutes (or at 512 spans): what arrives
     // before then was flushed at shutdown.
-    let up = Up::start_env(
+    let up = settled_mesh(
         dir.path(),
-        base,
         &["--no-seed", "--otlp-endpoint", &collector.endpoint()],
-        &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
+        "600000",
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !settled(&up.status()) {
-        assert!(Instant::now() < deadline, "the mesh did not settle:\n{}", up.tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let get = Caller::new();
-    let reply = MessageServiceClient::new(up.channel(2))
-        .get_message(get.request(
-            m2::GetMessageRequest {
-                message_id: "0190d7a4-0000-7000-8000-000000000000".into(),
-            },
-            None,
-        ))
-        .await;
-    assert_eq!(reply.unwrap_err().code(), tonic::Code::NotFound);
+    get_missing_message(&up, &get).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         get.spans(&collector.spans()).is_empty(),

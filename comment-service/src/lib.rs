@@ -86,14 +86,8 @@ pub async fn run(
     let routes = tonic::service::Routes::new(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    service.operator_routes(&config.ingest_token);
     service
-        .serve(
-            &config.common,
-            Some(&config.ingest_token),
-            routes,
-            listener,
-            metrics_listener,
-            shutdown,
-        )
+        .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await
 }

@@ -108,14 +108,8 @@ pub async fn run(
     .add_service(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    service.operator_routes(&config.ingest_token);
     service
-        .serve(
-            &config.common,
-            Some(&config.ingest_token),
-            routes,
-            listener,
-            metrics_listener,
-            shutdown,
-        )
+        .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await
 }

@@ -89,6 +89,8 @@ pub struct Service {
     health: Health,
     status: StoreStatus,
     relays: Relays,
+    /// Opens the outbox operator routes on the metrics port.
+    ingest_token: Option<String>,
     /// Handles whose drop would stop something (workers, syncs, monitor).
     kept: Vec<Box<dyn Any + Send>>,
 }
@@ -112,6 +114,7 @@ impl Service {
             health: Health::new(),
             status,
             relays,
+            ingest_token: None,
             kept: Vec::new(),
         })
     }
@@ -131,6 +134,12 @@ impl Service {
     /// Delivers `outbox` to `destination` in the background.
     pub fn relay<O: Outbox, D: Destination>(&mut self, name: &'static str, outbox: O, destination: D) {
         self.relays.spawn(RelayConfig::new(name), outbox, destination);
+    }
+
+    /// Serves the outbox operator routes (dead letters, retry) on the
+    /// metrics port to callers presenting `ingest_token`.
+    pub fn operator_routes(&mut self, ingest_token: &str) {
+        self.ingest_token = Some(ingest_token.to_owned());
     }
 
     /// Runs `jobs` in the background (see [`crate::jobs`]); the gauge
@@ -175,8 +184,8 @@ impl Service {
         Ok(())
     }
 
-    /// Serves `routes` on `listener`, `/metrics` (and, given the ingest
-    /// token, the outbox operator routes) on `metrics_listener`, until
+    /// Serves `routes` on `listener`, `/metrics` (and the outbox operator
+    /// routes, see [`Self::operator_routes`]) on `metrics_listener`, until
     /// `shutdown` resolves; see [`crate::server::serve`].
     ///
     /// # Errors
@@ -184,7 +193,6 @@ impl Service {
     pub async fn serve(
         self,
         common: &CommonArgs,
-        ingest_token: Option<&str>,
         routes: tonic::service::Routes,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
@@ -192,7 +200,7 @@ impl Service {
     ) -> anyhow::Result<()> {
         let mut options = ServeOptions::new(self.name, self.apis, common);
         let relays = Arc::new(self.relays);
-        if let Some(token) = ingest_token {
+        if let Some(token) = &self.ingest_token {
             options = options.with_operator_routes(crate::relay::operator_routes(relays.clone(), token));
         }
         let _running = (relays, self.kept);

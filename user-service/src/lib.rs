@@ -130,14 +130,8 @@ pub async fn run(
         UserServiceServer::new(UserApi::new(users, limits, config.ingest_token.clone()))
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    service.operator_routes(&config.ingest_token);
     service
-        .serve(
-            &config.common,
-            Some(&config.ingest_token),
-            routes,
-            listener,
-            metrics_listener,
-            shutdown,
-        )
+        .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await
 }
