@@ -2,13 +2,15 @@
 //! SQLite file that no other service touches. Producers deliver events from
 //! their outboxes; each event id is applied once, whatever the deliveries.
 //!
-//! Layout: [`domain`] (requests and answers), [`store`] (the only sqlx code,
-//! and why there is one writer), [`grpc`] (the edge).
+//! Layout: [`domain`] (requests and answers, parsed), [`store`] (the only
+//! sqlx code, and why there is one writer), [`service`] (the rules),
+//! [`grpc`] (the edge).
 
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod service;
 pub mod store;
 
 use std::{future::Future, sync::Arc};
@@ -59,7 +61,8 @@ pub async fn run(
         }),
     )?;
 
-    let api = grpc::AnalyticsApi::new(store, verifier, revocations, config.ingest_token.clone());
+    let analytics = Arc::new(service::Analytics::new(store, revocations));
+    let api = grpc::AnalyticsApi::new(analytics, verifier, config.ingest_token.clone());
     let routes = tonic::service::Routes::new(
         grpc::AnalyticsServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );

@@ -3,11 +3,62 @@
 
 use chrono::{DateTime, Duration, Utc};
 use service_kit::validate::{violation, FieldViolation};
+use uuid::Uuid;
 
 pub use service_kit::events::{Event, Payload};
 
 /// A batch for RecordEvents: 1 to 500 events.
 pub const MAX_BATCH: usize = 500;
+
+/// The id of a user whose numbers are asked for (a UUID; analytics keeps
+/// numbers, not accounts, so any well-formed id has an answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UserId(Uuid);
+
+/// The id of a message whose numbers are asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MessageId(Uuid);
+
+macro_rules! parse_id {
+    ($name:ident) => {
+        impl $name {
+            /// # Errors
+            /// A violation of `field` when `raw` is not a UUID.
+            pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
+                service_kit::validate::uuid(field, raw).map(Self)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+parse_id!(UserId);
+parse_id!(MessageId);
+
+/// How many messages TopMessages ranks: 1 to 100, 10 when not said (0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopLimit(u32);
+
+impl TopLimit {
+    /// # Errors
+    /// A violation of `limit` outside 0 to 100.
+    pub fn parse(raw: i32) -> Result<Self, FieldViolation> {
+        match u32::try_from(raw) {
+            Ok(0) => Ok(Self(10)),
+            Ok(n) if n <= 100 => Ok(Self(n)),
+            _ => Err(violation("limit", "must be between 0 (default 10) and 100")),
+        }
+    }
+
+    #[must_use]
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
 
 /// A time window `[start, end)`, at most a year long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +113,38 @@ impl Granularity {
 /// Most buckets one histogram may have.
 pub const MAX_BUCKETS: i64 = 2_000;
 
+/// A histogram asked for: a window cut into buckets of one granularity, at
+/// most [`MAX_BUCKETS`] of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistogramRequest {
+    window: Window,
+    granularity: Granularity,
+}
+
+impl HistogramRequest {
+    /// # Errors
+    /// A violation of `granularity` when the window needs too many buckets.
+    pub fn parse(window: Window, granularity: Granularity) -> Result<Self, FieldViolation> {
+        if (window.end - window.start).num_minutes() / granularity.minutes() > MAX_BUCKETS {
+            return Err(violation(
+                "granularity",
+                format!("the window would need over {MAX_BUCKETS} buckets"),
+            ));
+        }
+        Ok(Self { window, granularity })
+    }
+
+    #[must_use]
+    pub fn window(self) -> Window {
+        self.window
+    }
+
+    #[must_use]
+    pub fn granularity(self) -> Granularity {
+        self.granularity
+    }
+}
+
 /// Counts of one user.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UserStats {
@@ -88,4 +171,44 @@ pub struct Bucket {
     pub comments_added: i64,
     pub users_registered: i64,
     pub follows: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_top_limit_defaults_to_ten_and_stays_within_a_hundred() {
+        assert_eq!(TopLimit::parse(0).map(TopLimit::get), Ok(10));
+        assert_eq!(TopLimit::parse(100).map(TopLimit::get), Ok(100));
+        assert_eq!(TopLimit::parse(101).unwrap_err().field, "limit");
+        assert_eq!(TopLimit::parse(-1).unwrap_err().field, "limit");
+    }
+
+    #[test]
+    fn a_histogram_may_not_need_more_than_the_bucket_bound() {
+        let start = DateTime::<Utc>::from_timestamp(0, 0).unwrap();
+        let day = Window::parse(Some(start), Some(start + Duration::days(1))).unwrap();
+        assert!(
+            HistogramRequest::parse(day, Granularity::Minute).is_ok(),
+            "1,440 buckets"
+        );
+        let week = Window::parse(Some(start), Some(start + Duration::days(7))).unwrap();
+        assert_eq!(
+            HistogramRequest::parse(week, Granularity::Minute).unwrap_err().field,
+            "granularity",
+            "10,080 buckets"
+        );
+        assert!(HistogramRequest::parse(week, Granularity::Hour).is_ok());
+    }
+
+    #[test]
+    fn ids_are_uuids_named_by_their_field() {
+        assert_eq!(UserId::parse("user_id", "nope").unwrap_err().field, "user_id");
+        let id = Uuid::new_v4();
+        assert_eq!(
+            MessageId::parse("message_id", &id.to_string()).unwrap().to_string(),
+            id.to_string()
+        );
+    }
 }

@@ -13,9 +13,9 @@ use service_kit::{
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
 use crate::{
-    domain::{Event, Granularity, Window, MAX_BATCH, MAX_BUCKETS},
+    domain::{Event, Granularity, HistogramRequest, MessageId, TopLimit, UserId, Window, MAX_BATCH},
     error::Error,
-    store::Store,
+    service::Analytics,
 };
 
 /// Largest request analytics-service accepts: a RecordEvents batch of
@@ -27,24 +27,17 @@ pub use pb::analytics_service_server::{AnalyticsServiceServer, SERVICE_NAME};
 pub use service_kit::relay::INGEST_TOKEN_HEADER;
 
 pub struct AnalyticsApi {
-    store: Store,
+    analytics: Arc<Analytics>,
     verifier: Arc<TokenVerifier>,
-    revocations: Arc<service_kit::revocation::Revocations>,
     ingest_token: String,
 }
 
 impl AnalyticsApi {
     #[must_use]
-    pub fn new(
-        store: Store,
-        verifier: Arc<TokenVerifier>,
-        revocations: Arc<service_kit::revocation::Revocations>,
-        ingest_token: String,
-    ) -> Self {
+    pub fn new(analytics: Arc<Analytics>, verifier: Arc<TokenVerifier>, ingest_token: String) -> Self {
         Self {
-            store,
+            analytics,
             verifier,
-            revocations,
             ingest_token,
         }
     }
@@ -93,22 +86,7 @@ impl AnalyticsService for AnalyticsApi {
         self.check_ingest_token(request.metadata())?;
         let batch = Batch::parse(&request.get_ref().events, MAX_BATCH, None).map_err(Error::from)?;
         let events: Vec<Event> = batch.events().cloned().collect();
-        let stored = self.store.record(&events).await?;
-        // Stored: take effect on this replica at once, before the next sync.
-        for event in &events {
-            if let service_kit::events::Payload::TokensRevoked {
-                user_id,
-                issued_before,
-                reason,
-            } = &event.payload
-            {
-                self.revocations.note(service_kit::revocation::Revocation {
-                    user_id: *user_id,
-                    issued_before: *issued_before,
-                    reason: *reason,
-                });
-            }
-        }
+        let stored = self.analytics.record(&events).await?;
         let (accepted_count, duplicate_count) = service_kit::events::tally(&stored);
         Ok(Response::new(pb::RecordEventsResponse {
             accepted_count,
@@ -118,9 +96,9 @@ impl AnalyticsService for AnalyticsApi {
     }
 
     async fn get_user_stats(&self, request: Request<pb::GetUserStatsRequest>) -> Reply<pb::GetUserStatsResponse> {
-        self.caller(request.metadata()).await?;
-        let user = service_kit::validate::uuid("user_id", &request.get_ref().user_id).map_err(Error::from)?;
-        let stats = self.store.user_stats(&user.to_string()).await?;
+        let caller = self.caller(request.metadata()).await?;
+        let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let stats = self.analytics.user_stats(&caller, user).await?;
         Ok(Response::new(pb::GetUserStatsResponse {
             user_id: user.to_string(),
             message_count: stats.messages,
@@ -135,9 +113,9 @@ impl AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::GetMessageStatsRequest>,
     ) -> Reply<pb::GetMessageStatsResponse> {
-        self.caller(request.metadata()).await?;
-        let message = service_kit::validate::uuid("message_id", &request.get_ref().message_id).map_err(Error::from)?;
-        let stats = self.store.message_stats(&message.to_string()).await?;
+        let caller = self.caller(request.metadata()).await?;
+        let message = MessageId::parse("message_id", &request.get_ref().message_id).map_err(Error::from)?;
+        let stats = self.analytics.message_stats(&caller, message).await?;
         Ok(Response::new(pb::GetMessageStatsResponse {
             message_id: message.to_string(),
             author_id: stats.author_id.unwrap_or_default(),
@@ -147,14 +125,10 @@ impl AnalyticsService for AnalyticsApi {
     }
 
     async fn top_messages(&self, request: Request<pb::TopMessagesRequest>) -> Reply<pb::TopMessagesResponse> {
-        self.caller(request.metadata()).await?;
+        let caller = self.caller(request.metadata()).await?;
         let r = request.get_ref();
         let window = window(r.start_time.as_ref(), r.end_time.as_ref());
-        let limit = match u32::try_from(r.limit) {
-            Ok(0) => Ok(10),
-            Ok(n) if n <= 100 => Ok(n),
-            _ => Err(violation("limit", "must be between 0 (default 10) and 100")),
-        };
+        let limit = TopLimit::parse(r.limit);
         let (window, limit) = match (window, limit) {
             (Ok(w), Ok(l)) => (w, l),
             (w, l) => {
@@ -168,7 +142,7 @@ impl AnalyticsService for AnalyticsApi {
                 return Err(Error::InvalidArgument(all).into());
             }
         };
-        let top = self.store.top_messages(window, limit).await?;
+        let top = self.analytics.top_messages(&caller, window, limit).await?;
         Ok(Response::new(pb::TopMessagesResponse {
             messages: top
                 .into_iter()
@@ -185,9 +159,7 @@ impl AnalyticsService for AnalyticsApi {
         request: Request<pb::GetActivityHistogramRequest>,
     ) -> Reply<pb::GetActivityHistogramResponse> {
         let caller = self.caller(request.metadata()).await?;
-        if !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only moderators and admins may read activity").into());
-        }
+        Analytics::may_read_activity(&caller)?;
         let r = request.get_ref();
         let window = window(r.start_time.as_ref(), r.end_time.as_ref())?;
         let granularity = match pb::Granularity::try_from(r.granularity) {
@@ -196,14 +168,8 @@ impl AnalyticsService for AnalyticsApi {
             Ok(pb::Granularity::Day) => Granularity::Day,
             _ => return Err(Error::from(violation("granularity", "must be MINUTE, HOUR or DAY")).into()),
         };
-        if (window.end - window.start).num_minutes() / granularity.minutes() > MAX_BUCKETS {
-            return Err(Error::from(violation(
-                "granularity",
-                format!("the window would need over {MAX_BUCKETS} buckets"),
-            ))
-            .into());
-        }
-        let buckets = self.store.histogram(window, granularity).await?;
+        let histogram = HistogramRequest::parse(window, granularity).map_err(Error::from)?;
+        let buckets = self.analytics.activity(&caller, histogram).await?;
         Ok(Response::new(pb::GetActivityHistogramResponse {
             buckets: buckets
                 .into_iter()

@@ -36,7 +36,7 @@ use sqlx::{
 use tracing::Instrument as _;
 
 use crate::{
-    domain::{Bucket, Event, Granularity, MessageStats, Payload, UserStats, Window},
+    domain::{Bucket, Event, Granularity, MessageId, MessageStats, Payload, UserId, UserStats, Window},
     error::{Error, Result},
 };
 
@@ -213,13 +213,13 @@ impl Store {
         .await
     }
 
-    pub async fn user_stats(&self, user: &str) -> Result<UserStats> {
+    pub async fn user_stats(&self, user: UserId) -> Result<UserStats> {
         service_kit::store::timed("sqlite", "user_stats", async move {
             let row = sqlx::query(
                 "SELECT message_count, comment_count, follower_count, following_count, comments_received_count
              FROM user_stats WHERE user_id = ?",
             )
-            .bind(user)
+            .bind(user.to_string())
             .fetch_optional(&mut *self.reader().await?)
             .await
             .map_err(classify)?;
@@ -237,10 +237,10 @@ impl Store {
         .await
     }
 
-    pub async fn message_stats(&self, message: &str) -> Result<MessageStats> {
+    pub async fn message_stats(&self, message: MessageId) -> Result<MessageStats> {
         service_kit::store::timed("sqlite", "message_stats", async move {
             let row = sqlx::query("SELECT author_id, comment_count, deleted FROM message_stats WHERE message_id = ?")
-                .bind(message)
+                .bind(message.to_string())
                 .fetch_optional(&mut *self.reader().await?)
                 .await
                 .map_err(classify)?;
