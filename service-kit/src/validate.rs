@@ -21,46 +21,64 @@ impl fmt::Display for FieldViolation {
     }
 }
 
-/// Collects the violations of one request.
-#[derive(Debug, Default)]
-pub struct Violations(Vec<FieldViolation>);
+/// What a field's parser gives when it fails: one violation or several.
+pub trait IntoViolations {
+    fn into_violations(self) -> Vec<FieldViolation>;
+}
 
-impl Violations {
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        });
-    }
-
-    /// Keeps the value if it parsed, records the violation otherwise.
-    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
-        match result {
-            Ok(value) => Some(value),
-            Err(violation) => {
-                self.0.push(violation);
-                None
-            }
-        }
-    }
-
-    /// `Ok` when nothing was recorded.
-    ///
-    /// # Errors
-    /// The recorded violations.
-    pub fn finish(self) -> Result<(), Vec<FieldViolation>> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(self.0)
-        }
+impl IntoViolations for FieldViolation {
+    fn into_violations(self) -> Vec<FieldViolation> {
+        vec![self]
     }
 }
+
+impl IntoViolations for Vec<FieldViolation> {
+    fn into_violations(self) -> Vec<FieldViolation> {
+        self
+    }
+}
+
+/// The fields of one request, each parsed on its own: [`AllFields::all`]
+/// gives every parsed value, or every violation among them, so a caller
+/// learns all that is wrong at once and no code path holds "some fields
+/// parsed" (`(Username::parse(..), Password::parse(..)).all()?`).
+pub trait AllFields {
+    type Parsed;
+
+    /// # Errors
+    /// The violations of every field that did not parse.
+    fn all(self) -> Result<Self::Parsed, Vec<FieldViolation>>;
+}
+
+macro_rules! all_fields {
+    ($(($($value:ident $error:ident $field:ident),+)),+ $(,)?) => {$(
+        impl<$($value, $error: IntoViolations),+> AllFields for ($(Result<$value, $error>,)+) {
+            type Parsed = ($($value,)+);
+
+            fn all(self) -> Result<Self::Parsed, Vec<FieldViolation>> {
+                let ($($field,)+) = self;
+                match ($($field,)+) {
+                    ($(Ok($field),)+) => Ok(($($field,)+)),
+                    ($($field,)+) => {
+                        let mut violations = Vec::new();
+                        $(
+                            if let Err(error) = $field {
+                                violations.extend(error.into_violations());
+                            }
+                        )+
+                        Err(violations)
+                    }
+                }
+            }
+        }
+    )+};
+}
+
+all_fields!(
+    (A EA a, B EB b),
+    (A EA a, B EB b, C EC c),
+    (A EA a, B EB b, C EC c, D ED d),
+);
 
 /// A violation of `field`.
 #[must_use]
@@ -223,6 +241,22 @@ pub fn resource_exhausted(message: impl Into<String>, retry_after: std::time::Du
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_fields_give_every_value_or_every_violation() {
+        let parsed: Result<(u8, &str), Vec<FieldViolation>> =
+            (Ok::<_, FieldViolation>(1), Ok::<_, FieldViolation>("x")).all();
+        assert_eq!(parsed, Ok((1, "x")));
+        let failed = (
+            Err::<u8, _>(violation("a", "bad")),
+            Ok::<_, Vec<FieldViolation>>("fine"),
+            Err::<u8, _>(vec![violation("c", "bad"), violation("c.d", "worse")]),
+        )
+            .all()
+            .unwrap_err();
+        let fields: Vec<&str> = failed.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["a", "c", "c.d"]);
+    }
 
     #[test]
     fn text_counts_characters_not_bytes() {

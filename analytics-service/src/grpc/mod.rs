@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use service_kit::{
     auth::{Caller, TokenVerifier},
     events::Batch,
-    validate::{invalid_argument, violation, FieldViolation},
+    validate::{invalid_argument, violation, AllFields as _, FieldViolation},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -67,10 +67,12 @@ fn timestamp(field: &str, raw: Option<&prost_types::Timestamp>) -> Result<Option
     .transpose()
 }
 
-fn window(start: Option<&prost_types::Timestamp>, end: Option<&prost_types::Timestamp>) -> Result<Window, Error> {
-    let start = timestamp("start_time", start)?;
-    let end = timestamp("end_time", end)?;
-    Ok(Window::parse(start, end)?)
+fn window(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> Result<Window, Vec<FieldViolation>> {
+    let (start, end) = (timestamp("start_time", start), timestamp("end_time", end)).all()?;
+    Window::parse(start, end)
 }
 
 fn to_pb_time(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -127,21 +129,12 @@ impl AnalyticsService for AnalyticsApi {
     async fn top_messages(&self, request: Request<pb::TopMessagesRequest>) -> Reply<pb::TopMessagesResponse> {
         let caller = self.caller(request.metadata()).await?;
         let r = request.get_ref();
-        let window = window(r.start_time.as_ref(), r.end_time.as_ref());
-        let limit = TopLimit::parse(r.limit);
-        let (window, limit) = match (window, limit) {
-            (Ok(w), Ok(l)) => (w, l),
-            (w, l) => {
-                let mut all = Vec::new();
-                if let Err(Error::InvalidArgument(v)) = w {
-                    all.extend(v);
-                }
-                if let Err(v) = l {
-                    all.push(v);
-                }
-                return Err(Error::InvalidArgument(all).into());
-            }
-        };
+        let (window, limit) = (
+            window(r.start_time.as_ref(), r.end_time.as_ref()),
+            TopLimit::parse(r.limit),
+        )
+            .all()
+            .map_err(Error::from)?;
         let top = self.analytics.top_messages(&caller, window, limit).await?;
         Ok(Response::new(pb::TopMessagesResponse {
             messages: top
@@ -161,7 +154,7 @@ impl AnalyticsService for AnalyticsApi {
         let caller = self.caller(request.metadata()).await?;
         Analytics::may_read_activity(&caller)?;
         let r = request.get_ref();
-        let window = window(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let window = window(r.start_time.as_ref(), r.end_time.as_ref()).map_err(Error::from)?;
         let granularity = match pb::Granularity::try_from(r.granularity) {
             Ok(pb::Granularity::Minute) => Granularity::Minute,
             Ok(pb::Granularity::Hour) => Granularity::Hour,

@@ -2,7 +2,7 @@
 //! knows prost or the Redis driver.
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use service_kit::validate::{self, violation, FieldViolation, Violations};
+use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
 use uuid::Uuid;
 
 pub use service_kit::auth::{Caller, Role};
@@ -134,19 +134,17 @@ pub struct PageRequest {
 }
 
 impl PageRequest {
-    /// Parses into `violations`; `None` if anything was wrong.
-    pub fn parse(page_size: i32, page_token: &str, violations: &mut Violations) -> Option<Self> {
-        let size = violations.check(validate::page_size(page_size));
-        let after = violations.check(validate::decode_page_token(page_token).and_then(|cursor| {
+    /// # Errors
+    /// Violations of `page_size` and `page_token`.
+    pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
+        let after = validate::decode_page_token(page_token).and_then(|cursor| {
             cursor
                 .map(|c| CommentId::parse("page_token", &c))
                 .transpose()
                 .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
-        }));
-        Some(Self {
-            size: size?,
-            after: after?,
-        })
+        });
+        let (size, after) = (validate::page_size(page_size), after).all()?;
+        Ok(Self { size, after })
     }
 }
 

@@ -8,7 +8,7 @@ use service_kit::{
     auth::TokenVerifier,
     events::{Batch, Event},
     relay::{ingest_token_matches, INGEST_TOKEN_HEADER},
-    validate::{invalid_argument, Violations},
+    validate::{invalid_argument, AllFields as _},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -63,22 +63,14 @@ impl CommentApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
-fn missing() -> Error {
-    Error::Internal(anyhow::anyhow!("a request passed validation but did not parse"))
-}
-
 #[tonic::async_trait]
 impl CommentService for CommentApi {
     async fn add_comment(&self, request: Request<pb::AddCommentRequest>) -> Reply<pb::AddCommentResponse> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
-        let mut v = Violations::new();
-        let message = v.check(MessageId::parse("message_id", &r.message_id));
-        let body = v.check(Body::parse(&r.body));
-        v.finish().map_err(Error::from)?;
-        let (Some(message), Some(body)) = (message, body) else {
-            return Err(missing().into());
-        };
+        let (message, body) = (MessageId::parse("message_id", &r.message_id), Body::parse(&r.body))
+            .all()
+            .map_err(Error::from)?;
         let comment = self.comments.add(caller, message, body).await?;
         Ok(Response::new(pb::AddCommentResponse {
             comment: Some(comment_to_pb(comment)),
@@ -87,13 +79,12 @@ impl CommentService for CommentApi {
 
     async fn list_comments(&self, request: Request<pb::ListCommentsRequest>) -> Reply<pb::ListCommentsResponse> {
         let r = request.get_ref();
-        let mut v = Violations::new();
-        let message = v.check(MessageId::parse("message_id", &r.message_id));
-        let page = PageRequest::parse(r.page_size, &r.page_token, &mut v);
-        v.finish().map_err(Error::from)?;
-        let (Some(message), Some(page)) = (message, page) else {
-            return Err(missing().into());
-        };
+        let (message, page) = (
+            MessageId::parse("message_id", &r.message_id),
+            PageRequest::parse(r.page_size, &r.page_token),
+        )
+            .all()
+            .map_err(Error::from)?;
         let page = self.comments.list(message, page).await?;
         Ok(Response::new(pb::ListCommentsResponse {
             next_page_token: page.next_page_token(),

@@ -2,7 +2,7 @@
 //! an enriched reply. Nothing here knows prost or the MongoDB driver.
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use service_kit::validate::{self, violation, FieldViolation, Violations};
+use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
 use uuid::Uuid;
 
 pub use service_kit::auth::{Caller, Role};
@@ -161,13 +161,9 @@ pub struct PageRequest {
 impl PageRequest {
     /// # Errors
     /// Violations of `page_size` and `page_token`.
-    pub fn parse(page_size: i32, page_token: &str, violations: &mut Violations) -> Option<Self> {
-        let size = violations.check(validate::page_size(page_size));
-        let after = violations.check(Cursor::from_page_token(page_token));
-        Some(Self {
-            size: size?,
-            after: after?,
-        })
+    pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
+        let (size, after) = (validate::page_size(page_size), Cursor::from_page_token(page_token)).all()?;
+        Ok(Self { size, after })
     }
 }
 
@@ -247,8 +243,7 @@ mod tests {
             created_at: now(),
             id: MessageId::new(),
         };
-        let mut v = Violations::new();
-        let page = PageRequest::parse(0, &cursor.to_page_token(), &mut v).unwrap();
+        let page = PageRequest::parse(0, &cursor.to_page_token()).unwrap();
         assert_eq!(page.after, Some(cursor));
         assert_eq!(page.size, 20);
     }
@@ -261,9 +256,7 @@ mod tests {
             validate::encode_page_token("12:not-a-uuid"),
             "%%%".to_owned(),
         ] {
-            let mut v = Violations::new();
-            assert!(PageRequest::parse(0, &raw, &mut v).is_none(), "{raw}");
-            assert!(v.finish().is_err());
+            assert!(PageRequest::parse(0, &raw).is_err(), "{raw}");
         }
     }
 

@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use service_kit::{
     auth::TokenVerifier,
     events::{Batch, Event},
-    validate::{invalid_argument, Violations},
+    validate::{invalid_argument, AllFields as _},
 };
 use tonic::{metadata::MetadataMap, Status};
 
@@ -74,19 +74,15 @@ fn parse_user_id(raw: &str) -> Result<UserId, Error> {
 }
 
 fn parse_page(page_size: i32, page_token: &str) -> Result<PageRequest, Error> {
-    let mut violations = Violations::new();
-    let page = PageRequest::parse(page_size, page_token, &mut violations);
-    violations.finish()?;
-    page.ok_or_else(|| Error::Internal(anyhow::anyhow!("a page request passed validation but did not parse")))
+    Ok(PageRequest::parse(page_size, page_token)?)
 }
 
 fn parse_user_page(user_id: &str, page_size: i32, page_token: &str) -> Result<(UserId, PageRequest), Error> {
-    let mut violations = Violations::new();
-    let user = violations.check(UserId::parse("user_id", user_id));
-    let page = PageRequest::parse(page_size, page_token, &mut violations);
-    violations.finish()?;
-    user.zip(page)
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("a request passed validation but did not parse")))
+    Ok((
+        UserId::parse("user_id", user_id),
+        PageRequest::parse(page_size, page_token),
+    )
+        .all()?)
 }
 
 macro_rules! versioned_api {

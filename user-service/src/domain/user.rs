@@ -1,5 +1,5 @@
 use chrono::{DateTime, Utc};
-use service_kit::validate::{self, violation, FieldViolation};
+use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
 use uuid::Uuid;
 
 /// A user's id.
@@ -227,21 +227,14 @@ impl PageRequest {
     /// # Errors
     /// Violations of `page_size` and `page_token`.
     pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
-        let mut violations = validate::Violations::new();
-        let size = violations.check(validate::page_size(page_size));
-        let after = violations
-            .check(validate::decode_page_token(page_token).and_then(|cursor| {
-                cursor
-                    .map(|c| UserId::parse("page_token", &c))
-                    .transpose()
-                    .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
-            }))
-            .flatten();
-        violations.finish()?;
-        Ok(Self {
-            size: size.unwrap_or(validate::DEFAULT_PAGE_SIZE),
-            after,
-        })
+        let after = validate::decode_page_token(page_token).and_then(|cursor| {
+            cursor
+                .map(|c| UserId::parse("page_token", &c))
+                .transpose()
+                .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
+        });
+        let (size, after) = (validate::page_size(page_size), after).all()?;
+        Ok(Self { size, after })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Conversions between the wire types and the domain types.
 
 use chirp_proto::user::v1 as pb;
-use service_kit::validate::{violation, Violations};
+use service_kit::validate::{violation, AllFields as _};
 
 use crate::{
     domain::{DisplayName, PageRequest, Password, Registration, Role, User, UserId, Username},
@@ -12,19 +12,14 @@ impl TryFrom<pb::RegisterRequest> for Registration {
     type Error = Error;
 
     fn try_from(r: pb::RegisterRequest) -> Result<Self, Error> {
-        let mut v = Violations::new();
-        let username = v.check(Username::parse(&r.username));
-        let password = v.check(Password::parse(&r.password));
         let display_name = if r.display_name.trim().is_empty() {
-            None
+            Ok(None)
         } else {
-            v.check(DisplayName::parse(&r.display_name))
+            DisplayName::parse(&r.display_name).map(Some)
         };
-        v.finish()?;
-        match (username, password) {
-            (Some(username), Some(password)) => Ok(Registration::new(username, password, display_name)),
-            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
-        }
+        let (username, password, display_name) =
+            (Username::parse(&r.username), Password::parse(&r.password), display_name).all()?;
+        Ok(Registration::new(username, password, display_name))
     }
 }
 
@@ -37,14 +32,8 @@ impl TryFrom<pb::LoginRequest> for Login {
     type Error = Error;
 
     fn try_from(r: pb::LoginRequest) -> Result<Self, Error> {
-        let mut v = Violations::new();
-        let username = v.check(Username::parse(&r.username));
-        let password = v.check(Password::parse_for_login(&r.password));
-        v.finish()?;
-        match (username, password) {
-            (Some(username), Some(password)) => Ok(Self { username, password }),
-            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
-        }
+        let (username, password) = (Username::parse(&r.username), Password::parse_for_login(&r.password)).all()?;
+        Ok(Self { username, password })
     }
 }
 
@@ -57,20 +46,19 @@ impl TryFrom<pb::ChangePasswordRequest> for PasswordChange {
     type Error = Error;
 
     fn try_from(r: pb::ChangePasswordRequest) -> Result<Self, Error> {
-        let mut v = Violations::new();
-        let current = v.check(Password::parse_for_login(&r.current_password).map_err(|mut e| {
-            e.field = "current_password".into();
-            e
-        }));
-        let new = v.check(Password::parse(&r.new_password).map_err(|mut e| {
-            e.field = "new_password".into();
-            e
-        }));
-        v.finish()?;
-        match (current, new) {
-            (Some(current), Some(new)) => Ok(Self { current, new }),
-            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
-        }
+        let named = |field: &str| {
+            let field = field.to_owned();
+            move |mut e: service_kit::validate::FieldViolation| {
+                e.field = field;
+                e
+            }
+        };
+        let (current, new) = (
+            Password::parse_for_login(&r.current_password).map_err(named("current_password")),
+            Password::parse(&r.new_password).map_err(named("new_password")),
+        )
+            .all()?;
+        Ok(Self { current, new })
     }
 }
 
@@ -83,42 +71,26 @@ impl TryFrom<pb::SetRoleRequest> for RoleChange {
     type Error = Error;
 
     fn try_from(r: pb::SetRoleRequest) -> Result<Self, Error> {
-        let mut v = Violations::new();
-        let user_id = v.check(UserId::parse("user_id", &r.user_id));
-        let role = v.check(match pb::Role::try_from(r.role) {
+        let role = match pb::Role::try_from(r.role) {
             Ok(pb::Role::User) => Ok(Role::User),
             Ok(pb::Role::Moderator) => Ok(Role::Moderator),
             Ok(pb::Role::Admin) => Ok(Role::Admin),
             Ok(pb::Role::Unspecified) | Err(_) => {
                 Err(violation("role", "must be ROLE_USER, ROLE_MODERATOR or ROLE_ADMIN"))
             }
-        });
-        v.finish()?;
-        match (user_id, role) {
-            (Some(user_id), Some(role)) => Ok(Self { user_id, role }),
-            _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
-        }
+        };
+        let (user_id, role) = (UserId::parse("user_id", &r.user_id), role).all()?;
+        Ok(Self { user_id, role })
     }
 }
 
 /// The user and page of a List* request.
 pub fn listing(user_id: &str, page_size: i32, page_token: &str) -> Result<(UserId, PageRequest), Error> {
-    let mut v = Violations::new();
-    let user = v.check(UserId::parse("user_id", user_id));
-    let page = match PageRequest::parse(page_size, page_token) {
-        Ok(page) => Some(page),
-        Err(violations) => {
-            for violation in violations {
-                v.add(violation.field, violation.description);
-            }
-            None
-        }
-    };
-    v.finish()?;
-    match (user, page) {
-        (Some(user), Some(page)) => Ok((user, page)),
-        _ => Err(Error::Internal(anyhow::anyhow!("validated fields missing"))),
-    }
+    Ok((
+        UserId::parse("user_id", user_id),
+        PageRequest::parse(page_size, page_token),
+    )
+        .all()?)
 }
 
 fn role_to_pb(role: Role) -> pb::Role {
@@ -156,11 +128,12 @@ impl TryFrom<&pb::ListRevocationsRequest> for RevocationPage {
 
     fn try_from(r: &pb::ListRevocationsRequest) -> Result<Self, Error> {
         use chrono::TimeZone as _;
-        let mut v = Violations::new();
-        let size = v.check(service_kit::validate::page_size(r.page_size));
-        let cursor = v.check(service_kit::validate::decode_page_token(&r.page_token));
-        v.finish()?;
-        let after = match cursor.flatten() {
+        let (size, cursor) = (
+            service_kit::validate::page_size(r.page_size),
+            service_kit::validate::decode_page_token(&r.page_token),
+        )
+            .all()?;
+        let after = match cursor {
             None => None,
             Some(cursor) => {
                 let bad =
@@ -171,10 +144,7 @@ impl TryFrom<&pb::ListRevocationsRequest> for RevocationPage {
                 Some((at, uuid::Uuid::try_parse(user).map_err(|_| bad())?))
             }
         };
-        Ok(Self {
-            size: size.unwrap_or(20),
-            after,
-        })
+        Ok(Self { size, after })
     }
 }
 

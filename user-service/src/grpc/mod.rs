@@ -7,6 +7,7 @@ mod convert;
 use std::sync::Arc;
 
 use chirp_proto::user::v1::{self as pb, user_service_server::UserService};
+use service_kit::validate::AllFields as _;
 use service_kit::{auth::TokenVerifier, validate::invalid_argument};
 use tonic::{Request, Response, Status};
 
@@ -169,13 +170,9 @@ impl UserService for UserApi {
     async fn ban_user(&self, request: Request<pb::BanUserRequest>) -> Reply<pb::BanUserResponse> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        let mut violations = service_kit::validate::Violations::new();
-        let target = violations.check(UserId::parse("user_id", &r.user_id));
-        let reason = violations.check(BanReason::parse(&r.reason));
-        violations.finish().map_err(Error::from)?;
-        let (Some(target), Some(reason)) = (target, reason) else {
-            return Err(Error::Internal(anyhow::anyhow!("validated fields missing")).into());
-        };
+        let (target, reason) = (UserId::parse("user_id", &r.user_id), BanReason::parse(&r.reason))
+            .all()
+            .map_err(Error::from)?;
         let user = self.users.ban(caller, target, &reason).await?;
         Ok(Response::new(pb::BanUserResponse {
             user: Some(user.into()),
