@@ -2,7 +2,7 @@
 //! knows prost or the Redis driver.
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
+use service_kit::validate::{self, FieldViolation};
 use uuid::Uuid;
 
 pub use service_kit::auth::{Caller, Role};
@@ -137,13 +137,7 @@ impl PageRequest {
     /// # Errors
     /// Violations of `page_size` and `page_token`.
     pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
-        let after = validate::decode_page_token(page_token).and_then(|cursor| {
-            cursor
-                .map(|c| CommentId::parse("page_token", &c))
-                .transpose()
-                .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
-        });
-        let (size, after) = (validate::page_size(page_size), after).all()?;
+        let (size, after) = validate::page_after(page_size, page_token, |id| CommentId::parse("page_token", id))?;
         Ok(Self { size, after })
     }
 }

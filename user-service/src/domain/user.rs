@@ -1,5 +1,5 @@
 use chrono::{DateTime, Utc};
-use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
+use service_kit::validate::{self, violation, FieldViolation};
 use uuid::Uuid;
 
 /// A user's id.
@@ -227,13 +227,7 @@ impl PageRequest {
     /// # Errors
     /// Violations of `page_size` and `page_token`.
     pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
-        let after = validate::decode_page_token(page_token).and_then(|cursor| {
-            cursor
-                .map(|c| UserId::parse("page_token", &c))
-                .transpose()
-                .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
-        });
-        let (size, after) = (validate::page_size(page_size), after).all()?;
+        let (size, after) = validate::page_after(page_size, page_token, |id| UserId::parse("page_token", id))?;
         Ok(Self { size, after })
     }
 }
