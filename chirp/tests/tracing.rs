@@ -81,6 +81,22 @@ fn children<'a>(spans: &[&'a Span], parent: &Span) -> Vec<&'a Span> {
         .collect()
 }
 
+/// analytics-service's `apply message_posted` linked to the post's trace,
+/// once its delivery trace holds analytics' RecordEvents server span and
+/// message-service's `deliver to analytics` (the last to end there).
+fn delivered_apply<'a>(all: &'a [Span], post_trace: &str) -> Option<&'a Span> {
+    all.iter()
+        .filter(|s| s.service == "analytics-service" && s.name == "apply message_posted" && links_to(s, post_trace))
+        .find(|apply| {
+            let in_trace = |service: &str, name: &str| {
+                all.iter()
+                    .any(|s| s.trace_id == apply.trace_id && s.service == service && s.name == name)
+            };
+            in_trace("analytics-service", "chirp.analytics.v1.AnalyticsService/RecordEvents")
+                && in_trace("message-service", "deliver to analytics")
+        })
+}
+
 fn links_to(span: &Span, trace_id: &str) -> bool {
     span.links.iter().any(|(trace, _)| trace == trace_id)
 }
@@ -182,16 +198,14 @@ async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures
     assert_eq!(reply.message.unwrap_or_default().comments.unwrap_or_default().count, 1);
     let all = collector
         .wait_for(EXPORT_WAIT, |all| {
-            let spans: Vec<&Span> = all.iter().filter(|s| s.trace_id == get.trace_id).collect();
+            // A process exports a span once it ends and its children end
+            // first, so each service's server span comes with (or after)
+            // everything under it.
             ["message-service", "user-service", "comment-service"]
                 .iter()
                 .all(|service| {
-                    spans.iter().any(|s| {
-                        s.service == *service
-                            && (s.name.starts_with("mongodb ")
-                                || s.name.starts_with("postgresql ")
-                                || s.name.starts_with("redis "))
-                    })
+                    all.iter()
+                        .any(|s| s.trace_id == get.trace_id && s.service == *service && s.kind == "Server")
                 })
         })
         .await;
@@ -280,16 +294,14 @@ async fn requests_are_one_trace_across_services_stores_and_outboxes_and_failures
     // the event in a span that continues the delivery.
     let all = collector
         .wait_for(EXPORT_WAIT, |all| {
-            all.iter().any(|s| {
-                s.service == "analytics-service" && s.name == "apply message_posted" && links_to(s, &post.trace_id)
-            })
+            // The whole chain: the apply, analytics' server span above it,
+            // and message-service's delivery (which ends last there).
+            delivered_apply(all, &post.trace_id).is_some()
         })
         .await;
     println!("PostMessage, trace {}:\n{}", post.trace_id, tree(&all, &post.trace_id));
-    let apply = all
-        .iter()
-        .find(|s| s.service == "analytics-service" && s.name == "apply message_posted" && links_to(s, &post.trace_id))
-        .expect("analytics applies the post's event in a span linked to the post");
+    let apply = delivered_apply(&all, &post.trace_id)
+        .expect("analytics applies the post's event in a span linked to the post, under its delivery");
     let delivery_trace: Vec<&Span> = all.iter().filter(|s| s.trace_id == apply.trace_id).collect();
     println!(
         "its delivery, trace {}:\n{}",
