@@ -75,30 +75,10 @@ impl Telemetry {
     /// Calling it twice is harmless: tests start many services in one
     /// process and the first subscriber stays.
     pub fn init(service_name: &'static str, format: LogFormat) -> Self {
-        let provider = if endpoint_configured() {
-            match exporter(service_name) {
-                Ok(provider) => Some(provider),
-                Err(err) => {
-                    // Logging is not up yet; a process that cannot trace still serves.
-                    eprintln!("{service_name}: tracing disabled: {err:#}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let traces = provider.as_ref().map(|provider| {
-            tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer(service_name))
-                .with_context_activation(false)
-                .with_threads(false)
-                .with_location(false)
-                .with_target(false)
-                .with_tracked_inactivity(false)
-                // Warnings and errors from anywhere become events of the
-                // span they happened in.
-                .with_filter(traces_filter(true))
-        });
+        let provider = configured_provider(service_name);
+        // Warnings and errors from anywhere become events of the span they
+        // happened in.
+        let traces = provider.as_ref().map(|p| traces_layer(p, service_name, true));
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let logs = match format {
             LogFormat::Pretty => fmt::layer().with_filter(filter).boxed(),
@@ -114,44 +94,28 @@ impl Telemetry {
             .with(traces)
             .try_init()
             .is_ok();
-        // An Err only means a subscriber is installed already (and ours is
-        // not): its spans would never reach this provider.
+        Self::started(provider, installed)
+    }
+
+    /// For a command-line tool: traces only, when an endpoint is configured;
+    /// no log output (the tool prints its own).
+    pub fn for_tool(name: &'static str) -> Self {
+        let provider = configured_provider(name);
+        let traces = provider.as_ref().map(|p| traces_layer(p, name, false));
+        let installed = tracing_subscriber::registry().with(traces).try_init().is_ok();
+        Self::started(provider, installed)
+    }
+
+    /// Turns exporting on once the subscriber holding `provider`'s layer is
+    /// installed. An uninstalled one (a subscriber was there already) would
+    /// never see a span, so it is dropped.
+    fn started(provider: Option<SdkTracerProvider>, installed: bool) -> Self {
         let provider = provider.filter(|_| installed);
         if provider.is_some() {
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             EXPORTING.store(true, Ordering::Relaxed);
         }
         Self { provider }
-    }
-
-    /// For a command-line tool: traces only, when an endpoint is configured;
-    /// no log output (the tool prints its own).
-    pub fn for_tool(name: &'static str) -> Self {
-        if !endpoint_configured() {
-            return Self { provider: None };
-        }
-        let provider = match exporter(name) {
-            Ok(provider) => provider,
-            Err(err) => {
-                eprintln!("{name}: tracing disabled: {err:#}");
-                return Self { provider: None };
-            }
-        };
-        let layer = tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(name))
-            .with_threads(false)
-            .with_location(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_filter(traces_filter(false));
-        if tracing_subscriber::registry().with(layer).try_init().is_err() {
-            return Self { provider: None };
-        }
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        EXPORTING.store(true, Ordering::Relaxed);
-        Self {
-            provider: Some(provider),
-        }
     }
 
     /// Exports what is still buffered and stops the exporter. Blocks the
@@ -172,6 +136,43 @@ impl Telemetry {
             drop(tokio::task::spawn_blocking(move || self.shutdown()).await);
         }
     }
+}
+
+/// The exporter the environment asks for, if any. A process that cannot
+/// build one still serves, untraced.
+fn configured_provider(name: &'static str) -> Option<SdkTracerProvider> {
+    if !endpoint_configured() {
+        return None;
+    }
+    match exporter(name) {
+        Ok(provider) => Some(provider),
+        Err(err) => {
+            // Logging is not up yet.
+            eprintln!("{name}: tracing disabled: {err:#}");
+            None
+        }
+    }
+}
+
+/// The layer that turns Chirp's spans into OpenTelemetry spans for
+/// `provider`; with `warnings`, warnings and errors from anywhere become
+/// span events too.
+fn traces_layer<S>(
+    provider: &SdkTracerProvider,
+    name: &'static str,
+    warnings: bool,
+) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(name))
+        .with_context_activation(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_filter(traces_filter(warnings))
 }
 
 fn exporter(service_name: &'static str) -> anyhow::Result<SdkTracerProvider> {
@@ -330,13 +331,16 @@ pub fn degraded(part: &'static str) {
 /// came from a peer before keeping it.
 #[must_use]
 pub fn is_traceparent(text: &str) -> bool {
+    // Most events carry none: answer those without building a carrier.
+    if text.is_empty() || text.len() > 55 {
+        return false;
+    }
     let carrier = HashMap::from([("traceparent".to_owned(), text.to_owned())]);
-    text.len() <= 55
-        && TraceContextPropagator::new()
-            .extract(&carrier)
-            .span()
-            .span_context()
-            .is_valid()
+    TraceContextPropagator::new()
+        .extract(&carrier)
+        .span()
+        .span_context()
+        .is_valid()
 }
 
 #[cfg(test)]
