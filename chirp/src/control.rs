@@ -12,7 +12,7 @@ use tokio::{
 
 use crate::{layout::Part, restart::Death};
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartState {
     pub part: Part,
     /// Which replica of a service (1 for stores and single services).

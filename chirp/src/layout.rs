@@ -155,6 +155,13 @@ impl Ports {
         self.base + 10 + at.into().offset()
     }
 
+    /// Where the services reach a part: the fault proxy `chirp up` puts in
+    /// front of it (see `faults`), four ports above the part's own.
+    #[must_use]
+    pub fn proxy(self, at: impl Into<Instance>) -> u16 {
+        self.of(at) + 4
+    }
+
     #[must_use]
     pub fn url(self, at: impl Into<Instance>) -> String {
         format!("http://127.0.0.1:{}", self.of(at))
@@ -208,5 +215,24 @@ mod tests {
         assert_eq!(ports.of(Part::CommentService), 50053);
         assert_eq!(ports.of(second), 50153);
         assert_eq!(ports.metrics(second), 50163);
+    }
+
+    #[test]
+    fn no_two_listeners_of_a_mesh_share_a_port() {
+        let ports = Ports { base: 50050 };
+        let mut taken = vec![ports.base]; // the page
+        for part in Part::ALL {
+            for replica in 1..=if part.is_service() { MAX_REPLICAS } else { 1 } {
+                let at = Instance { part, replica };
+                taken.extend([ports.of(at), ports.proxy(at)]);
+                if part.is_service() {
+                    taken.push(ports.metrics(at));
+                }
+            }
+        }
+        let count = taken.len();
+        taken.sort_unstable();
+        taken.dedup();
+        assert_eq!(taken.len(), count, "{taken:?}");
     }
 }

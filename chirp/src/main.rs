@@ -8,7 +8,9 @@
 mod bench;
 mod client;
 mod control;
+mod faults;
 mod layout;
+mod live;
 mod outbox;
 mod restart;
 mod seed;
@@ -69,6 +71,15 @@ enum Command {
         /// (e.g. http://127.0.0.1:4317, Jaeger's); none are exported without it
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
         otlp_endpoint: Option<String>,
+        /// Where the live page listens [default: 127.0.0.1:<port base>]
+        #[arg(long, env = "CHIRP_PAGE_ADDR")]
+        page_addr: Option<std::net::SocketAddr>,
+        /// Services reach their stores and peers directly, not through the
+        /// fault proxies (`chirp chaos slow|flaky` then have nothing to act
+        /// on); what `chirp bench --fresh` runs, since a proxy adds a copy
+        /// to every hop
+        #[arg(long)]
+        direct: bool,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
     /// dead letters, erasures in progress
@@ -81,14 +92,28 @@ enum Command {
         #[arg(value_parser = ["user-service", "message-service", "comment-service"])]
         service: String,
     },
-    /// Stop or start a part of a running `chirp up`
+    /// Break a part of a running `chirp up`, or mend it: `stop`/`start` the
+    /// process; `slow <part> 300ms` holds every reply on the way to it;
+    /// `flaky <part> 20%` cuts that share of connections and requests on
+    /// the way to it; `heal [part]` clears those faults (all without a part)
     Chaos {
-        #[arg(value_parser = ["stop", "start"])]
+        #[arg(value_parser = ["stop", "start", "slow", "flaky", "heal"])]
         action: String,
         /// postgres, mongodb, redis, user-service, message-service,
         /// comment-service or analytics-service; `<service>-N` for the N-th
         /// replica of a service run with `chirp up --replicas`
-        part: String,
+        part: Option<String>,
+        /// The latency (`slow`) or the error rate (`flaky`)
+        value: Option<String>,
+    },
+    /// Gentle mixed traffic from a running `chirp up` against its own mesh
+    /// (what the page's traffic button does), so its edges move
+    Load {
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        /// Requests a second
+        #[arg(long, default_value_t = live::traffic::DEFAULT_RATE)]
+        rate: f64,
     },
     /// Create an account
     Register {
@@ -175,6 +200,8 @@ async fn run(cli: Cli) -> ExitCode {
             replicas,
             restart,
             otlp_endpoint,
+            page_addr,
+            direct,
         } => {
             up::run(up::UpArgs {
                 data_dir,
@@ -183,11 +210,23 @@ async fn run(cli: Cli) -> ExitCode {
                 replicas,
                 restart,
                 otlp_endpoint: otlp_endpoint.filter(|e| !e.trim().is_empty()),
+                page: page_addr.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], ports.base))),
+                proxies: !direct,
             })
             .await
         }
         Command::Status => print_status(&data_dir, cli.json).await,
-        Command::Chaos { action, part } => chaos(&data_dir, &action, &part, cli.json).await,
+        Command::Chaos { action, part, value } => {
+            chaos(&data_dir, &action, part.as_deref(), value.as_deref(), cli.json).await
+        }
+        Command::Load { action, rate } => {
+            let command = if action == "start" {
+                format!("load start {rate}")
+            } else {
+                "load stop".to_owned()
+            };
+            say(&data_dir, &command, cli.json).await
+        }
         Command::Outbox { action, service } => outbox::run(&data_dir, &action, &service, cli.json).await,
         Command::Register {
             username,
@@ -222,6 +261,7 @@ impl Command {
             Self::Status => "status",
             Self::Outbox { .. } => "outbox",
             Self::Chaos { .. } => "chaos",
+            Self::Load { .. } => "load",
             Self::Register { .. } => "register",
             Self::Login { .. } => "login",
             Self::Post { .. } => "post",
@@ -248,14 +288,40 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-async fn chaos(data_dir: &std::path::Path, action: &str, part: &str, json: bool) -> anyhow::Result<()> {
+async fn chaos(
+    data_dir: &std::path::Path,
+    action: &str,
+    part: Option<&str>,
+    value: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some(part) = part else {
+        anyhow::ensure!(action == "heal", "`chirp chaos {action}` needs a part");
+        return say(data_dir, "heal", json).await;
+    };
     let at = Instance::parse(part).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown part `{part}`: one of {}, or <service>-N for a replica",
             Part::ALL.map(Part::name).join(", ")
         )
     })?;
-    let reply = control::send(data_dir, &format!("{action} {}", at.name())).await?;
+    let value = match (action, value) {
+        ("slow" | "flaky", None) => anyhow::bail!(
+            "`chirp chaos {action} {part}` needs a {}",
+            if action == "slow" {
+                "latency, e.g. 300ms"
+            } else {
+                "rate, e.g. 20%"
+            }
+        ),
+        (_, value) => value.unwrap_or_default(),
+    };
+    say(data_dir, format!("{action} {} {value}", at.name()).trim(), json).await
+}
+
+/// Sends a control command to the running `chirp up` and prints its answer.
+async fn say(data_dir: &std::path::Path, command: &str, json: bool) -> anyhow::Result<()> {
+    let reply = control::send(data_dir, command).await?;
     if json {
         println!("{}", serde_json::json!({"ok": true, "message": reply.message}));
     } else {

@@ -99,26 +99,33 @@ fn per_destination(text: &str, metric: &str) -> Vec<(String, i64)> {
 pub async fn report(ports: Ports, at: impl Into<Instance>) -> ServiceReport {
     let at = at.into();
     let (serving, text) = tokio::join!(health(ports, at), metrics(ports, at));
-    let text = text.unwrap_or_default();
-    ServiceReport {
-        service: at.name(),
-        serving,
-        store_up: samples(&text, "store_up").first().map(|(_, v)| *v > 0.0),
-        circuits: samples(&text, "peer_circuit_state")
-            .into_iter()
-            .map(|(peer, v)| {
-                let state = match v as i64 {
-                    0 => "closed",
-                    1 => "half-open",
-                    _ => "open",
-                };
-                (peer, state)
-            })
-            .collect(),
-        outbox: per_destination(&text, "outbox_depth"),
-        dead_letters: per_destination(&text, "outbox_dead_letters"),
-        #[allow(clippy::cast_possible_truncation)]
-        erasures_pending: samples(&text, "erasures_pending").first().map(|(_, v)| *v as i64),
+    ServiceReport::read(at, serving, &text.unwrap_or_default())
+}
+
+impl ServiceReport {
+    /// What a service's health answer and `/metrics` text say of it.
+    #[must_use]
+    pub fn read(at: Instance, serving: Option<bool>, text: &str) -> Self {
+        Self {
+            service: at.name(),
+            serving,
+            store_up: samples(text, "store_up").first().map(|(_, v)| *v > 0.0),
+            circuits: samples(text, "peer_circuit_state")
+                .into_iter()
+                .map(|(peer, v)| {
+                    let state = match v as i64 {
+                        0 => "closed",
+                        1 => "half-open",
+                        _ => "open",
+                    };
+                    (peer, state)
+                })
+                .collect(),
+            outbox: per_destination(text, "outbox_depth"),
+            dead_letters: per_destination(text, "outbox_dead_letters"),
+            #[allow(clippy::cast_possible_truncation)]
+            erasures_pending: samples(text, "erasures_pending").first().map(|(_, v)| *v as i64),
+        }
     }
 }
 

@@ -24,7 +24,9 @@ use tokio::{
 
 use crate::{
     control::{PartState, Reply},
+    faults::{self, Fault},
     layout::{self, Instance, Part, Ports, MAX_REPLICAS},
+    live::{self, traffic::Traffic, Live},
     restart::{self, Death},
 };
 
@@ -43,6 +45,12 @@ pub struct UpArgs {
     pub restart: restart::Policy,
     /// Where every service exports its traces (OTLP/gRPC), if anywhere.
     pub otlp_endpoint: Option<String>,
+    /// Where the live page listens.
+    pub page: std::net::SocketAddr,
+    /// Whether services reach their stores and peers through the fault
+    /// proxies (`chirp chaos slow|flaky`) or directly (`--direct`, what a
+    /// benchmark wants: a proxy adds a copy to every hop).
+    pub proxies: bool,
 }
 
 /// How many replicas of each service to run (`--replicas
@@ -133,6 +141,8 @@ struct Supervisor {
     bin_dir: PathBuf,
     slots: HashMap<Instance, Slot>,
     ingest_token: String,
+    /// The fault on the way to each part chirp runs (with proxies on).
+    switches: HashMap<Instance, faults::Switch>,
 }
 
 /// What the supervisor knows of one process of the mesh.
@@ -238,6 +248,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("the chirp binary has no directory")?
         .to_path_buf();
     preflight(&external, &bin_dir)?;
+    // Bound before anything starts, so a taken port stops nothing halfway.
+    let page = tokio::net::TcpListener::bind(args.page)
+        .await
+        .with_context(|| format!("the live page's address {} (--page-addr)", args.page))?;
+    let switches = if args.proxies {
+        start_proxies(&args, &external).await?
+    } else {
+        HashMap::new()
+    };
     let ingest_token = read_or_create(&args.data_dir.join("keys").join("ingest-token"), || {
         Ok(uuid::Uuid::new_v4().simple().to_string())
     })?;
@@ -252,6 +271,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         bin_dir,
         slots: HashMap::new(),
         ingest_token,
+        switches,
     }));
     let started = async {
         // Further replicas start once the first is SERVING, so they find
@@ -285,14 +305,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         std::fs::write(&seeded, "demo data written\n")?;
     }
+    let live = Live::new(
+        args.ports,
+        Traffic::new(args.ports, args.otlp_endpoint.is_some(), DEMO_PASSWORD),
+    );
+    let page = tokio::spawn(live::serve(page, live.clone(), commands(&supervisor, &live)));
+    let scraper = tokio::spawn(scrape(live.clone(), supervisor.clone()));
     print_banner(&args);
 
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    let control = tokio::spawn(serve_control(listener, supervisor.clone()));
+    let control = tokio::spawn(serve_control(listener, supervisor.clone(), live.clone()));
     let watch = tokio::spawn(watch(supervisor.clone()));
     service_kit::server::shutdown_signal().await;
     println!("[chirp] stopping…");
+    live.traffic.stop();
+    scraper.abort();
+    page.abort();
     // The watcher first, so nothing is restarted behind the stop; a restart
     // it is in the middle of is dropped, and with it (kill_on_drop) the
     // process it was starting.
@@ -366,32 +395,87 @@ fn preflight(external: &External, bin_dir: &Path) -> anyhow::Result<()> {
 }
 
 impl Supervisor {
+    /// The port the services reach a part on: its proxy's, with proxies on.
+    fn reach(&self, at: impl Into<Instance>) -> u16 {
+        let at = at.into();
+        if self.switches.contains_key(&at) {
+            self.args.ports.proxy(at)
+        } else {
+            self.args.ports.of(at)
+        }
+    }
+
     fn database_urls(&self) -> (String, String, String) {
-        let ports = self.args.ports;
-        let postgres = self
-            .external
-            .postgres
-            .clone()
-            .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres)));
+        let postgres = self.external.postgres.clone().unwrap_or_else(|| {
+            format!(
+                "postgres://postgres@127.0.0.1:{}/chirp_users",
+                self.reach(Part::Postgres)
+            )
+        });
         let redis = self
             .external
             .redis
             .clone()
-            .unwrap_or_else(|| format!("redis://127.0.0.1:{}", ports.of(Part::Redis)));
-        let mongodb = self
-            .external
-            .mongodb
-            .clone()
-            .unwrap_or_else(|| format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb)));
+            .unwrap_or_else(|| format!("redis://127.0.0.1:{}", self.reach(Part::Redis)));
+        let mongodb = self.external.mongodb.clone().unwrap_or_else(|| {
+            format!(
+                "mongodb://127.0.0.1:{}/?directConnection=true",
+                self.reach(Part::Mongodb)
+            )
+        });
         (postgres, redis, mongodb)
     }
 
     /// Every replica of a peer, for its callers to balance across.
     fn peer_urls(&self, part: Part) -> String {
         (1..=self.args.replicas.of(part))
-            .map(|replica| self.args.ports.url(Instance { part, replica }))
+            .map(|replica| format!("http://127.0.0.1:{}", self.reach(Instance { part, replica })))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// `slow`, `flaky` or `heal` on the way to `at`.
+    fn set_fault(&mut self, at: Instance, fault: Fault) -> (bool, String) {
+        let Some(switch) = self.switches.get(&at) else {
+            return (
+                false,
+                format!(
+                    "{} has no fault proxy (an external store, or `chirp up --direct`)",
+                    at.name()
+                ),
+            );
+        };
+        switch.set(fault);
+        let message = match fault {
+            Fault::None => format!("{} healed", at.name()),
+            fault => format!("the way to {} is now {fault}", at.name()),
+        };
+        println!("[chirp] {message}");
+        (true, message)
+    }
+
+    /// Clears every fault.
+    fn heal_all(&mut self) -> (bool, String) {
+        for switch in self.switches.values() {
+            switch.set(Fault::None);
+        }
+        println!("[chirp] every fault healed");
+        (true, "every fault healed".to_owned())
+    }
+
+    /// The page's view of the processes and their faults.
+    fn view(&mut self) -> live::Parts {
+        live::Parts {
+            parts: self.states(),
+            faults: self
+                .switches
+                .iter()
+                .filter_map(|(at, switch)| {
+                    let fault = switch.get();
+                    (fault != Fault::None).then(|| (at.name(), fault.to_string()))
+                })
+                .collect(),
+        }
     }
 
     /// Starts a process that is not running (whatever the reason), and
@@ -749,45 +833,122 @@ async fn watch(supervisor: Arc<Mutex<Supervisor>>) {
     }
 }
 
-async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>>) {
+async fn serve_control(listener: UnixListener, supervisor: Arc<Mutex<Supervisor>>, live: Arc<Live>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let supervisor = supervisor.clone();
+        let (supervisor, live) = (supervisor.clone(), live.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             if BufReader::new(read).read_line(&mut line).await.is_err() {
                 return;
             }
-            let mut words = line.split_whitespace();
-            let mut sup = supervisor.lock().await;
-            let named = words.next().map(|verb| (verb, words.next().unwrap_or_default()));
-            let (ok, message) = match named.map(|(verb, name)| (verb, name, sup.instance(name))) {
-                Some(("ps", _, _)) => (true, String::new()),
-                Some(("stop", _, Some(at))) if sup.external.url(at.part).is_none() => {
-                    (true, sup.stop_on_request(at).await)
-                }
-                Some(("start", _, Some(at))) if sup.external.url(at.part).is_none() => sup.start_on_request(at).await,
-                Some(("stop" | "start", _, Some(at))) => {
-                    (false, format!("{} is external; chirp does not run it", at.name()))
-                }
-                Some(("stop" | "start", name, None)) => (false, format!("this mesh has no part `{name}`")),
-                _ => (false, format!("unknown command: {}", line.trim())),
-            };
-            let reply = Reply {
-                ok,
-                message,
-                parts: sup.states(),
-                port_base: sup.args.ports.base,
-            };
-            drop(sup);
+            let reply = dispatch(&line, &supervisor, &live).await;
             if let Ok(json) = serde_json::to_string(&reply) {
                 let _ = write.write_all(format!("{json}\n").as_bytes()).await;
             }
         });
     }
+}
+
+/// One control command, from the socket (`chirp chaos`, `chirp load`,
+/// `chirp status`) or from the page's buttons.
+async fn dispatch(line: &str, supervisor: &Mutex<Supervisor>, live: &Live) -> Reply {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut sup = supervisor.lock().await;
+    let named = words.get(1).and_then(|name| sup.instance(name));
+    let (ok, message) = match (words.as_slice(), named) {
+        (["ps"], _) => (true, String::new()),
+        (["load", "start", rest @ ..], _) => {
+            match rest
+                .first()
+                .map_or(Ok(live::traffic::DEFAULT_RATE), |r| r.parse::<f64>())
+            {
+                Ok(rate) if rate > 0.0 && rate <= 200.0 => {
+                    live.traffic.start(rate);
+                    (true, format!("traffic started: {rate} requests a second"))
+                }
+                _ => (false, "a rate from 0 to 200 requests a second".to_owned()),
+            }
+        }
+        (["load", "stop"], _) => {
+            live.traffic.stop();
+            (true, "traffic stopped".to_owned())
+        }
+        (["heal"], _) => sup.heal_all(),
+        ([kind @ ("slow" | "flaky" | "heal"), _, value @ ..], Some(at)) => {
+            match Fault::parse(kind, value.first().copied().unwrap_or_default()) {
+                Ok(fault) => sup.set_fault(at, fault),
+                Err(err) => (false, err),
+            }
+        }
+        (["stop", _], Some(at)) if sup.external.url(at.part).is_none() => (true, sup.stop_on_request(at).await),
+        (["start", _], Some(at)) if sup.external.url(at.part).is_none() => sup.start_on_request(at).await,
+        (["stop" | "start", _], Some(at)) => (false, format!("{} is external; chirp does not run it", at.name())),
+        (["stop" | "start" | "slow" | "flaky" | "heal", name, ..], None) => {
+            (false, format!("this mesh has no part `{name}`"))
+        }
+        _ => (false, format!("unknown command: {}", line.trim())),
+    };
+    let reply = Reply {
+        ok,
+        message,
+        parts: sup.states(),
+        port_base: sup.args.ports.base,
+    };
+    live.kick();
+    reply
+}
+
+/// The page's buttons run the same commands as the control socket.
+fn commands(supervisor: &Arc<Mutex<Supervisor>>, live: &Arc<Live>) -> live::Commands {
+    let (supervisor, live) = (supervisor.clone(), live.clone());
+    Arc::new(move |line: String| {
+        let (supervisor, live) = (supervisor.clone(), live.clone());
+        Box::pin(async move {
+            let reply = dispatch(&line, &supervisor, &live).await;
+            (reply.ok, reply.message)
+        })
+    })
+}
+
+/// Feeds the page every second. The supervisor is asked only briefly: while
+/// it holds its lock (starting a store can take seconds) the page keeps
+/// going with what it last knew of the processes.
+async fn scrape(live: Arc<Live>, supervisor: Arc<Mutex<Supervisor>>) {
+    let mut tick = tokio::time::interval(live::EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last: Option<live::Parts> = None;
+    loop {
+        live.next(&mut tick).await;
+        if let Ok(mut sup) = tokio::time::timeout(Duration::from_millis(100), supervisor.lock()).await {
+            last = Some(sup.view());
+        }
+        if let Some(parts) = &last {
+            live.scrape(parts).await;
+        }
+    }
+}
+
+/// A fault proxy in front of every part chirp runs, listening before the
+/// parts start so the services find them from their first connection.
+async fn start_proxies(args: &UpArgs, external: &External) -> anyhow::Result<HashMap<Instance, faults::Switch>> {
+    let mut switches = HashMap::new();
+    for at in args.replicas.instances() {
+        if external.url(at.part).is_some() {
+            continue;
+        }
+        let port = args.ports.proxy(at);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("the fault proxy of {} on port {port}", at.name()))?;
+        let switch = faults::Switch::default();
+        tokio::spawn(faults::proxy(listener, args.ports.of(at), switch.clone()));
+        switches.insert(at, switch);
+    }
+    Ok(switches)
 }
 
 /// Prints a child's output line by line, prefixed with its name.
@@ -898,6 +1059,7 @@ fn print_banner(args: &UpArgs) {
     println!(
         "
 [chirp] the mesh is up (data in {data})
+[chirp] watch it live: http://{page}/
 {services}[chirp] demo users: alice, bob, carol (moderator), password {DEMO_PASSWORD}; admin: {ADMIN} / {ADMIN_PASSWORD}
 [chirp] try:
   grpcurl -plaintext 127.0.0.1:{u} list
@@ -905,9 +1067,11 @@ fn print_banner(args: &UpArgs) {
   grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{}}' 127.0.0.1:{m} chirp.message.v2.MessageService/HomeTimeline
   chirp login alice && chirp timeline --api v2
   chirp chaos stop redis   # then: chirp status, chirp timeline, chirp chaos start redis
+  chirp load start && chirp chaos slow redis 300ms   # then watch the page; chirp chaos heal
 [chirp] Ctrl-C stops everything.
 ",
         data = args.data_dir.display(),
+        page = args.page,
         u = p.of(Part::UserService),
         m = p.of(Part::MessageService),
     );

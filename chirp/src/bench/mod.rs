@@ -5,7 +5,7 @@
 
 mod hops;
 mod load;
-mod procfs;
+pub mod procfs;
 mod sink;
 mod targets;
 
@@ -217,7 +217,9 @@ async fn start_fresh(otlp: Option<(&str, f64)>) -> anyhow::Result<(FreshMesh, Pa
     };
     let log = std::fs::File::create(dir.path().join("up.log"))?;
     let mut up = std::process::Command::new(std::env::current_exe()?);
-    up.args(["up", "--no-seed"]).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    // Direct: the fault proxies would add a copy to every hop measured.
+    up.args(["up", "--no-seed", "--direct"])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     if let Some((endpoint, ratio)) = otlp {
         up.args(["--otlp-endpoint", endpoint])
             .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
