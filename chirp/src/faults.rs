@@ -112,33 +112,84 @@ impl Switch {
 
 /// Serves `listener` for as long as the task lives, carrying each
 /// connection to `upstream` on this machine.
+///
+/// While the part is down the proxy does not listen either: a caller must
+/// see its connection refused, as it would without a proxy (a listening
+/// proxy would accept and then close, which clients take for a broken peer
+/// rather than a missing one, and keep trying). So the first connection
+/// that cannot reach the part closes the listener, and the proxy listens
+/// again once the part accepts connections.
 pub async fn proxy(listener: TcpListener, upstream: u16, switch: Switch) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let mut listener = Some(listener);
     loop {
-        let Ok((inbound, _)) = listener.accept().await else {
+        let Some(serving) = listener.take() else {
+            wait_for(upstream).await;
+            listener = rebind(port).await;
+            continue;
+        };
+        serve(serving, upstream, &switch).await;
+    }
+}
+
+/// Carries connections until one finds the part gone.
+async fn serve(listener: TcpListener, upstream: u16, switch: &Switch) {
+    let gone = Arc::new(tokio::sync::Notify::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = gone.notified() => return,
+        };
+        let Ok((inbound, _)) = accepted else {
             // Out of file descriptors, most likely: wait rather than spin.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        if switch.cut() {
+            continue; // dropped: the caller sees the connection closed
+        }
+        let outbound = match TcpStream::connect(("127.0.0.1", upstream)).await {
+            Ok(outbound) => outbound,
+            Err(_) => {
+                gone.notify_one();
+                continue;
+            }
+        };
         let switch = switch.clone();
-        tokio::spawn(async move {
-            if switch.cut() {
-                return; // dropped: the caller sees the connection closed
-            }
-            let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                return; // the part is down: so is the way to it
-            };
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            let (from_caller, to_caller) = inbound.into_split();
-            let (from_part, to_part) = outbound.into_split();
-            // Either direction ending ends the connection: none of the
-            // protocols carried here (HTTP/2, PostgreSQL, RESP, MongoDB's)
-            // goes on half-closed.
-            tokio::select! {
-                () = requests(from_caller, to_part, &switch) => {}
-                () = replies(from_part, to_caller, &switch) => {}
-            }
-        });
+        tokio::spawn(async move { carry(inbound, outbound, &switch).await });
+    }
+}
+
+async fn wait_for(upstream: u16) {
+    while TcpStream::connect(("127.0.0.1", upstream)).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The proxy's port again; `None` (and another wait) if something else
+/// took it meanwhile.
+async fn rebind(port: u16) -> Option<TcpListener> {
+    for _ in 0..100 {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+            return Some(listener);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("[chirp] the fault proxy on port {port} cannot listen again; retrying");
+    None
+}
+
+async fn carry(inbound: TcpStream, outbound: TcpStream, switch: &Switch) {
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let (from_caller, to_caller) = inbound.into_split();
+    let (from_part, to_part) = outbound.into_split();
+    // Either direction ending ends the connection: none of the protocols
+    // carried here (HTTP/2, PostgreSQL, RESP, MongoDB's) goes on
+    // half-closed.
+    tokio::select! {
+        () = requests(from_caller, to_part, switch) => {}
+        () = replies(from_part, to_caller, switch) => {}
     }
 }
 
@@ -254,6 +305,34 @@ mod tests {
         assert!(slow >= Duration::from_millis(300), "{slow:?}");
         switch.set(Fault::None);
         assert!(round_trip(&mut conn).await.unwrap() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refuses_connections_while_its_part_is_down_and_listens_again_when_it_is_back() {
+        let part = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = part.local_addr().unwrap().port();
+        drop(part);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = front.local_addr().unwrap().port();
+        tokio::spawn(proxy(front, upstream, Switch::default()));
+        // The first caller finds the part gone; the ones after are refused.
+        let _first = TcpStream::connect(("127.0.0.1", port)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still listening with its part down"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The part comes back on its port: the proxy listens again.
+        let part = TcpListener::bind(("127.0.0.1", upstream)).await.unwrap();
+        tokio::spawn(async move { while part.accept().await.is_ok() {} });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "not listening again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

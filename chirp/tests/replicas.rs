@@ -241,13 +241,23 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
     let tally = Arc::new(Tally::default());
     let workers = load(&up, &token, messages.clone(), stop.clone(), tally.clone());
 
-    // Spread: both hops, over a few seconds of load.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Spread: both hops, over enough load to judge (at least 200 calls on
+    // each; how long that takes depends on the machine, so poll for it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut waited = Duration::ZERO;
+    let (comment_calls, comment_share, message_calls, message_share) = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += Duration::from_secs(1);
+        let (comment_calls, comment_share) = split(comment_metrics, "ListComments", before_comments);
+        let (message_calls, message_share) = split(message_metrics, "CheckMessage", before_messages);
+        let enough = comment_calls[0] + comment_calls[1] >= 200 && message_calls[0] + message_calls[1] >= 200;
+        if (enough && waited >= Duration::from_secs(4)) || tokio::time::Instant::now() > deadline {
+            break (comment_calls, comment_share, message_calls, message_share);
+        }
+    };
     let (ok, failed, failures) = tally.take();
-    let (comment_calls, comment_share) = split(comment_metrics, "ListComments", before_comments);
-    let (message_calls, message_share) = split(message_metrics, "CheckMessage", before_messages);
     println!(
-        "spread: ListComments on comment-service, -2: {comment_calls:?} ({:.0} %/{:.0} %); \
+        "spread over {waited:?}: ListComments on comment-service, -2: {comment_calls:?} ({:.0} %/{:.0} %); \
          CheckMessage on message-service, -2: {message_calls:?} ({:.0} %/{:.0} %); {ok} calls ok, {failed} failed",
         comment_share * 100.0,
         (1.0 - comment_share) * 100.0,
