@@ -546,6 +546,57 @@ async fn spans_still_buffered_when_the_mesh_stops_are_exported_on_the_way_out() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_recent_requests_carry_the_trace_id_their_spans_were_exported_under() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = settled_mesh(
+        dir.path(),
+        &["--no-seed", "--otlp-endpoint", &collector.endpoint()],
+        "200",
+    );
+    let (code, out) = up.run(&["load", "start", "--rate", "10"]);
+    assert_eq!(code, 0, "{out}");
+    // A timeline read the page lists with its trace id.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let state = up.page_state();
+        let found = state["recent"].as_array().and_then(|rows| {
+            rows.iter()
+                .find(|r| r["rpc"] == "HomeTimeline" && r["code"] == "OK" && r["trace_id"].is_string())
+                .cloned()
+        });
+        if let Some(row) = found {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "no traced request listed: {state:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let trace_id = listed["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(trace_id.len(), 32, "{listed}");
+    // Its server span in message-service, with the store read under the
+    // same trace.
+    let traced = |all: &[Span], service: &str, name: &str| {
+        all.iter()
+            .any(|s| s.trace_id == trace_id && s.service == service && s.name.contains(name))
+    };
+    let spans = collector
+        .wait_for(Duration::from_secs(20), |all| {
+            traced(all, "message-service", "MessageService/HomeTimeline")
+                && traced(all, "message-service", "mongodb by_authors")
+        })
+        .await;
+    assert!(
+        traced(&spans, "message-service", "MessageService/HomeTimeline")
+            && traced(&spans, "message-service", "mongodb by_authors"),
+        "the listed trace holds the request and its work: {}",
+        tree(&spans, &trace_id)
+    );
+    let (code, out) = up.run(&["load", "stop"]);
+    assert_eq!(code, 0, "{out}");
+    up.stop();
+}
+
 /// `GET /metrics` on a service's metrics port.
 fn scrape(port: u16) -> String {
     use std::io::{Read as _, Write as _};

@@ -151,6 +151,21 @@ impl Up {
             .unwrap_or_else(|| panic!("{name} has no pid: {part}")) as i32
     }
 
+    /// What the live page shows now (`GET /api/state`).
+    pub fn page_state(&self) -> serde_json::Value {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.base)).expect("the page listens");
+        let request = format!(
+            "GET /api/state HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.base
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        let (_, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+        serde_json::from_str(body).unwrap_or_else(|err| panic!("{err}: {body}"))
+    }
+
     pub fn channel(&self, offset: u16) -> Channel {
         Channel::from_shared(format!("http://127.0.0.1:{}", self.base + offset))
             .unwrap()
