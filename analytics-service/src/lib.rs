@@ -61,6 +61,9 @@ pub async fn run(
         }),
     )?;
 
+    // Maintenance (`chirp restore`) on the metrics port.
+    service.operator_routes(&config.ingest_token);
+
     let analytics = Arc::new(service::Analytics::new(store, revocations));
     let api = grpc::AnalyticsApi::new(analytics, verifier, config.ingest_token.clone());
     let routes = tonic::service::Routes::new(

@@ -5,6 +5,7 @@
 //! authenticated or not allowed, 4 not found, 5 a service is unavailable or
 //! too slow, 6 invalid input.
 
+mod backup;
 mod bench;
 mod client;
 mod control;
@@ -115,6 +116,28 @@ enum Command {
         #[arg(long, default_value_t = live::traffic::DEFAULT_RATE)]
         rate: f64,
     },
+    /// Back up a service's store from a running `chirp up`: a consistent,
+    /// timestamped directory with a manifest (schema version, counts,
+    /// checksums) per service
+    Backup {
+        /// user-service, message-service, comment-service, analytics-service or all
+        service: String,
+        /// Where the backup directories go [default: <data dir>/backups]
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Replace a service's store with a backup: the service turns
+    /// NOT_SERVING while it happens (its peers degrade as when its store is
+    /// down), the rest keep serving; a damaged backup, or one newer than the
+    /// service's data, is refused and nothing changes
+    Restore { service: String, backup: PathBuf },
+    /// Put a service in maintenance (NOT_SERVING, its store left alone) or
+    /// take it out, by hand
+    Maintenance {
+        service: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Create an account
     Register {
         username: String,
@@ -219,6 +242,9 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Chaos { action, part, value } => {
             chaos(&data_dir, &action, part.as_deref(), value.as_deref(), cli.json).await
         }
+        Command::Backup { service, to } => backup::backup(&data_dir, &service, to.as_deref(), cli.json).await,
+        Command::Restore { service, backup } => backup::restore(&data_dir, &service, &backup, cli.json).await,
+        Command::Maintenance { service, state } => backup::switch(&data_dir, &service, state == "on").await,
         Command::Load { action, rate } => {
             let command = if action == "start" {
                 format!("load start {rate}")
@@ -262,6 +288,9 @@ impl Command {
             Self::Outbox { .. } => "outbox",
             Self::Chaos { .. } => "chaos",
             Self::Load { .. } => "load",
+            Self::Backup { .. } => "backup",
+            Self::Restore { .. } => "restore",
+            Self::Maintenance { .. } => "maintenance",
             Self::Register { .. } => "register",
             Self::Login { .. } => "login",
             Self::Post { .. } => "post",

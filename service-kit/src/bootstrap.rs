@@ -136,8 +136,9 @@ impl Service {
         self.relays.spawn(RelayConfig::new(name), outbox, destination);
     }
 
-    /// Serves the outbox operator routes (dead letters, retry) on the
-    /// metrics port to callers presenting `ingest_token`.
+    /// Serves the operator routes (outbox dead letters and retry,
+    /// maintenance) on the metrics port to callers presenting
+    /// `ingest_token`.
     pub fn operator_routes(&mut self, ingest_token: &str) {
         self.ingest_token = Some(ingest_token.to_owned());
     }
@@ -201,7 +202,10 @@ impl Service {
         let mut options = ServeOptions::new(self.name, self.apis, common);
         let relays = Arc::new(self.relays);
         if let Some(token) = &self.ingest_token {
-            options = options.with_operator_routes(crate::relay::operator_routes(relays.clone(), token));
+            options = options.with_operator_routes(
+                crate::relay::operator_routes(relays.clone(), token)
+                    .merge(crate::store::maintenance_routes(self.status.clone(), token)),
+            );
         }
         let _running = (relays, self.kept);
         crate::server::serve(

@@ -3,11 +3,17 @@
 //! NOT_SERVING and its handlers fail fast with UNAVAILABLE instead of waiting
 //! on a connection that will not come; when the store answers again, both
 //! recover with no restart.
+//!
+//! Maintenance (`chirp restore`, an operator's data replacement) uses the
+//! same path: while a service is in maintenance its store counts as down
+//! whatever it answers, so the service is NOT_SERVING, fails fast and
+//! leaves the store alone; when maintenance ends the store is prepared again
+//! (its migrations run over whatever was put in place) before it serves.
 
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -19,28 +25,64 @@ use tracing::{info, warn};
 
 use crate::server::Health;
 
-/// Whether the store answered the last probe. Cheap to clone and to read on
-/// every request.
+/// Whether the store answered the last probe, and whether the service is in
+/// maintenance. Cheap to clone and to read on every request.
 #[derive(Clone, Debug, Default)]
-pub struct StoreStatus(Arc<AtomicBool>);
+pub struct StoreStatus(Arc<StatusInner>);
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    up: AtomicBool,
+    maintenance: AtomicBool,
+    /// How many maintenance periods have ended: the store is prepared again
+    /// after each.
+    resumed: AtomicU64,
+}
 
 impl StoreStatus {
     /// Starts down: nothing is known until the first probe.
     #[must_use]
     pub fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(false)))
+        Self::default()
     }
 
     /// Up, and never probed: for a store used without a monitor (tools,
     /// tests that call a store directly).
     #[must_use]
     pub fn always_up() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        let status = Self::default();
+        status.0.up.store(true, Ordering::Release);
+        status
+    }
+
+    /// Whether the store may be used: it answered the last probe and the
+    /// service is not in maintenance.
+    #[must_use]
+    pub fn is_up(&self) -> bool {
+        self.0.up.load(Ordering::Acquire) && !self.in_maintenance()
     }
 
     #[must_use]
-    pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    pub fn in_maintenance(&self) -> bool {
+        self.0.maintenance.load(Ordering::Acquire)
+    }
+
+    /// Enters or leaves maintenance. Entering takes effect at once for
+    /// every request and relay; the health turns NOT_SERVING at the
+    /// monitor's next probe. Leaving has the store prepared again.
+    pub fn set_maintenance(&self, on: bool) {
+        let was = self.0.maintenance.swap(on, Ordering::AcqRel);
+        if was && !on {
+            self.0.resumed.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn resumed(&self) -> u64 {
+        self.0.resumed.load(Ordering::Acquire)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.0.up.store(up, Ordering::Release);
     }
 }
 
@@ -79,15 +121,22 @@ impl StoreMonitor {
         status: StoreStatus,
         probe: Arc<P>,
     ) -> anyhow::Result<Self> {
-        let prepared = Arc::new(tokio::sync::OnceCell::new());
+        // The maintenance period the store was last prepared after (none
+        // yet): prepared once at start, and again after each maintenance.
+        let prepared: Arc<tokio::sync::Mutex<Option<u64>>> = Arc::default();
+        let resumed = status.clone();
         Self::spawn(store, health, registry, api_services, interval, status, move || {
-            let probe = probe.clone();
-            let prepared = prepared.clone();
+            let (probe, prepared, resumed) = (probe.clone(), prepared.clone(), resumed.clone());
             async move {
-                prepared
-                    .get_or_try_init(|| probe.prepare())
-                    .await
-                    .map_err(|e| e.context(format!("preparing {store}")))?;
+                let mut prepared = prepared.lock().await;
+                let period = resumed.resumed();
+                if *prepared != Some(period) {
+                    probe
+                        .prepare()
+                        .await
+                        .map_err(|e| e.context(format!("preparing {store}")))?;
+                    *prepared = Some(period);
+                }
                 probe.ping().await
             }
         })
@@ -116,27 +165,35 @@ impl StoreMonitor {
     {
         let gauge = IntGauge::new("store_up", "1 while the service's own store answers its probe")?;
         registry.register(Box::new(gauge.clone()))?;
-        let up = status.0;
         let probe_timeout = interval.max(Duration::from_secs(1));
         let task = tokio::spawn(async move {
             let mut was_up = None;
             loop {
-                let now_up = match tokio::time::timeout(probe_timeout, probe()).await {
-                    Ok(Ok(())) => true,
-                    Ok(Err(err)) => {
-                        if was_up != Some(false) {
-                            warn!(store, error = format!("{err:#}"), "store probe failed");
-                        }
-                        false
+                let now_up = if status.in_maintenance() {
+                    // Hands off: whoever maintains the store may have it
+                    // half replaced.
+                    if was_up != Some(false) {
+                        warn!(store, "in maintenance: NOT_SERVING");
                     }
-                    Err(_) => {
-                        if was_up != Some(false) {
-                            warn!(store, ?probe_timeout, "store probe timed out");
+                    false
+                } else {
+                    match tokio::time::timeout(probe_timeout, probe()).await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(err)) => {
+                            if was_up != Some(false) {
+                                warn!(store, error = format!("{err:#}"), "store probe failed");
+                            }
+                            false
                         }
-                        false
+                        Err(_) => {
+                            if was_up != Some(false) {
+                                warn!(store, ?probe_timeout, "store probe timed out");
+                            }
+                            false
+                        }
                     }
                 };
-                up.store(now_up, Ordering::Release);
+                status.set_up(now_up);
                 gauge.set(i64::from(now_up));
                 if was_up != Some(now_up) {
                     if now_up {
@@ -154,6 +211,61 @@ impl StoreMonitor {
         });
         Ok(Self { task })
     }
+}
+
+/// The maintenance routes of the metrics port, for callers presenting the
+/// ingest token: `GET /maintenance` (whether in maintenance, whether the
+/// store is up), `POST /maintenance/on` and `POST /maintenance/off`.
+pub fn maintenance_routes(status: StoreStatus, ingest_token: &str) -> axum::Router {
+    use axum::{extract::State, http::HeaderMap, routing};
+
+    #[derive(Clone)]
+    struct Maintenance {
+        status: StoreStatus,
+        token: Arc<str>,
+    }
+
+    type Reply = (http::StatusCode, String);
+
+    fn answer(m: &Maintenance, headers: &HeaderMap, change: Option<bool>) -> Reply {
+        let presented = headers.get(crate::relay::INGEST_TOKEN_HEADER);
+        if !presented.is_some_and(|p| crate::relay::ingest_token_matches(p.as_bytes(), &m.token)) {
+            return (
+                http::StatusCode::UNAUTHORIZED,
+                format!(
+                    "{{\"error\":\"present the ingest token in {}\"}}",
+                    crate::relay::INGEST_TOKEN_HEADER
+                ),
+            );
+        }
+        if let Some(on) = change {
+            m.status.set_maintenance(on);
+            info!(maintenance = on, "maintenance {}", if on { "started" } else { "ended" });
+        }
+        let body = serde_json::json!({
+            "maintenance": m.status.in_maintenance(),
+            "store_up": m.status.0.up.load(Ordering::Acquire),
+        });
+        (http::StatusCode::OK, body.to_string())
+    }
+
+    axum::Router::new()
+        .route(
+            "/maintenance",
+            routing::get(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, None) }),
+        )
+        .route(
+            "/maintenance/on",
+            routing::post(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, Some(true)) }),
+        )
+        .route(
+            "/maintenance/off",
+            routing::post(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, Some(false)) }),
+        )
+        .with_state(Maintenance {
+            status,
+            token: Arc::from(ingest_token),
+        })
 }
 
 /// `store_operation_seconds{store, operation, outcome}`: how long each call
@@ -223,4 +335,101 @@ pub async fn timed<T, E: std::fmt::Display>(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counting {
+        prepared: AtomicUsize,
+        pinged: AtomicUsize,
+    }
+
+    impl Probe for Counting {
+        async fn prepare(&self) -> anyhow::Result<()> {
+            self.prepared.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        async fn ping(&self) -> anyhow::Result<()> {
+            self.pinged.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if what() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s");
+    }
+
+    #[tokio::test]
+    async fn maintenance_holds_the_store_down_untouched_and_prepares_it_again_when_it_ends() {
+        let status = StoreStatus::new();
+        let probe = Arc::new(Counting::default());
+        let _monitor = StoreMonitor::watch(
+            "test",
+            Health::new(),
+            &Registry::new(),
+            vec![],
+            Duration::from_millis(20),
+            status.clone(),
+            probe.clone(),
+        )
+        .unwrap();
+        until(|| status.is_up()).await;
+        assert_eq!(probe.prepared.load(Ordering::SeqCst), 1);
+
+        status.set_maintenance(true);
+        assert!(!status.is_up(), "maintenance takes effect at once");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let pinged = probe.pinged.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(probe.pinged.load(Ordering::SeqCst), pinged, "the store is left alone");
+        assert!(!status.is_up());
+
+        status.set_maintenance(false);
+        until(|| status.is_up()).await;
+        assert_eq!(
+            probe.prepared.load(Ordering::SeqCst),
+            2,
+            "prepared again over the new data"
+        );
+    }
+
+    #[tokio::test]
+    async fn maintenance_is_switched_only_with_the_ingest_token() {
+        use tower::ServiceExt as _;
+        let status = StoreStatus::always_up();
+        let routes = maintenance_routes(status.clone(), "secret");
+        let call = |path: &str, token: Option<&str>| {
+            let mut request = http::Request::builder().method("POST").uri(path);
+            if let Some(token) = token {
+                request = request.header(crate::relay::INGEST_TOKEN_HEADER, token);
+            }
+            routes.clone().oneshot(request.body(axum::body::Body::empty()).unwrap())
+        };
+        for token in [None, Some("wrong")] {
+            let reply = call("/maintenance/on", token).await.unwrap();
+            assert_eq!(reply.status(), http::StatusCode::UNAUTHORIZED);
+            assert!(status.is_up(), "a refused call changes nothing");
+        }
+        let reply = call("/maintenance/on", Some("secret")).await.unwrap();
+        let body = axum::body::to_bytes(reply.into_body(), 1 << 16).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"maintenance": true, "store_up": true})
+        );
+        assert!(!status.is_up());
+        call("/maintenance/off", Some("secret")).await.unwrap();
+        assert!(status.is_up());
+    }
 }

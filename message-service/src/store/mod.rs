@@ -19,6 +19,7 @@
 //! | `revocations` | the latest `TokensRevoked` per user (`_id` = user id) | `{issued_before}` |
 //! | `erasures` | users whose messages are still being erased (`_id` = user id) | `_id` |
 //! | `visibility` | users whose messages are still being hidden or shown (`_id` = user id, `hidden`: the wanted state) | `_id` |
+//! | `meta` | `{_id: "schema", version}`: the data model's version, written at start-up | `_id` |
 
 use std::time::Duration;
 
@@ -49,6 +50,11 @@ const DEAD_LETTERS: &str = "outbox_dead_letters";
 const REVOCATIONS: &str = "revocations";
 const ERASURES: &str = "erasures";
 const VISIBILITY: &str = "visibility";
+/// One document, `{_id: "schema", version}`: the data model's version,
+/// written at start-up; a build refuses data written by a newer one (and
+/// `chirp restore` refuses a backup newer than the data it replaces).
+const META: &str = "meta";
+const SCHEMA_VERSION: i32 = 1;
 /// Messages hidden or shown per transaction, with their events: bounded
 /// work per step however many messages the user wrote.
 const VISIBILITY_CHUNK: i64 = 500;
@@ -249,6 +255,25 @@ impl Store {
                 .create_index(pending)
                 .await
                 .map_err(classify)?;
+        }
+        let meta = self.database.collection::<Document>(META);
+        meta.update_one(
+            doc! { "_id": "schema" },
+            doc! { "$setOnInsert": { "version": SCHEMA_VERSION } },
+        )
+        .upsert(true)
+        .await
+        .map_err(classify)?;
+        let stored = meta
+            .find_one(doc! { "_id": "schema" })
+            .await
+            .map_err(classify)?
+            .and_then(|d| d.get_i32("version").ok())
+            .unwrap_or(SCHEMA_VERSION);
+        if stored > SCHEMA_VERSION {
+            return Err(Error::Internal(anyhow::anyhow!(
+                "MongoDB holds schema version {stored}; this build knows up to {SCHEMA_VERSION}"
+            )));
         }
         Ok(())
     }
