@@ -321,15 +321,23 @@ async fn the_page_refuses_commands_from_another_origin_and_the_cli_drives_the_sa
     assert!(out.contains("slow 250ms"), "{out}");
     let (code, out) = up.run(&["chaos", "flaky", "user-service", "150%"]);
     assert_ne!(code, 0, "an error rate above 100% is refused: {out}");
-    let state = up.page_state();
-    let redis = state["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == "redis")
-        .unwrap()
-        .clone();
-    assert_eq!(redis["fault"], "slow 250ms", "{state:#}");
+    // The page shows it at its next scrape.
+    let redis_fault = |state: &Value| {
+        state["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == "redis"))
+            .map(|n| n["fault"].clone())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = up.page_state();
+        if redis_fault(&state) == "slow 250ms" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fault is not shown: {state:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (code, out) = up.run(&["chaos", "heal"]);
     assert_eq!(code, 0, "{out}");
     let (code, out) = up.run(&["load", "start", "--rate", "5"]);
@@ -337,15 +345,8 @@ async fn the_page_refuses_commands_from_another_origin_and_the_cli_drives_the_sa
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let state = up.page_state();
-        let redis_fault = state["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"] == "redis")
-            .unwrap()["fault"]
-            .clone();
         if state["load"] == json!(5.0)
-            && redis_fault.is_null()
+            && redis_fault(&state).is_null()
             && state["recent"].as_array().is_some_and(|r| !r.is_empty())
         {
             break;

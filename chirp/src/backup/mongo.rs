@@ -44,22 +44,36 @@ async fn version(db: &Database) -> anyhow::Result<i64> {
     Ok(meta.and_then(|d| d.get_i32("version").ok()).map_or(0, i64::from))
 }
 
-pub async fn inspect(store: &Store) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
+/// Runs `work` on the database, then shuts the client down (its background
+/// tasks would otherwise outlive the command's runtime).
+async fn with_database<T>(store: &Store, work: impl AsyncFnOnce(&Database) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let db = database(store).await?;
-    let mut counts = BTreeMap::new();
-    for name in db.list_collection_names().await? {
-        if !name.starts_with("system.") {
-            counts.insert(
-                name.clone(),
-                db.collection::<Document>(&name).count_documents(doc! {}).await?,
-            );
+    let result = work(&db).await;
+    db.client().clone().shutdown().await;
+    result
+}
+
+pub async fn inspect(store: &Store) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
+    with_database(store, async |db| {
+        let mut counts = BTreeMap::new();
+        for name in db.list_collection_names().await? {
+            if !name.starts_with("system.") {
+                counts.insert(
+                    name.clone(),
+                    db.collection::<Document>(&name).count_documents(doc! {}).await?,
+                );
+            }
         }
-    }
-    Ok((version(&db).await?, counts))
+        Ok((version(db).await?, counts))
+    })
+    .await
 }
 
 pub async fn backup(store: &Store, dir: &Path) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
-    let db = database(store).await?;
+    with_database(store, async |db| export(db, dir).await).await
+}
+
+async fn export(db: &Database, dir: &Path) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
     let mut specs = Vec::new();
     let mut collections = db.list_collections().await?;
     while let Some(spec) = collections.try_next().await? {
@@ -120,7 +134,10 @@ pub async fn backup(store: &Store, dir: &Path) -> anyhow::Result<(i64, BTreeMap<
 }
 
 pub async fn restore(store: &Store, dir: &Path) -> anyhow::Result<()> {
-    let db = database(store).await?;
+    with_database(store, async |db| import(db, dir).await).await
+}
+
+async fn import(db: &Database, dir: &Path) -> anyhow::Result<()> {
     let specs: Vec<Collection> =
         serde_json::from_slice(&tokio::fs::read(dir.join("collections.json")).await?).context("collections.json")?;
     for name in db.list_collection_names().await? {

@@ -1,0 +1,509 @@
+//! `chirp backup` and `chirp restore` on a running mesh, one service at a
+//! time: what the API returns and what the store holds go back to the
+//! backup moment, while a client calling every other service sees no error
+//! beyond the degraded parts the fault-isolation matrix documents; a damaged
+//! or newer backup is refused and changes nothing.
+//!
+//! `CHIRP_BACKUP_TEST_SIZE` sets how many messages (and as many comments)
+//! the data set has (default 300).
+
+mod common;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use chirp_proto::{
+    analytics::v1::{analytics_service_client::AnalyticsServiceClient, GetUserStatsRequest},
+    comment::v1::{comment_service_client::CommentServiceClient, AddCommentRequest, CountCommentsRequest},
+    message::v2::{self as m2, message_service_client::MessageServiceClient},
+    user::v1::{user_service_client::UserServiceClient, GetUserRequest, LoginRequest, RegisterRequest},
+};
+use common::{free_port_base, Up};
+use serde_json::Value;
+use test_support::grpc::authed;
+use tonic::transport::Channel;
+
+const PASSWORD: &str = "backup-test-password";
+const SERVICES: [&str; 4] = [
+    "user-service",
+    "message-service",
+    "comment-service",
+    "analytics-service",
+];
+
+struct World {
+    users: Channel,
+    messages: Channel,
+    comments: Channel,
+    analytics: Channel,
+    token: String,
+    user_id: String,
+}
+
+impl World {
+    fn new(up: &Up) -> Self {
+        Self {
+            users: up.channel(1),
+            messages: up.channel(2),
+            comments: up.channel(3),
+            analytics: up.channel(4),
+            token: String::new(),
+            user_id: String::new(),
+        }
+    }
+
+    async fn register(&self, username: &str) -> String {
+        UserServiceClient::new(self.users.clone())
+            .register(RegisterRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .user
+            .unwrap()
+            .id
+    }
+
+    async fn login(&mut self, username: &str) {
+        let reply = UserServiceClient::new(self.users.clone())
+            .login(LoginRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .expect("login")
+            .into_inner();
+        self.token = reply.access_token;
+        self.user_id = reply.user.unwrap().id;
+    }
+
+    async fn post(&self, body: String) -> String {
+        let client = MessageServiceClient::new(self.messages.clone());
+        retrying("post", || {
+            let mut client = client.clone();
+            let request = authed(m2::PostMessageRequest { body: body.clone() }, &self.token);
+            async move { client.post_message(request).await }
+        })
+        .await
+        .into_inner()
+        .message
+        .unwrap()
+        .id
+    }
+
+    async fn comment(&self, message_id: &str, body: String) {
+        let client = CommentServiceClient::new(self.comments.clone());
+        retrying("comment", || {
+            let mut client = client.clone();
+            let request = authed(
+                AddCommentRequest {
+                    message_id: message_id.into(),
+                    body: body.clone(),
+                },
+                &self.token,
+            );
+            async move { client.add_comment(request).await }
+        })
+        .await;
+    }
+
+    async fn get(&self, message_id: &str) -> Result<m2::EnrichedMessage, tonic::Status> {
+        MessageServiceClient::new(self.messages.clone())
+            .get_message(m2::GetMessageRequest {
+                message_id: message_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner().message.unwrap_or_default())
+    }
+
+    async fn comment_count(&self, message_id: &str) -> i64 {
+        let reply = CommentServiceClient::new(self.comments.clone())
+            .count_comments(CountCommentsRequest {
+                message_ids: vec![message_id.into()],
+            })
+            .await
+            .expect("count")
+            .into_inner();
+        reply.counts.get(message_id).copied().unwrap_or(0)
+    }
+
+    async fn messages_posted(&self) -> i64 {
+        AnalyticsServiceClient::new(self.analytics.clone())
+            .get_user_stats(authed(
+                GetUserStatsRequest {
+                    user_id: self.user_id.clone(),
+                },
+                &self.token,
+            ))
+            .await
+            .expect("stats")
+            .into_inner()
+            .message_count
+    }
+}
+
+/// A write, sent again after UNAVAILABLE (a peer too slow on a loaded
+/// machine), as a client would, a few times.
+async fn retrying<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for attempt in 1.. {
+        match call().await {
+            Ok(reply) => return reply,
+            Err(status) if status.code() == tonic::Code::Unavailable && attempt < 5 => {
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(status) => panic!("{what}: {status:?}"),
+        }
+    }
+    unreachable!()
+}
+
+/// Posts `n` messages and one comment on each, eight at a time.
+async fn write(world: &Arc<World>, n: usize, tag: &str) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
+        let posts = chunk.iter().map(|i| {
+            let world = world.clone();
+            let body = format!("{tag} message {i}");
+            async move {
+                let id = world.post(body).await;
+                world.comment(&id, format!("{tag} comment on {id}")).await;
+                id
+            }
+        });
+        ids.extend(futures::future::join_all(posts).await);
+    }
+    ids
+}
+
+/// Calls every service but `restoring` until stopped: what failed, and what
+/// came back degraded (by part), as seen.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(world: &Arc<World>, restoring: &'static str, message_id: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(Mutex::new(0));
+        let (world, stop2, seen2, calls2) = (world.clone(), stop.clone(), seen.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            while !stop2.load(Ordering::Relaxed) {
+                let mut outcomes: Vec<String> = Vec::new();
+                if restoring != "user-service" {
+                    let r = UserServiceClient::new(world.users.clone())
+                        .get_user(GetUserRequest {
+                            user_id: world.user_id.clone(),
+                        })
+                        .await;
+                    outcomes.push(format!("GetUser {}", code(&r)));
+                }
+                if restoring != "message-service" {
+                    let r = world.get(&message_id).await;
+                    let mut outcome = format!("GetMessage {}", code(&r));
+                    if let Ok(m) = &r {
+                        let unavailable = m2::PartStatus::Unavailable as i32;
+                        if m.author.as_ref().is_some_and(|a| a.status == unavailable) {
+                            outcome.push_str(" author-unavailable");
+                        }
+                        if m.comments.as_ref().is_some_and(|c| c.status == unavailable) {
+                            outcome.push_str(" comments-unavailable");
+                        }
+                    }
+                    outcomes.push(outcome);
+                }
+                if restoring != "comment-service" {
+                    let r = CommentServiceClient::new(world.comments.clone())
+                        .count_comments(CountCommentsRequest {
+                            message_ids: vec![message_id.clone()],
+                        })
+                        .await;
+                    outcomes.push(format!("CountComments {}", code(&r)));
+                }
+                if restoring != "analytics-service" {
+                    let r = AnalyticsServiceClient::new(world.analytics.clone())
+                        .get_user_stats(authed(
+                            GetUserStatsRequest {
+                                user_id: world.user_id.clone(),
+                            },
+                            &world.token,
+                        ))
+                        .await;
+                    outcomes.push(format!("GetUserStats {}", code(&r)));
+                }
+                *calls2.lock().unwrap() += outcomes.len() as u64;
+                seen2.lock().unwrap().extend(outcomes);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Self {
+            stop,
+            seen,
+            calls,
+            task,
+        }
+    }
+
+    /// Stops; the distinct outcomes with their counts, and the calls made.
+    async fn finish(self) -> (Vec<(String, usize)>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let seen = self.seen.lock().unwrap().clone();
+        let mut distinct: Vec<(String, usize)> = Vec::new();
+        for outcome in seen {
+            match distinct.iter_mut().find(|(o, _)| *o == outcome) {
+                Some((_, n)) => *n += 1,
+                None => distinct.push((outcome, 1)),
+            }
+        }
+        (distinct, *self.calls.lock().unwrap())
+    }
+}
+
+fn code<T>(r: &Result<T, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "ok".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+/// What a restore may cost the others: the restored service's own parts
+/// in their replies, degraded as when its store is down.
+fn allowed(restoring: &str, outcome: &str) -> bool {
+    match outcome {
+        o if o.ends_with(" ok") => true,
+        "GetMessage ok author-unavailable" => restoring == "user-service",
+        "GetMessage ok comments-unavailable" => restoring == "comment-service",
+        _ => false,
+    }
+}
+
+fn backup_dirs(json: &str) -> Vec<(String, PathBuf, Value)> {
+    let taken: Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
+    taken
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["service"].as_str().unwrap().to_owned(),
+                PathBuf::from(b["dir"].as_str().unwrap()),
+                b["manifest"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn restore(up: &Up, service: &str, dir: &Path) -> (i32, String) {
+    up.run(&["--json", "restore", service, dir.to_str().unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_is_restored_to_its_backup_while_the_others_keep_serving() {
+    let size: usize = std::env::var("CHIRP_BACKUP_TEST_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up = Up::start_with(data.path(), free_port_base(), &["--no-seed"]);
+    let mut world = World::new(&up);
+    world.register("backup_author").await;
+    world.login("backup_author").await;
+    let world = Arc::new(world);
+
+    let start = Instant::now();
+    let before_ids = write(&world, size, "kept").await;
+    println!(
+        "wrote {size} messages and {size} comments in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    // Analytics counts what the outboxes delivered: wait for all of it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while world.messages_posted().await < size as i64 {
+        assert!(Instant::now() < deadline, "analytics did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !common::settled(&up.status()) {
+        assert!(Instant::now() < deadline, "the mesh did not settle: {:#}", up.status());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let backups_dir = data.path().join("backups");
+    let (code, out) = up.run(&["--json", "backup", "all", "--to", backups_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let backups = backup_dirs(&out);
+    for (service, dir, manifest) in &backups {
+        println!("backup of {service}: {} counts {}", dir.display(), manifest["counts"]);
+    }
+    let manifest_of = |service: &str| backups.iter().find(|(s, _, _)| s == service).unwrap().clone();
+    assert_eq!(manifest_of("message-service").2["counts"]["messages"], size as u64);
+    assert_eq!(manifest_of("comment-service").2["counts"]["comments"], size as u64);
+
+    // After the backup: a new user, new messages with comments, a deleted
+    // message and another comment on a kept one.
+    let newcomer = world.register("after_backup").await;
+    let after_ids = write(&world, 10, "later").await;
+    let until_posted = |count: i64| {
+        let world = world.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while world.messages_posted().await != count {
+                assert!(Instant::now() < deadline, "analytics did not reach {count} messages");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    until_posted(size as i64 + 10).await;
+    MessageServiceClient::new(world.messages.clone())
+        .delete_message(authed(
+            m2::DeleteMessageRequest {
+                message_id: before_ids[0].clone(),
+            },
+            &world.token,
+        ))
+        .await
+        .expect("delete");
+    world.comment(&before_ids[1], "a second comment".into()).await;
+    until_posted(size as i64 + 9).await;
+
+    // A damaged backup and a newer one are refused; nothing changes.
+    let (_, comment_backup, _) = manifest_of("comment-service");
+    let damaged = data.path().join("damaged");
+    copy_dir(&comment_backup, &damaged);
+    let file = damaged.join("keys.jsonl");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&file, bytes).unwrap();
+    let (code, out) = restore(&up, "comment-service", &damaged);
+    assert_ne!(code, 0, "a damaged backup is refused: {out}");
+    assert!(out.contains("does not match its checksum"), "{out}");
+    let newer = data.path().join("newer");
+    copy_dir(&comment_backup, &newer);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(newer.join("manifest.json")).unwrap()).unwrap();
+    manifest["schema_version"] = (manifest["schema_version"].as_i64().unwrap() + 1).into();
+    std::fs::write(newer.join("manifest.json"), manifest.to_string()).unwrap();
+    let (code, out) = restore(&up, "comment-service", &newer);
+    assert_ne!(code, 0, "a newer backup is refused: {out}");
+    assert!(out.contains("schema version"), "{out}");
+    assert_eq!(
+        world.comment_count(&before_ids[1]).await,
+        2,
+        "the refused restores changed nothing"
+    );
+    assert_eq!(up.part("comment-service")["service"]["serving"], true);
+
+    // Each service restored in turn, a client calling the others meanwhile.
+    let probe = before_ids[2].clone();
+    for service in SERVICES {
+        // The previous restore's degradation has cleared (its peers'
+        // circuits closed again) before the next one is judged.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let whole = world.get(&probe).await.is_ok_and(|m| {
+                let ok = m2::PartStatus::Ok as i32;
+                m.author.is_some_and(|a| a.status == ok) && m.comments.is_some_and(|c| c.status == ok)
+            });
+            if whole {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the mesh did not recover before restoring {service}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, dir, manifest) = manifest_of(service);
+        let watcher = Watcher::start(&world, service, probe.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let (code, out) = restore(&up, service, &dir);
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (outcomes, calls) = watcher.finish().await;
+        assert_eq!(code, 0, "{out}");
+        let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        println!(
+            "{service}: restored in {:.2} s; before {} → after {} (backup {}); {calls} calls to the others: {outcomes:?}",
+            took.as_secs_f64(),
+            report["before"],
+            report["after"],
+            manifest["counts"]
+        );
+        assert_eq!(
+            report["after"], manifest["counts"],
+            "the store holds what the backup held"
+        );
+        let unexpected: Vec<&(String, usize)> = outcomes.iter().filter(|(o, _)| !allowed(service, o)).collect();
+        assert!(
+            unexpected.is_empty(),
+            "restoring {service} cost the others: {unexpected:?}"
+        );
+        assert_eq!(up.part(service)["service"]["serving"], true, "{service} serves again");
+    }
+
+    // What the API says is the backup moment's.
+    let gone = UserServiceClient::new(world.users.clone())
+        .get_user(GetUserRequest { user_id: newcomer })
+        .await;
+    assert_eq!(
+        gone.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "the user registered later is gone"
+    );
+    assert_eq!(
+        world.get(&after_ids[0]).await.unwrap_err().code(),
+        tonic::Code::NotFound,
+        "a message posted later is gone"
+    );
+    let deleted = world.get(&before_ids[0]).await.expect("the deleted message is back");
+    assert_eq!(deleted.comments.unwrap().count, 1);
+    assert_eq!(
+        world.comment_count(&before_ids[1]).await,
+        1,
+        "the later comment is gone"
+    );
+    assert_eq!(
+        world.messages_posted().await,
+        size as i64,
+        "analytics counts as at the backup"
+    );
+    // The mesh works on: a new post flows to analytics.
+    world.post("after the restores".into()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while world.messages_posted().await < size as i64 + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a post after the restores did not reach analytics"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    up.stop();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
