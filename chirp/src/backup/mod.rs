@@ -85,8 +85,37 @@ impl Store {
         let ports = Ports {
             base: control::send(data_dir, "ps").await?.port_base,
         };
+        Ok(Self::at(ports, data_dir))
+    }
+
+    /// The stores a backup reads: the running mesh's, or, with no mesh
+    /// running, the ones the URLs name (`DATABASE_URL`, `MONGODB_URI`,
+    /// `REDIS_URL`, `ANALYTICS_DATABASE_PATH`), as for a store run
+    /// elsewhere. A restore always needs the mesh: it switches the
+    /// service's maintenance.
+    async fn to_back_up(data_dir: &Path) -> anyhow::Result<Self> {
+        match Self::of_running(data_dir).await {
+            Ok(store) => Ok(store),
+            Err(err) => {
+                let given = ["DATABASE_URL", "MONGODB_URI", "REDIS_URL", "ANALYTICS_DATABASE_PATH"]
+                    .iter()
+                    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()));
+                if !given {
+                    return Err(err.context("no running mesh, and no store URL given"));
+                }
+                Ok(Self::at(
+                    Ports {
+                        base: crate::layout::DEFAULT_PORT_BASE,
+                    },
+                    data_dir,
+                ))
+            }
+        }
+    }
+
+    fn at(ports: Ports, data_dir: &Path) -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Ok(Self {
+        Self {
             ports,
             postgres: var("DATABASE_URL")
                 .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres))),
@@ -95,8 +124,8 @@ impl Store {
             mongodb_database: var("MONGODB_DATABASE").unwrap_or_else(|| "chirp_messages".to_owned()),
             redis: var("REDIS_URL").unwrap_or_else(|| format!("redis://127.0.0.1:{}", ports.of(Part::Redis))),
             redis_prefix: var("REDIS_KEY_PREFIX").unwrap_or_else(|| "chirp:comments:".to_owned()),
-            sqlite: data_dir.join("analytics.db"),
-        })
+            sqlite: var("ANALYTICS_DATABASE_PATH").map_or_else(|| data_dir.join("analytics.db"), PathBuf::from),
+        }
     }
 
     /// The live store's schema version and counts.
@@ -139,7 +168,7 @@ fn services(which: &str) -> anyhow::Result<Vec<Part>> {
 /// # Errors
 /// When no mesh runs, or a store cannot be read or the files written.
 pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let store = Store::of_running(data_dir).await?;
+    let store = Store::to_back_up(data_dir).await?;
     let to = to.map_or_else(|| data_dir.join("backups"), Path::to_path_buf);
     let mut taken = Vec::new();
     for service in services(which)? {
