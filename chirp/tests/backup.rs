@@ -302,6 +302,10 @@ fn backup_dirs(json: &str) -> Vec<(String, PathBuf, Value)> {
         .unwrap()
         .iter()
         .map(|b| {
+            println!(
+                "backed up {} in {:.2} s, {} bytes",
+                b["service"], b["seconds"], b["bytes"]
+            );
             (
                 b["service"].as_str().unwrap().to_owned(),
                 PathBuf::from(b["dir"].as_str().unwrap()),

@@ -274,6 +274,12 @@ pub async fn restore(data_dir: &Path, which: &str, from: &Path, json: bool) -> a
             counts_text(&manifest.counts),
             counts_text(&after)
         );
+        println!(
+            "  events: what waited in the outbox at {} is sent again (consumers deduplicate by event id); \
+             events written since then are gone with the writes that made them, and what other services \
+             applied from them stays applied",
+            manifest.created_at
+        );
     }
     Ok(())
 }
