@@ -67,3 +67,102 @@ pub fn revocation_event() -> Event {
         },
     )
 }
+
+/// Strategies for the services' property tests of their request parsing:
+/// what a hostile or broken client can put in a request's fields.
+pub mod props {
+    use proptest::{collection::vec, prelude::*};
+
+    use crate::validate::FieldViolation;
+
+    /// Cases per request type: enough to meet the rare shapes, cheap enough
+    /// that every request type of every service runs in seconds.
+    pub const CASES: u32 = 10_000;
+
+    /// Text as clients send it and as attackers do: valid ids and plain
+    /// words, anything Unicode (combining marks, zero-width and bidi
+    /// controls, emoji, NUL and other control characters), whitespace only,
+    /// and text far past every bound.
+    pub fn text() -> impl Strategy<Value = String> {
+        // Built from characters rather than regexes: a regex-driven
+        // generator costs milliseconds a case in a debug build.
+        let edge = prop_oneof![
+            Just('\u{0}'),
+            Just('\u{7}'),
+            Just('\u{200b}'),
+            Just('\u{200d}'),
+            Just('\u{202e}'),
+            Just('\u{301}'),
+            Just('\u{feff}'),
+            Just('\u{fffd}'),
+            Just('\u{1f600}'),
+            Just('\u{10ffff}'),
+            Just('\u{a0}'),
+            Just('\u{3000}'),
+            Just('\n'),
+            Just(' '),
+            Just('a'),
+            Just('é'),
+            Just('-'),
+            Just('_'),
+        ];
+        prop_oneof![
+            3 => vec(any::<char>(), 0..40).prop_map(|chars| chars.into_iter().collect()),
+            2 => Just(()).prop_map(|()| uuid::Uuid::now_v7().to_string()),
+            2 => vec(edge, 0..100).prop_map(|chars| chars.into_iter().collect()),
+            1 => (0..6usize).prop_map(|n| " ".repeat(n)),
+            1 => (270..300usize, prop_oneof![Just("a"), Just("é"), Just("😀")]).prop_map(|(n, c)| c.repeat(n)),
+            1 => (1000..5000usize).prop_map(|n| "ü".repeat(n)),
+        ]
+    }
+
+    /// Numbers at and around every edge.
+    pub fn number() -> impl Strategy<Value = i32> {
+        prop_oneof![
+            Just(i32::MIN),
+            Just(-1),
+            Just(0),
+            Just(1),
+            Just(20),
+            Just(100),
+            Just(101),
+            Just(i32::MAX),
+            0..200i32,
+            any::<i32>(),
+        ]
+    }
+
+    /// A repeated field: empty, a few, or far more than any bound allows.
+    pub fn texts() -> impl Strategy<Value = Vec<String>> {
+        prop_oneof![
+            3 => vec(text(), 0..5),
+            // Past the bound on their number: short ones, so that a case
+            // stays cheap to make.
+            1 => vec(
+                prop_oneof![
+                    vec(any::<char>(), 0..12).prop_map(|chars| chars.into_iter().collect::<String>()),
+                    Just(()).prop_map(|()| uuid::Uuid::now_v7().to_string()),
+                ],
+                95..110
+            ),
+            1 => (0..300usize).prop_map(|n| (0..n).map(|_| uuid::Uuid::now_v7().to_string()).collect()),
+        ]
+    }
+
+    /// Every violation names a field the request has, with a reason.
+    ///
+    /// # Panics
+    /// When one does not: what a property test reports.
+    pub fn named(violations: &[FieldViolation], fields: &[&str]) {
+        assert!(!violations.is_empty(), "INVALID_ARGUMENT with no field violation");
+        for v in violations {
+            let root = v.field.split(['.', '[']).next().unwrap_or_default();
+            assert!(
+                fields.contains(&root),
+                "a violation of an unknown field {:?}: {v:?}",
+                v.field
+            );
+            assert!(!v.description.is_empty(), "a violation without a reason: {v:?}");
+        }
+    }
+}

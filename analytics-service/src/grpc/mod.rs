@@ -75,6 +75,36 @@ fn window(
     Window::parse(start, end)
 }
 
+// Each request's fields parsed into domain values, or every violation
+// (property tested below).
+
+fn parse_user_stats(r: &pb::GetUserStatsRequest) -> Result<UserId, Vec<FieldViolation>> {
+    UserId::parse("user_id", &r.user_id).map_err(|v| vec![v])
+}
+
+fn parse_message_stats(r: &pb::GetMessageStatsRequest) -> Result<MessageId, Vec<FieldViolation>> {
+    MessageId::parse("message_id", &r.message_id).map_err(|v| vec![v])
+}
+
+fn parse_top_messages(r: &pb::TopMessagesRequest) -> Result<(Window, TopLimit), Vec<FieldViolation>> {
+    (
+        window(r.start_time.as_ref(), r.end_time.as_ref()),
+        TopLimit::parse(r.limit),
+    )
+        .all()
+}
+
+fn parse_histogram(r: &pb::GetActivityHistogramRequest) -> Result<HistogramRequest, Vec<FieldViolation>> {
+    let granularity = match pb::Granularity::try_from(r.granularity) {
+        Ok(pb::Granularity::Minute) => Ok(Granularity::Minute),
+        Ok(pb::Granularity::Hour) => Ok(Granularity::Hour),
+        Ok(pb::Granularity::Day) => Ok(Granularity::Day),
+        _ => Err(violation("granularity", "must be MINUTE, HOUR or DAY")),
+    };
+    let (window, granularity) = (window(r.start_time.as_ref(), r.end_time.as_ref()), granularity).all()?;
+    HistogramRequest::parse(window, granularity).map_err(|v| vec![v])
+}
+
 fn to_pb_time(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.timestamp(),
@@ -99,7 +129,7 @@ impl AnalyticsService for AnalyticsApi {
 
     async fn get_user_stats(&self, request: Request<pb::GetUserStatsRequest>) -> Reply<pb::GetUserStatsResponse> {
         let caller = self.caller(request.metadata()).await?;
-        let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let user = parse_user_stats(request.get_ref()).map_err(Error::from)?;
         let stats = self.analytics.user_stats(&caller, user).await?;
         Ok(Response::new(pb::GetUserStatsResponse {
             user_id: user.to_string(),
@@ -116,7 +146,7 @@ impl AnalyticsService for AnalyticsApi {
         request: Request<pb::GetMessageStatsRequest>,
     ) -> Reply<pb::GetMessageStatsResponse> {
         let caller = self.caller(request.metadata()).await?;
-        let message = MessageId::parse("message_id", &request.get_ref().message_id).map_err(Error::from)?;
+        let message = parse_message_stats(request.get_ref()).map_err(Error::from)?;
         let stats = self.analytics.message_stats(&caller, message).await?;
         Ok(Response::new(pb::GetMessageStatsResponse {
             message_id: message.to_string(),
@@ -128,13 +158,7 @@ impl AnalyticsService for AnalyticsApi {
 
     async fn top_messages(&self, request: Request<pb::TopMessagesRequest>) -> Reply<pb::TopMessagesResponse> {
         let caller = self.caller(request.metadata()).await?;
-        let r = request.get_ref();
-        let (window, limit) = (
-            window(r.start_time.as_ref(), r.end_time.as_ref()),
-            TopLimit::parse(r.limit),
-        )
-            .all()
-            .map_err(Error::from)?;
+        let (window, limit) = parse_top_messages(request.get_ref()).map_err(Error::from)?;
         let top = self.analytics.top_messages(&caller, window, limit).await?;
         Ok(Response::new(pb::TopMessagesResponse {
             messages: top
@@ -153,15 +177,7 @@ impl AnalyticsService for AnalyticsApi {
     ) -> Reply<pb::GetActivityHistogramResponse> {
         let caller = self.caller(request.metadata()).await?;
         Analytics::may_read_activity(&caller)?;
-        let r = request.get_ref();
-        let window = window(r.start_time.as_ref(), r.end_time.as_ref()).map_err(Error::from)?;
-        let granularity = match pb::Granularity::try_from(r.granularity) {
-            Ok(pb::Granularity::Minute) => Granularity::Minute,
-            Ok(pb::Granularity::Hour) => Granularity::Hour,
-            Ok(pb::Granularity::Day) => Granularity::Day,
-            _ => return Err(Error::from(violation("granularity", "must be MINUTE, HOUR or DAY")).into()),
-        };
-        let histogram = HistogramRequest::parse(window, granularity).map_err(Error::from)?;
+        let histogram = parse_histogram(request.get_ref()).map_err(Error::from)?;
         let buckets = self.analytics.activity(&caller, histogram).await?;
         Ok(Response::new(pb::GetActivityHistogramResponse {
             buckets: buckets
@@ -200,6 +216,61 @@ impl From<Error> for Status {
             Error::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "internal error");
                 Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use service_kit::testing::props::{named, number, text, CASES};
+
+    use super::*;
+
+    /// A timestamp a client may send: absent, ordinary, or at the edges of
+    /// what the wire type holds (nanos out of range included).
+    fn time() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
+        let seconds = prop_oneof![
+            Just(i64::MIN),
+            Just(-1i64),
+            Just(0i64),
+            Just(i64::MAX),
+            1_700_000_000..1_900_000_000i64,
+            any::<i64>()
+        ];
+        let nanos = prop_oneof![Just(-1), Just(0), Just(999_999_999), Just(1_000_000_000), any::<i32>()];
+        proptest::option::of((seconds, nanos).prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn user_stats_requests_parse_or_name_their_bad_fields(user_id in text()) {
+            if let Err(v) = parse_user_stats(&pb::GetUserStatsRequest { user_id }) {
+                named(&v, &["user_id"]);
+            }
+        }
+
+        #[test]
+        fn message_stats_requests_parse_or_name_their_bad_fields(message_id in text()) {
+            if let Err(v) = parse_message_stats(&pb::GetMessageStatsRequest { message_id }) {
+                named(&v, &["message_id"]);
+            }
+        }
+
+        #[test]
+        fn top_messages_requests_parse_or_name_their_bad_fields(start_time in time(), end_time in time(), limit in number()) {
+            if let Err(v) = parse_top_messages(&pb::TopMessagesRequest { start_time, end_time, limit }) {
+                named(&v, &["start_time", "end_time", "limit"]);
+            }
+        }
+
+        #[test]
+        fn histogram_requests_parse_or_name_their_bad_fields(start_time in time(), end_time in time(), granularity in number()) {
+            if let Err(v) = parse_histogram(&pb::GetActivityHistogramRequest { start_time, end_time, granularity }) {
+                named(&v, &["start_time", "end_time", "granularity"]);
             }
         }
     }

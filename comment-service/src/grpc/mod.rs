@@ -8,7 +8,7 @@ use service_kit::{
     auth::TokenVerifier,
     events::{Batch, Event},
     relay::{ingest_token_matches, INGEST_TOKEN_HEADER},
-    validate::{invalid_argument, AllFields as _},
+    validate::{invalid_argument, AllFields as _, FieldViolation},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -63,14 +63,39 @@ impl CommentApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+// Each request's fields parsed into domain values, or every violation: the
+// whole of what a handler takes from the wire before it acts (property
+// tested below).
+
+fn parse_add_comment(r: &pb::AddCommentRequest) -> Result<(MessageId, Body), Vec<FieldViolation>> {
+    (MessageId::parse("message_id", &r.message_id), Body::parse(&r.body)).all()
+}
+
+fn parse_list_comments(r: &pb::ListCommentsRequest) -> Result<(MessageId, PageRequest), Vec<FieldViolation>> {
+    (
+        MessageId::parse("message_id", &r.message_id),
+        PageRequest::parse(r.page_size, &r.page_token),
+    )
+        .all()
+}
+
+fn parse_count_comments(r: &pb::CountCommentsRequest) -> Result<MessageIds, Vec<FieldViolation>> {
+    MessageIds::parse(&r.message_ids)
+}
+
+fn parse_delete_comment(r: &pb::DeleteCommentRequest) -> Result<CommentId, Vec<FieldViolation>> {
+    CommentId::parse("comment_id", &r.comment_id).map_err(|v| vec![v])
+}
+
+fn parse_purge_user_comments(r: &pb::PurgeUserCommentsRequest) -> Result<UserId, Vec<FieldViolation>> {
+    UserId::parse("user_id", &r.user_id).map_err(|v| vec![v])
+}
+
 #[tonic::async_trait]
 impl CommentService for CommentApi {
     async fn add_comment(&self, request: Request<pb::AddCommentRequest>) -> Reply<pb::AddCommentResponse> {
         let caller = self.caller(&request).await?;
-        let r = request.get_ref();
-        let (message, body) = (MessageId::parse("message_id", &r.message_id), Body::parse(&r.body))
-            .all()
-            .map_err(Error::from)?;
+        let (message, body) = parse_add_comment(request.get_ref()).map_err(Error::from)?;
         let comment = self.comments.add(caller, message, body).await?;
         Ok(Response::new(pb::AddCommentResponse {
             comment: Some(comment_to_pb(comment)),
@@ -78,13 +103,7 @@ impl CommentService for CommentApi {
     }
 
     async fn list_comments(&self, request: Request<pb::ListCommentsRequest>) -> Reply<pb::ListCommentsResponse> {
-        let r = request.get_ref();
-        let (message, page) = (
-            MessageId::parse("message_id", &r.message_id),
-            PageRequest::parse(r.page_size, &r.page_token),
-        )
-            .all()
-            .map_err(Error::from)?;
+        let (message, page) = parse_list_comments(request.get_ref()).map_err(Error::from)?;
         let page = self.comments.list(message, page).await?;
         Ok(Response::new(pb::ListCommentsResponse {
             next_page_token: page.next_page_token(),
@@ -94,7 +113,7 @@ impl CommentService for CommentApi {
     }
 
     async fn count_comments(&self, request: Request<pb::CountCommentsRequest>) -> Reply<pb::CountCommentsResponse> {
-        let ids = MessageIds::parse(&request.get_ref().message_ids).map_err(Error::from)?;
+        let ids = parse_count_comments(request.get_ref()).map_err(Error::from)?;
         let counts = self.comments.counts(&ids).await?;
         Ok(Response::new(pb::CountCommentsResponse {
             counts: counts.into_iter().map(|(id, n)| (id.to_string(), n)).collect(),
@@ -103,7 +122,7 @@ impl CommentService for CommentApi {
 
     async fn delete_comment(&self, request: Request<pb::DeleteCommentRequest>) -> Reply<pb::DeleteCommentResponse> {
         let caller = self.caller(&request).await?;
-        let id = CommentId::parse("comment_id", &request.get_ref().comment_id).map_err(Error::from)?;
+        let id = parse_delete_comment(request.get_ref()).map_err(Error::from)?;
         self.comments.delete(caller, id).await?;
         Ok(Response::new(pb::DeleteCommentResponse {}))
     }
@@ -113,7 +132,7 @@ impl CommentService for CommentApi {
         request: Request<pb::PurgeUserCommentsRequest>,
     ) -> Reply<pb::PurgeUserCommentsResponse> {
         let caller = self.caller(&request).await?;
-        let user = UserId::parse("user_id", &request.get_ref().user_id).map_err(Error::from)?;
+        let user = parse_purge_user_comments(request.get_ref()).map_err(Error::from)?;
         let deleted = self.comments.purge(caller, user).await?;
         Ok(Response::new(pb::PurgeUserCommentsResponse {
             deleted_count: i64::try_from(deleted).unwrap_or(i64::MAX),
@@ -187,6 +206,145 @@ impl From<Error> for Status {
             Error::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "internal error");
                 Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use chirp_proto::events::v1 as events;
+    use proptest::{collection::vec, prelude::*};
+    use service_kit::testing::props::{named, number, text, texts, CASES};
+
+    use super::*;
+
+    /// An event as a producer might send it, well formed or not.
+    fn event() -> BoxedStrategy<events::Event> {
+        use events::event::Payload;
+        // Boxed arms: the nested strategy types of a debug build would
+        // otherwise overflow a test thread's stack.
+        let text = || text().boxed();
+        let time = proptest::option::of(
+            (any::<i64>(), any::<i32>()).prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+        )
+        .boxed();
+        let payload = proptest::option::of(prop_oneof![
+            text()
+                .prop_map(|user_id| Payload::UserRegistered(events::UserRegistered { user_id }))
+                .boxed(),
+            (text(), text())
+                .prop_map(
+                    |(follower_id, followee_id)| Payload::UserFollowed(events::UserFollowed {
+                        follower_id,
+                        followee_id
+                    })
+                )
+                .boxed(),
+            (text(), text())
+                .prop_map(|(user_id, moderator_id)| Payload::UserBanned(events::UserBanned { user_id, moderator_id }))
+                .boxed(),
+            text()
+                .prop_map(|user_id| Payload::UserDeleted(events::UserDeleted { user_id }))
+                .boxed(),
+            (text(), time.clone(), number())
+                .prop_map(
+                    |(user_id, issued_before, reason)| Payload::TokensRevoked(events::TokensRevoked {
+                        user_id,
+                        issued_before,
+                        reason
+                    })
+                )
+                .boxed(),
+            (text(), text())
+                .prop_map(
+                    |(message_id, author_id)| Payload::MessageDeleted(events::MessageDeleted { message_id, author_id })
+                )
+                .boxed(),
+            (text(), text(), text(), text())
+                .prop_map(
+                    |(comment_id, message_id, author_id, message_author_id)| Payload::CommentAdded(
+                        events::CommentAdded {
+                            comment_id,
+                            message_id,
+                            author_id,
+                            message_author_id
+                        }
+                    )
+                )
+                .boxed(),
+        ]);
+        let producer = prop_oneof![Just("user-service".to_owned()), text()];
+        (text(), producer.boxed(), time, text(), payload.boxed())
+            .prop_map(|(event_id, producer, occur_time, traceparent, payload)| events::Event {
+                event_id,
+                producer,
+                occur_time,
+                traceparent,
+                payload,
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn add_comment_requests_parse_or_name_their_bad_fields(message_id in text(), body in text()) {
+            if let Err(v) = parse_add_comment(&pb::AddCommentRequest { message_id, body }) {
+                named(&v, &["message_id", "body"]);
+            }
+        }
+
+        #[test]
+        fn list_comments_requests_parse_or_name_their_bad_fields(
+            message_id in text(), page_size in number(), page_token in text()
+        ) {
+            if let Err(v) = parse_list_comments(&pb::ListCommentsRequest { message_id, page_size, page_token }) {
+                named(&v, &["message_id", "page_size", "page_token"]);
+            }
+        }
+
+        #[test]
+        fn count_comments_requests_parse_or_name_their_bad_fields(message_ids in texts()) {
+            if let Err(v) = parse_count_comments(&pb::CountCommentsRequest { message_ids }) {
+                named(&v, &["message_ids"]);
+            }
+        }
+
+        #[test]
+        fn delete_comment_requests_parse_or_name_their_bad_fields(comment_id in text()) {
+            if let Err(v) = parse_delete_comment(&pb::DeleteCommentRequest { comment_id }) {
+                named(&v, &["comment_id"]);
+            }
+        }
+
+        #[test]
+        fn event_batches_parse_whole_or_per_event_or_name_the_batch(
+            events in prop_oneof![
+                9 => vec(event(), 0..6),
+                // Around the bound on a batch's size: blank events, cheap to make.
+                1 => (service_kit::events::MAX_BATCH - 2..service_kit::events::MAX_BATCH + 3)
+                    .prop_map(|n| vec![events::Event::default(); n]),
+            ]
+        ) {
+            // ApplyEvents (and every other consumer: the same parse): a
+            // batch of the wrong size is refused as a whole; otherwise each
+            // event parses or gets its own outcome, and nothing panics.
+            match Batch::parse(&events, service_kit::events::MAX_BATCH, Some("user-service")) {
+                Ok(batch) => {
+                    let parsed = batch.events().count();
+                    prop_assert!(parsed <= events.len());
+                    prop_assert_eq!(batch.outcomes(&vec![false; parsed]).len(), events.len());
+                }
+                Err(v) => named(&v, &["events"]),
+            }
+        }
+
+        #[test]
+        fn purge_requests_parse_or_name_their_bad_fields(user_id in text()) {
+            if let Err(v) = parse_purge_user_comments(&pb::PurgeUserCommentsRequest { user_id }) {
+                named(&v, &["user_id"]);
             }
         }
     }

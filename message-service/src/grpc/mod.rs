@@ -299,3 +299,62 @@ impl From<Error> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use chirp_proto::message::v2 as pb;
+    use proptest::prelude::*;
+    use service_kit::testing::props::{named, number, text, CASES};
+
+    use super::*;
+
+    /// Parsed, or INVALID_ARGUMENT naming only `fields`: nothing else.
+    fn only_invalid<T>(result: Result<T, Error>, fields: &[&str]) {
+        match result {
+            Ok(_) => {}
+            Err(Error::InvalidArgument(v)) => named(&v, fields),
+            Err(other) => panic!("parsing failed with {other:?}, not INVALID_ARGUMENT"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn post_message_requests_parse_or_name_their_bad_fields(body in text()) {
+            let r = pb::PostMessageRequest { body };
+            only_invalid(parse_body(&r.body), &["body"]);
+        }
+
+        #[test]
+        fn message_id_requests_parse_or_name_their_bad_fields(message_id in text()) {
+            // GetMessage, DeleteMessage and CheckMessage carry the same field.
+            let get = pb::GetMessageRequest { message_id: message_id.clone() };
+            only_invalid(parse_message_id(&get.message_id), &["message_id"]);
+            let delete = pb::DeleteMessageRequest { message_id: message_id.clone() };
+            only_invalid(parse_message_id(&delete.message_id), &["message_id"]);
+            let check = pb::CheckMessageRequest { message_id };
+            only_invalid(parse_message_id(&check.message_id), &["message_id"]);
+        }
+
+        #[test]
+        fn list_user_messages_requests_parse_or_name_their_bad_fields(
+            user_id in text(), page_size in number(), page_token in text()
+        ) {
+            let r = pb::ListUserMessagesRequest { user_id, page_size, page_token };
+            only_invalid(parse_user_page(&r.user_id, r.page_size, &r.page_token), &["user_id", "page_size", "page_token"]);
+        }
+
+        #[test]
+        fn home_timeline_requests_parse_or_name_their_bad_fields(page_size in number(), page_token in text()) {
+            let r = pb::HomeTimelineRequest { page_size, page_token };
+            only_invalid(parse_page(r.page_size, &r.page_token), &["page_size", "page_token"]);
+        }
+
+        #[test]
+        fn hide_requests_parse_or_name_their_bad_fields(user_id in text(), hidden in any::<bool>()) {
+            let r = pb::SetUserMessagesHiddenRequest { user_id, hidden };
+            only_invalid(parse_user_id(&r.user_id), &["user_id"]);
+        }
+    }
+}

@@ -152,3 +152,79 @@ impl TryFrom<&pb::ListRevocationsRequest> for RevocationPage {
 pub fn revocation_cursor(last: &service_kit::revocation::Revocation) -> String {
     service_kit::validate::encode_page_token(&format!("{}/{}", last.issued_before.timestamp_micros(), last.user_id))
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use service_kit::testing::props::{named, number, text, texts, CASES};
+
+    use super::*;
+    use crate::domain::{BanReason, UserIds};
+
+    /// Parsed, or INVALID_ARGUMENT naming only `fields`: nothing else.
+    fn only_invalid<T>(result: Result<T, Error>, fields: &[&str]) {
+        match result {
+            Ok(_) => {}
+            Err(Error::InvalidArgument(v)) => named(&v, fields),
+            Err(other) => panic!("parsing failed with {other:?}, not INVALID_ARGUMENT"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn register_requests_parse_or_name_their_bad_fields(username in text(), password in text(), display_name in text()) {
+            only_invalid(Registration::try_from(pb::RegisterRequest { username, password, display_name }), &["username", "password", "display_name"]);
+        }
+
+        #[test]
+        fn login_requests_parse_or_name_their_bad_fields(username in text(), password in text()) {
+            only_invalid(Login::try_from(pb::LoginRequest { username, password }), &["username", "password"]);
+        }
+
+        #[test]
+        fn change_password_requests_parse_or_name_their_bad_fields(current_password in text(), new_password in text()) {
+            only_invalid(PasswordChange::try_from(pb::ChangePasswordRequest { current_password, new_password }), &["current_password", "new_password"]);
+        }
+
+        #[test]
+        fn set_role_requests_parse_or_name_their_bad_fields(user_id in text(), role in number()) {
+            only_invalid(RoleChange::try_from(pb::SetRoleRequest { user_id, role }), &["user_id", "role"]);
+        }
+
+        #[test]
+        fn list_revocations_requests_parse_or_name_their_bad_fields(page_size in number(), page_token in text()) {
+            only_invalid(RevocationPage::try_from(&pb::ListRevocationsRequest { page_size, page_token }), &["page_size", "page_token"]);
+        }
+
+        #[test]
+        fn follow_listings_parse_or_name_their_bad_fields(user_id in text(), page_size in number(), page_token in text()) {
+            // ListFollowing and ListFollowers.
+            let r = pb::ListFollowingRequest { user_id, page_size, page_token };
+            only_invalid(listing(&r.user_id, r.page_size, &r.page_token), &["user_id", "page_size", "page_token"]);
+        }
+
+        #[test]
+        fn user_id_requests_parse_or_name_their_bad_fields(user_id in text()) {
+            // GetUser, Follow, Unfollow, UnbanUser and DeleteUser carry this one field.
+            let r = pb::GetUserRequest { user_id };
+            only_invalid(UserId::parse("user_id", &r.user_id).map_err(|v| Error::from(vec![v])), &["user_id"]);
+        }
+
+        #[test]
+        fn batch_get_users_requests_parse_or_name_their_bad_fields(user_ids in texts()) {
+            let r = pb::BatchGetUsersRequest { user_ids };
+            only_invalid(UserIds::parse(&r.user_ids).map_err(Error::from), &["user_ids"]);
+        }
+
+        #[test]
+        fn ban_requests_parse_or_name_their_bad_fields(user_id in text(), reason in text()) {
+            let r = pb::BanUserRequest { user_id, reason };
+            only_invalid(
+                (UserId::parse("user_id", &r.user_id), BanReason::parse(&r.reason)).all().map_err(Error::from),
+                &["user_id", "reason"],
+            );
+        }
+    }
+}
