@@ -186,6 +186,13 @@ pub fn data_dir(given: Option<&Path>) -> PathBuf {
     )
 }
 
+/// The mesh's ingest token: what producers present, and what opens the
+/// services' operator routes.
+#[must_use]
+pub fn ingest_token_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("ingest-token")
+}
+
 /// The socket a running `chirp up` takes commands on.
 #[must_use]
 pub fn control_socket(data_dir: &Path) -> PathBuf {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::{control, layout::Part, layout::Ports, status::ops_request};
+use crate::{control, layout::Part, layout::Ports, status::operator_call};
 
 pub async fn run(data_dir: &Path, action: &str, service: &str, json: bool) -> anyhow::Result<()> {
     let part = Part::parse(service)
@@ -19,22 +19,11 @@ pub async fn run(data_dir: &Path, action: &str, service: &str, json: bool) -> an
     let ports = Ports {
         base: control::send(data_dir, "ps").await?.port_base,
     };
-    let token_file = data_dir.join("keys").join("ingest-token");
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("reading the ingest token from {}", token_file.display()))?;
     let (method, path) = match action {
         "retry" => ("POST", "/outbox/retry"),
         _ => ("GET", "/outbox/dead-letters"),
     };
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{}: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        service_kit::relay::INGEST_TOKEN_HEADER,
-        token.trim()
-    );
-    let (code, body) = ops_request(ports, part, &request)
-        .await
-        .ok_or_else(|| anyhow::anyhow!("{} does not answer on its metrics port", part.name()))?;
-    anyhow::ensure!(code == 200, "{} answered {code}: {body}", part.name());
+    let body = operator_call(data_dir, ports, part, method, path).await?;
     let reply: serde_json::Value = serde_json::from_str(&body).context("the service's answer")?;
     if json {
         println!("{reply}");

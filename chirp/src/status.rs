@@ -64,6 +64,37 @@ pub async fn ops_request(ports: Ports, at: impl Into<Instance>, request: &str) -
     tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
 }
 
+/// A call to one of a service's operator routes (`POST /outbox/retry`,
+/// `POST /maintenance/on`, …), opened with the mesh's ingest token from
+/// `data_dir`: the body of a 200 answer.
+///
+/// # Errors
+/// When the token cannot be read, the service does not answer, or answers
+/// anything but 200.
+pub async fn operator_call(
+    data_dir: &std::path::Path,
+    ports: Ports,
+    at: impl Into<Instance>,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let at = at.into();
+    let file = crate::layout::ingest_token_file(data_dir);
+    let token =
+        std::fs::read_to_string(&file).with_context(|| format!("reading the ingest token from {}", file.display()))?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{}: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        service_kit::relay::INGEST_TOKEN_HEADER,
+        token.trim()
+    );
+    let (code, body) = ops_request(ports, at, &request)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("{} does not answer on its metrics port", at.name()))?;
+    anyhow::ensure!(code == 200, "{} answered {code}: {body}", at.name());
+    Ok(body)
+}
+
 /// What a service's `/metrics` says.
 pub async fn metrics(ports: Ports, at: impl Into<Instance>) -> Option<String> {
     let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";

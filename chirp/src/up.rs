@@ -257,7 +257,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     } else {
         HashMap::new()
     };
-    let ingest_token = read_or_create(&args.data_dir.join("keys").join("ingest-token"), || {
+    let ingest_token = read_or_create(&layout::ingest_token_file(&args.data_dir), || {
         Ok(uuid::Uuid::new_v4().simple().to_string())
     })?;
     read_or_create(

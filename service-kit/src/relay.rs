@@ -138,6 +138,21 @@ pub fn ingest_token_matches(presented: &[u8], expected: &str) -> bool {
     presented.ct_eq(&expected).into()
 }
 
+/// The check every operator route of the metrics port makes: the request
+/// presents the ingest token, or gets 401 with what to present.
+pub(crate) fn operator_authorized(
+    headers: &axum::http::HeaderMap,
+    token: &str,
+) -> Result<(), (http::StatusCode, String)> {
+    match headers.get(INGEST_TOKEN_HEADER) {
+        Some(presented) if ingest_token_matches(presented.as_bytes(), token) => Ok(()),
+        _ => Err((
+            http::StatusCode::UNAUTHORIZED,
+            format!("{{\"error\":\"present the ingest token in {INGEST_TOKEN_HEADER}\"}}"),
+        )),
+    }
+}
+
 /// Whether `metadata` carries the ingest token `expected` (see
 /// [`ingest_token_matches`]); a missing token does not.
 #[must_use]
@@ -377,13 +392,7 @@ pub fn operator_routes(relays: Arc<Relays>, ingest_token: &str) -> axum::Router 
     type Reply = (http::StatusCode, String);
 
     fn authorized(operator: &Operator, headers: &HeaderMap) -> Result<(), Reply> {
-        match headers.get(INGEST_TOKEN_HEADER) {
-            Some(presented) if ingest_token_matches(presented.as_bytes(), &operator.token) => Ok(()),
-            _ => Err((
-                http::StatusCode::UNAUTHORIZED,
-                format!("{{\"error\":\"present the ingest token in {INGEST_TOKEN_HEADER}\"}}"),
-            )),
-        }
+        operator_authorized(headers, &operator.token)
     }
 
     fn answer(result: anyhow::Result<serde_json::Value>) -> Reply {

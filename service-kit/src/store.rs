@@ -228,15 +228,8 @@ pub fn maintenance_routes(status: StoreStatus, ingest_token: &str) -> axum::Rout
     type Reply = (http::StatusCode, String);
 
     fn answer(m: &Maintenance, headers: &HeaderMap, change: Option<bool>) -> Reply {
-        let presented = headers.get(crate::relay::INGEST_TOKEN_HEADER);
-        if !presented.is_some_and(|p| crate::relay::ingest_token_matches(p.as_bytes(), &m.token)) {
-            return (
-                http::StatusCode::UNAUTHORIZED,
-                format!(
-                    "{{\"error\":\"present the ingest token in {}\"}}",
-                    crate::relay::INGEST_TOKEN_HEADER
-                ),
-            );
+        if let Err(refused) = crate::relay::operator_authorized(headers, &m.token) {
+            return refused;
         }
         if let Some(on) = change {
             m.status.set_maintenance(on);

@@ -43,7 +43,7 @@ use sha2::Digest as _;
 use crate::{
     control,
     layout::{Part, Ports},
-    status::{self, ops_request},
+    status,
 };
 
 /// The version of the backup layout this build writes and reads.
@@ -237,9 +237,7 @@ pub async fn restore(data_dir: &Path, which: &str, from: &Path, json: bool) -> a
             service.name()
         );
     }
-    let token = std::fs::read_to_string(data_dir.join("keys").join("ingest-token"))
-        .context("reading the mesh's ingest token")?;
-    maintenance(store.ports, service, token.trim(), true).await?;
+    maintenance(data_dir, store.ports, service, true).await?;
     wait_health(store.ports, service, false).await?;
     let replaced = match service {
         Part::UserService => postgres::restore(&store, from).await,
@@ -254,7 +252,7 @@ pub async fn restore(data_dir: &Path, which: &str, from: &Path, json: bool) -> a
             service = service.name()
         )));
     }
-    maintenance(store.ports, service, token.trim(), false).await?;
+    maintenance(data_dir, store.ports, service, false).await?;
     wait_health(store.ports, service, true).await?;
     let (_, after) = store.inspect(service).await?;
     let took = start.elapsed();
@@ -296,9 +294,7 @@ pub async fn switch(data_dir: &Path, which: &str, on: bool) -> anyhow::Result<()
     let ports = Ports {
         base: control::send(data_dir, "ps").await?.port_base,
     };
-    let token = std::fs::read_to_string(data_dir.join("keys").join("ingest-token"))
-        .context("reading the mesh's ingest token")?;
-    maintenance(ports, service, token.trim(), on).await?;
+    maintenance(data_dir, ports, service, on).await?;
     println!("{} maintenance {}", service.name(), if on { "on" } else { "off" });
     Ok(())
 }
@@ -377,16 +373,9 @@ fn counts_text(counts: &BTreeMap<String, u64>) -> String {
         .join(" ")
 }
 
-async fn maintenance(ports: Ports, service: Part, token: &str, on: bool) -> anyhow::Result<()> {
-    let request = format!(
-        "POST /maintenance/{} HTTP/1.1\r\nHost: localhost\r\n{}: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        if on { "on" } else { "off" },
-        service_kit::relay::INGEST_TOKEN_HEADER,
-    );
-    let (code, body) = ops_request(ports, service, &request)
-        .await
-        .ok_or_else(|| anyhow::anyhow!("{} does not answer on its metrics port", service.name()))?;
-    anyhow::ensure!(code == 200, "{} answered {code}: {body}", service.name());
+async fn maintenance(data_dir: &Path, ports: Ports, service: Part, on: bool) -> anyhow::Result<()> {
+    let path = if on { "/maintenance/on" } else { "/maintenance/off" };
+    status::operator_call(data_dir, ports, service, "POST", path).await?;
     Ok(())
 }
 

@@ -54,6 +54,22 @@ pub struct Recent {
     pub trace_id: Option<String>,
 }
 
+impl Recent {
+    /// A request sent now, answered OK until told otherwise.
+    fn sent(rpc: &'static str, trace_id: Option<String>) -> Self {
+        Self {
+            at: chrono::Utc::now().timestamp_millis(),
+            rpc,
+            code: "OK".into(),
+            ms: 0.0,
+            author: None,
+            comments: None,
+            degraded: false,
+            trace_id,
+        }
+    }
+}
+
 /// The generator: off until started; the last requests it sent.
 pub struct Traffic {
     ports: Ports,
@@ -239,7 +255,10 @@ impl World {
     /// read a timeline, and one each posts, comments and reads stats.
     async fn request(&self, sequence: u64, traced: bool) -> Recent {
         let Some((user_id, token)) = self.user() else {
-            return failed("Login", "Unauthenticated");
+            return Recent {
+                code: "Unauthenticated".into(),
+                ..Recent::sent("Login", None)
+            };
         };
         let trace = traced.then(new_trace);
         let caller = Caller {
@@ -249,16 +268,7 @@ impl World {
         let message_id = self.message();
         let messages = m2::message_service_client::MessageServiceClient::new(self.channels[1].clone());
         let start = std::time::Instant::now();
-        let mut entry = Recent {
-            at: chrono::Utc::now().timestamp_millis(),
-            rpc: "",
-            code: "OK".into(),
-            ms: 0.0,
-            author: None,
-            comments: None,
-            degraded: false,
-            trace_id: trace.as_ref().map(|(t, _)| t.clone()),
-        };
+        let mut entry = Recent::sent("", trace.as_ref().map(|(t, _)| t.clone()));
         let outcome: Result<(), tonic::Status> = match (sequence % 10, message_id) {
             (0..=3, Some(id)) => {
                 entry.rpc = "GetMessage";
@@ -373,19 +383,6 @@ fn with_deadline<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(DEADLINE);
     request
-}
-
-fn failed(rpc: &'static str, code: &str) -> Recent {
-    Recent {
-        at: chrono::Utc::now().timestamp_millis(),
-        rpc,
-        code: code.into(),
-        ms: 0.0,
-        author: None,
-        comments: None,
-        degraded: false,
-        trace_id: None,
-    }
 }
 
 fn part_status(status: i32) -> &'static str {
