@@ -70,7 +70,7 @@ impl Analytics {
         if caller.role.can_moderate() {
             Ok(())
         } else {
-            Err(Error::PermissionDenied("only moderators and admins may read activity"))
+            Err(Error::permission_denied("only moderators and admins may read activity"))
         }
     }
 

@@ -81,7 +81,7 @@ impl Comments {
         self.revocations
             .refresh(&self.store.revocation_store())
             .await
-            .map_err(Error::Internal)
+            .map_err(Error::internal)
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -121,8 +121,8 @@ impl Comments {
                 }
                 Ok(author)
             }
-            Ok(None) => Err(Error::NotFound("no message has that id")),
-            Err(status) => Err(Error::MessageCheckUnavailable(status)),
+            Ok(None) => Err(Error::not_found("no message has that id")),
+            Err(status) => Err(Error::peer_unavailable("that the message exists", status)),
         }
     }
 
@@ -140,10 +140,10 @@ impl Comments {
             .store
             .get(id)
             .await?
-            .ok_or(Error::NotFound("no comment has that id"))?;
+            .ok_or(Error::not_found("no comment has that id"))?;
         if comment.author_id != UserId::from(caller.user_id) {
             if !caller.role.can_moderate() {
-                return Err(Error::PermissionDenied(
+                return Err(Error::permission_denied(
                     "only the author, a moderator or an admin may delete a comment",
                 ));
             }
@@ -161,14 +161,16 @@ impl Comments {
         if self.store.delete(id, &deleted).await? {
             Ok(())
         } else {
-            Err(Error::NotFound("no comment has that id"))
+            Err(Error::not_found("no comment has that id"))
         }
     }
 
     /// Removes every comment of `user`. Idempotent: a repeat removes nothing.
     pub async fn purge(&self, caller: Caller, user: UserId) -> Result<u64> {
         if !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only moderators and admins may purge comments"));
+            return Err(Error::permission_denied(
+                "only moderators and admins may purge comments",
+            ));
         }
         self.check_rank(caller, user).await?;
         self.store.purge(user, PRODUCER).await
@@ -177,11 +179,15 @@ impl Comments {
     /// A moderator acts only on users below them (asked of user-service,
     /// which owns roles; when it cannot answer, the action is refused).
     async fn check_rank(&self, caller: Caller, target: UserId) -> Result<()> {
-        let role = self.users.role(target).await.map_err(Error::RankUnknown)?;
+        let role = self
+            .users
+            .role(target)
+            .await
+            .map_err(|status| Error::peer_unavailable("the user's role", status))?;
         if caller.role.may_moderate(role) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied("the user's role is not below the caller's"))
+            Err(Error::permission_denied("the user's role is not below the caller's"))
         }
     }
 

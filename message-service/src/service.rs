@@ -120,7 +120,7 @@ impl Messages {
         self.revocations
             .refresh(&self.store.revocation_store())
             .await
-            .map_err(Error::Internal)
+            .map_err(Error::internal)
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -152,7 +152,7 @@ impl Messages {
             .store
             .get(id)
             .await?
-            .ok_or(Error::NotFound("no message has that id"))?;
+            .ok_or(Error::not_found("no message has that id"))?;
         let author_ids = [message.author_id];
         let (authors, comments) = tokio::join!(
             self.users.authors(&author_ids),
@@ -277,10 +277,10 @@ impl Messages {
             .store
             .author_of(id)
             .await?
-            .ok_or(Error::NotFound("no message has that id"))?;
+            .ok_or(Error::not_found("no message has that id"))?;
         if author != UserId::from(caller.user_id) {
             if !caller.role.can_moderate() {
-                return Err(Error::PermissionDenied(
+                return Err(Error::permission_denied(
                     "only the author, a moderator or an admin may delete a message",
                 ));
             }
@@ -298,25 +298,29 @@ impl Messages {
         if self.store.delete(id, deleted).await? {
             Ok(())
         } else {
-            Err(Error::NotFound("no message has that id"))
+            Err(Error::not_found("no message has that id"))
         }
     }
 
     /// A moderator acts only on users below them (asked of user-service,
     /// which owns roles; when it cannot answer, the action is refused).
     async fn check_rank(&self, caller: Caller, target: UserId) -> Result<()> {
-        let role = self.users.role(target).await.map_err(Error::RankUnknown)?;
+        let role = self
+            .users
+            .role(target)
+            .await
+            .map_err(|status| Error::peer_unavailable("the user's role", status))?;
         if caller.role.may_moderate(role) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied("the user's role is not below the caller's"))
+            Err(Error::permission_denied("the user's role is not below the caller's"))
         }
     }
 
     /// Hides or shows all of a user's messages (moderation). Idempotent.
     pub async fn set_hidden(&self, caller: Caller, author: UserId, hidden: bool) -> Result<u64> {
         if !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only moderators and admins may hide messages"));
+            return Err(Error::permission_denied("only moderators and admins may hide messages"));
         }
         self.check_rank(caller, author).await?;
         self.set_hidden_unchecked(author, hidden).await

@@ -21,12 +21,18 @@
 //! - [`jobs`]: background work kept in a service's own store (erasures),
 //!   done in bounded chunks and resumed after a crash.
 //! - [`validate`]: field violations and the text rules every service shares.
+//! - [`error`]: the failures every service's error enum shares, and the one
+//!   mapping of them to a gRPC status.
+//! - [`domain`]: the ids, texts and page requests every service's domain
+//!   shares.
 
 pub mod auth;
 pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod domain;
+pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod relay;

@@ -73,7 +73,7 @@ pub fn revocation_event() -> Event {
 pub mod props {
     use proptest::{collection::vec, prelude::*};
 
-    use crate::validate::FieldViolation;
+    use crate::{error::ServiceError, validate::FieldViolation};
 
     /// Cases per request type: enough to meet the rare shapes, cheap enough
     /// that every request type of every service runs in seconds.
@@ -163,6 +163,20 @@ pub mod props {
                 v.field
             );
             assert!(!v.description.is_empty(), "a violation without a reason: {v:?}");
+        }
+    }
+
+    /// Parsed, or INVALID_ARGUMENT naming only `fields`: nothing else.
+    ///
+    /// # Panics
+    /// On any other error: what a property test reports.
+    pub fn only_invalid<T, E: ServiceError>(result: Result<T, E>, fields: &[&str]) {
+        match result {
+            Ok(_) => {}
+            Err(err) => match err.violations() {
+                Some(violations) => named(violations, fields),
+                None => panic!("parsing failed with {err:?}, not INVALID_ARGUMENT"),
+            },
         }
     }
 }

@@ -188,26 +188,6 @@ pub fn encode_page_token(cursor: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_TAG}{cursor}"))
 }
 
-/// A page request keyed by an id: its size and the id it continues after,
-/// read from a page token this service issued; `parse_id` reads the id
-/// (any failure is reported as a bad token).
-///
-/// # Errors
-/// Violations of `page_size` and `page_token`.
-pub fn page_after<T, E>(
-    page_size: i32,
-    page_token: &str,
-    parse_id: impl FnOnce(&str) -> Result<T, E>,
-) -> Result<(u32, Option<T>), Vec<FieldViolation>> {
-    let after = decode_page_token(page_token).and_then(|cursor| {
-        cursor
-            .map(|c| parse_id(&c))
-            .transpose()
-            .map_err(|_| violation("page_token", "is not a page token from a previous reply"))
-    });
-    (self::page_size(page_size), after).all()
-}
-
 /// Decodes a page token back to its cursor; `None` for the first page.
 ///
 /// # Errors

@@ -61,7 +61,7 @@ impl Hasher {
         Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
     }
 
-    /// A hashing slot, or [`Error::Overloaded`] after `queue_wait`.
+    /// A hashing slot, or [`Common::Overloaded`](crate::error::Common::Overloaded) after `queue_wait`.
     async fn slot(&self) -> Result<Slot, Error> {
         match tokio::time::timeout(self.queue_wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => {
@@ -75,10 +75,7 @@ impl Hasher {
             // Timed out (or closed, which this code never does).
             _ => {
                 self.refused.inc();
-                Err(Error::Overloaded {
-                    what: "password checks",
-                    retry_after: self.queue_wait,
-                })
+                Err(Error::overloaded("password checks", self.queue_wait))
             }
         }
     }

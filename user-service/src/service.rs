@@ -11,8 +11,8 @@ use service_kit::{
 
 use crate::{
     domain::{
-        BanReason, Caller, DisplayName, NewUser, Page, PageRequest, Password, Registration, Role, User, UserId,
-        UserIds, Username,
+        new_user_id, BanReason, Caller, DisplayName, NewUser, Page, PageRequest, Password, Registration, Role, User,
+        UserId, UserIds, Username,
     },
     error::{Error, Result},
     password::Hasher,
@@ -108,7 +108,7 @@ impl Users {
         self.store.migrate().await?;
         if let Some(admin) = &self.admin {
             let account = NewUser {
-                id: UserId::new_random(),
+                id: new_user_id(),
                 username: admin.username.clone(),
                 display_name: DisplayName::parse(admin.username.as_str())?,
                 password_hash: self.hasher.hash(admin.password.clone()).await?,
@@ -134,7 +134,7 @@ impl Users {
             None => DisplayName::parse(registration.username.as_str())?,
         };
         let user = NewUser {
-            id: UserId::new_random(),
+            id: new_user_id(),
             username: registration.username,
             display_name,
             password_hash: self.hasher.hash(registration.password).await?,
@@ -156,7 +156,7 @@ impl Users {
             return Err(Error::BadCredentials);
         }
         if standing.user.banned {
-            return Err(Error::PermissionDenied("the account is banned"));
+            return Err(Error::permission_denied("the account is banned"));
         }
         self.session(standing.user, standing.tokens_valid_from)
     }
@@ -227,7 +227,10 @@ impl Users {
     }
 
     pub async fn user(&self, id: UserId) -> Result<User> {
-        self.store.user(id).await?.ok_or(Error::NotFound("no user has that id"))
+        self.store
+            .user(id)
+            .await?
+            .ok_or(Error::not_found("no user has that id"))
     }
 
     /// Found users, and the requested ids that have none.
@@ -245,7 +248,7 @@ impl Users {
     pub async fn follow(&self, caller: Caller, followee: UserId) -> Result<()> {
         let follower = UserId::from(caller.user_id);
         if follower == followee {
-            return Err(Error::InvalidArgument(vec![service_kit::validate::violation(
+            return Err(Error::from(vec![service_kit::validate::violation(
                 "user_id",
                 "users cannot follow themselves",
             )]));
@@ -275,17 +278,17 @@ impl Users {
 
     pub async fn set_role(&self, caller: Caller, target: UserId, role: Role) -> Result<User> {
         if caller.role != Role::Admin {
-            return Err(Error::PermissionDenied("only admins may change roles"));
+            return Err(Error::permission_denied("only admins may change roles"));
         }
         if UserId::from(caller.user_id) == target {
             // Keeps the last admin from demoting themself by accident.
-            return Err(Error::PermissionDenied("admins cannot change their own role"));
+            return Err(Error::permission_denied("admins cannot change their own role"));
         }
         let ended = |cutoff| revoked(target, cutoff, RevocationReason::SessionEnded);
         self.store
             .set_role(target, role, revocation_cutoff(Utc::now()), &ended)
             .await?
-            .ok_or(Error::NotFound("no user has that id"))
+            .ok_or(Error::not_found("no user has that id"))
     }
 
     pub async fn ban(&self, caller: Caller, target: UserId, reason: &BanReason) -> Result<User> {
@@ -299,10 +302,10 @@ impl Users {
     /// Moderators and admins act only on users whose role is below their own.
     async fn moderate(&self, caller: Caller, target: UserId, ban: Option<&BanReason>) -> Result<User> {
         if !caller.role.can_moderate() {
-            return Err(Error::PermissionDenied("only moderators and admins may ban or unban"));
+            return Err(Error::permission_denied("only moderators and admins may ban or unban"));
         }
         if UserId::from(caller.user_id) == target {
-            return Err(Error::PermissionDenied("users cannot ban or unban themselves"));
+            return Err(Error::permission_denied("users cannot ban or unban themselves"));
         }
         let (user_id, moderator_id) = (target.as_uuid(), caller.user_id);
         // A lifted ban voids tokens too: none can exist from the ban's time,
@@ -329,14 +332,14 @@ impl Users {
             .await?
         {
             Moderated::Changed(user) | Moderated::Unchanged(user) => Ok(user),
-            Moderated::NotAllowed => Err(Error::PermissionDenied("the user's role is not below the caller's")),
-            Moderated::NoSuchUser => Err(Error::NotFound("no user has that id")),
+            Moderated::NotAllowed => Err(Error::permission_denied("the user's role is not below the caller's")),
+            Moderated::NoSuchUser => Err(Error::not_found("no user has that id")),
         }
     }
 
     pub async fn delete(&self, caller: Caller, target: UserId) -> Result<()> {
         if UserId::from(caller.user_id) != target && caller.role != Role::Admin {
-            return Err(Error::PermissionDenied(
+            return Err(Error::permission_denied(
                 "only the user themself or an admin may delete an account",
             ));
         }
@@ -351,7 +354,7 @@ impl Users {
         {
             Ok(())
         } else {
-            Err(Error::NotFound("no user has that id"))
+            Err(Error::not_found("no user has that id"))
         }
     }
 

@@ -3,41 +3,15 @@
 
 use chrono::{DateTime, Duration, Utc};
 use service_kit::validate::{violation, FieldViolation};
-use uuid::Uuid;
 
 pub use service_kit::events::{Event, Payload};
 
 /// A batch for RecordEvents: 1 to 500 events.
 pub const MAX_BATCH: usize = 500;
 
-/// The id of a user whose numbers are asked for (a UUID; analytics keeps
-/// numbers, not accounts, so any well-formed id has an answer).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UserId(Uuid);
-
-/// The id of a message whose numbers are asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MessageId(Uuid);
-
-macro_rules! parse_id {
-    ($name:ident) => {
-        impl $name {
-            /// # Errors
-            /// A violation of `field` when `raw` is not a UUID.
-            pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
-                service_kit::validate::uuid(field, raw).map(Self)
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-    };
-}
-parse_id!(UserId);
-parse_id!(MessageId);
+/// The ids numbers are asked for. Analytics keeps numbers, not accounts,
+/// so any well-formed id has an answer.
+pub use service_kit::domain::{MessageId, UserId};
 
 /// How many messages TopMessages ranks: 1 to 100, 10 when not said (0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,15 +174,5 @@ mod tests {
             "10,080 buckets"
         );
         assert!(HistogramRequest::parse(week, Granularity::Hour).is_ok());
-    }
-
-    #[test]
-    fn ids_are_uuids_named_by_their_field() {
-        assert_eq!(UserId::parse("user_id", "nope").unwrap_err().field, "user_id");
-        let id = Uuid::new_v4();
-        assert_eq!(
-            MessageId::parse("message_id", &id.to_string()).unwrap().to_string(),
-            id.to_string()
-        );
     }
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use service_kit::{
     auth::{Caller, TokenVerifier},
     events::Batch,
-    validate::{invalid_argument, violation, AllFields as _, FieldViolation},
+    validate::{violation, AllFields as _, FieldViolation},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -50,7 +50,7 @@ impl AnalyticsApi {
         if service_kit::relay::presents_ingest_token(metadata, &self.ingest_token) {
             Ok(())
         } else {
-            Err(Error::BadIngestToken)
+            Err(Error::bad_ingest_token())
         }
     }
 }
@@ -194,29 +194,14 @@ impl AnalyticsService for AnalyticsApi {
     }
 }
 
-/// The one place an [`Error`] becomes a [`Status`]; causes are logged here,
-/// never sent.
+/// The one place an [`Error`] becomes a [`Status`]: the failures every
+/// service shares through [`Common::into_status`](crate::error::Common::into_status),
+/// which logs causes and never sends them, and this service's own here.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument(violations) => invalid_argument(&violations),
-            Error::Unauthenticated(auth) => auth.into(),
-            Error::BadIngestToken => Status::unauthenticated(err.to_string()),
-            Error::PermissionDenied(why) => Status::permission_denied(why),
-            Error::Overloaded(_) => {
-                service_kit::validate::resource_exhausted(err.to_string(), std::time::Duration::from_secs(1))
-            }
+            Error::Common(common) => common.into_status(),
             Error::DeadlineExceeded => Status::deadline_exceeded(err.to_string()),
-            Error::StoreUnavailable(cause) => {
-                if let Some(cause) = cause {
-                    tracing::warn!(error = format!("{cause:#}"), "analytics store unavailable");
-                }
-                Status::unavailable("the analytics store is unavailable; retry later")
-            }
-            Error::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "internal error");
-                Status::internal("internal error")
-            }
         }
     }
 }

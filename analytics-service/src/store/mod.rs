@@ -138,7 +138,7 @@ impl Store {
         if self.status.is_up() {
             Ok(&self.pool)
         } else {
-            Err(Error::StoreUnavailable(None))
+            Err(Error::store_unavailable(None))
         }
     }
 
@@ -147,7 +147,7 @@ impl Store {
     async fn reader(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>> {
         self.ready()?;
         let mut conn = self.reads.acquire().await.map_err(|err| match err {
-            sqlx::Error::PoolTimedOut => Error::Overloaded("reads"),
+            sqlx::Error::PoolTimedOut => Error::overloaded("reads", std::time::Duration::from_secs(1)),
             other => classify(other),
         })?;
         let now = std::time::Instant::now();
@@ -166,7 +166,7 @@ impl Store {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| Error::Internal(anyhow::Error::new(e).context("running migrations")))
+            .map_err(|e| Error::internal(anyhow::Error::new(e).context("running migrations")))
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -499,7 +499,7 @@ where
 }
 
 fn internal(err: sqlx::Error) -> Error {
-    Error::Internal(anyhow::Error::new(err).context("reading an analytics row"))
+    Error::internal(anyhow::Error::new(err).context("reading an analytics row"))
 }
 
 fn classify(err: sqlx::Error) -> Error {
@@ -507,9 +507,9 @@ fn classify(err: sqlx::Error) -> Error {
         // SQLITE_INTERRUPT: the progress handler stopped a read at its deadline.
         sqlx::Error::Database(db) if db.code().as_deref() == Some("9") => Error::DeadlineExceeded,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+            Error::store_unavailable(Some(anyhow::Error::new(err)))
         }
-        other => Error::Internal(anyhow::Error::new(other).context("querying SQLite")),
+        other => Error::internal(anyhow::Error::new(other).context("querying SQLite")),
     }
 }
 

@@ -8,7 +8,7 @@ use service_kit::{
     auth::TokenVerifier,
     events::{Batch, Event},
     relay::{ingest_token_matches, INGEST_TOKEN_HEADER},
-    validate::{invalid_argument, AllFields as _, FieldViolation},
+    validate::{AllFields as _, FieldViolation},
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
@@ -80,7 +80,7 @@ fn parse_list_comments(r: &pb::ListCommentsRequest) -> Result<(MessageId, PageRe
 }
 
 fn parse_count_comments(r: &pb::CountCommentsRequest) -> Result<MessageIds, Vec<FieldViolation>> {
-    MessageIds::parse(&r.message_ids)
+    MessageIds::parse("message_ids", &r.message_ids)
 }
 
 fn parse_delete_comment(r: &pb::DeleteCommentRequest) -> Result<CommentId, Vec<FieldViolation>> {
@@ -179,34 +179,14 @@ fn comment_to_pb(comment: Comment) -> pb::Comment {
     }
 }
 
-/// The one place an [`Error`] becomes a [`Status`]; causes are logged here,
-/// never sent.
+/// The one place an [`Error`] becomes a [`Status`]: the failures every
+/// service shares through [`Common::into_status`](crate::error::Common::into_status),
+/// which logs causes and never sends them, and this service's own here.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument(violations) => invalid_argument(&violations),
-            Error::Unauthenticated(auth) => auth.into(),
-            Error::PermissionDenied(why) => Status::permission_denied(why),
-            Error::NotFound(what) => Status::not_found(what),
-            Error::StoreUnavailable(cause) => {
-                if let Some(cause) = cause {
-                    tracing::warn!(error = format!("{cause:#}"), "comment store unavailable");
-                }
-                Status::unavailable("the comment store is unavailable; retry later")
-            }
-            Error::MessageCheckUnavailable(status) => {
-                tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a message");
-                Status::unavailable("cannot check that the message exists; retry later")
-            }
-            Error::RankUnknown(status) => {
-                tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a user's role");
-                Status::unavailable("cannot check the user's role; retry later")
-            }
+            Error::Common(common) => common.into_status(),
             Error::BadProducerCredential => Status::unauthenticated(err.to_string()),
-            Error::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "internal error");
-                Status::internal("internal error")
-            }
         }
     }
 }

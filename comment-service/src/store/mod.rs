@@ -199,7 +199,7 @@ impl Store {
         if self.status.is_up() {
             Ok(self.redis.clone())
         } else {
-            Err(Error::StoreUnavailable(None))
+            Err(Error::store_unavailable(None))
         }
     }
 
@@ -223,7 +223,7 @@ impl Store {
         let _: bool = redis.set_nx(&key, SCHEMA_VERSION).await.map_err(classify)?;
         let stored: u32 = redis.get(&key).await.map_err(classify)?;
         if stored > SCHEMA_VERSION {
-            return Err(Error::Internal(anyhow::anyhow!(
+            return Err(Error::internal(anyhow::anyhow!(
                 "Redis holds schema version {stored}; this build knows up to {SCHEMA_VERSION}"
             )));
         }
@@ -307,12 +307,12 @@ impl Store {
     pub async fn list(&self, message: MessageId, page: PageRequest) -> Result<Page> {
         service_kit::store::timed("redis", "list", async move {
             let mut redis = self.ready()?;
-            let min = page.after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
+            let min = page.after().map_or_else(|| "-".to_owned(), |after| format!("({after}"));
             // One more than asked says whether another page follows; the hidden
             // check and the total ride in the same round trip.
             let (hidden, ids, total): (bool, Vec<String>, i64) = redis::pipe()
                 .sismember(self.hidden_key(), message.to_string())
-                .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size as isize + 1)
+                .zrangebylex_limit(self.message_key(message), &min, "+", 0, page.size() as isize + 1)
                 .zcard(self.message_key(message))
                 .query_async(&mut redis)
                 .await
@@ -324,10 +324,10 @@ impl Store {
                     total: 0,
                 });
             }
-            let more = ids.len() > page.size as usize;
+            let more = ids.len() > page.size() as usize;
             let ids: Vec<CommentId> = ids
                 .iter()
-                .take(page.size as usize)
+                .take(page.size() as usize)
                 .map(|raw| CommentId::parse("id", raw).map_err(|_| corrupt("a comment id in a message's set")))
                 .collect::<Result<_>>()?;
             let mut pipe = redis::pipe();
@@ -750,14 +750,14 @@ fn comment_from_hash(id: CommentId, mut fields: HashMap<String, String>) -> Resu
 }
 
 fn corrupt(what: &str) -> Error {
-    Error::Internal(anyhow::anyhow!("Redis holds a malformed {what}"))
+    Error::internal(anyhow::anyhow!("Redis holds a malformed {what}"))
 }
 
 /// Tells "Redis is unreachable" (UNAVAILABLE) from everything else.
 fn classify(err: redis::RedisError) -> Error {
     if err.is_io_error() || err.is_connection_refusal() || err.is_timeout() || err.is_connection_dropped() {
-        Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+        Error::store_unavailable(Some(anyhow::Error::new(err)))
     } else {
-        Error::Internal(anyhow::Error::new(err).context("querying Redis"))
+        Error::internal(anyhow::Error::new(err).context("querying Redis"))
     }
 }

@@ -2,100 +2,15 @@
 //! an enriched reply. Nothing here knows prost or the MongoDB driver.
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use service_kit::validate::{self, violation, AllFields as _, FieldViolation};
-use uuid::Uuid;
 
-pub use service_kit::auth::{Caller, Role};
-
-/// A message's id: a UUIDv7, so ids sort by creation time and break ties
-/// between messages posted in the same millisecond.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId(Uuid);
-
-impl MessageId {
-    #[must_use]
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// # Errors
-    /// A violation of `field`.
-    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
-        validate::uuid(field, raw).map(Self)
-    }
-
-    #[must_use]
-    pub fn as_uuid(self) -> Uuid {
-        self.0
-    }
-}
-
-impl Default for MessageId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Display for MessageId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A user's id, as user-service issues them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(Uuid);
-
-impl UserId {
-    /// # Errors
-    /// A violation of `field`.
-    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
-        validate::uuid(field, raw).map(Self)
-    }
-
-    #[must_use]
-    pub fn as_uuid(self) -> Uuid {
-        self.0
-    }
-}
-
-impl From<Uuid> for UserId {
-    fn from(id: Uuid) -> Self {
-        Self(id)
-    }
-}
-
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use service_kit::{
+    auth::{Caller, Role},
+    domain::{MessageId, PageCursor, UserId},
+};
 
 /// A message's text: 1 to 280 characters after trimming, no control
 /// characters but newlines and tabs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Body(String);
-
-impl Body {
-    pub const MAX: usize = 280;
-
-    /// # Errors
-    /// A violation of `body`.
-    pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
-        validate::text("body", raw, 1, Self::MAX).map(Self)
-    }
-
-    /// For text read back from the store, which was valid when written.
-    #[must_use]
-    pub fn from_stored(text: String) -> Self {
-        Self(text)
-    }
-
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+pub type Body = service_kit::domain::Body<280>;
 
 /// The current time at the store's precision (milliseconds), so the instant a
 /// client is told is exactly the one stored, in v1 and v2 alike.
@@ -132,40 +47,23 @@ impl Cursor {
             id: message.id,
         }
     }
+}
 
-    #[must_use]
-    pub fn to_page_token(self) -> String {
-        validate::encode_page_token(&format!("{}:{}", self.created_at.timestamp_millis(), self.id))
+impl PageCursor for Cursor {
+    fn to_cursor(&self) -> String {
+        format!("{}:{}", self.created_at.timestamp_millis(), self.id)
     }
 
-    fn from_page_token(raw: &str) -> Result<Option<Self>, FieldViolation> {
-        let invalid = || violation("page_token", "is not a page token from a previous reply");
-        let Some(text) = validate::decode_page_token(raw)? else {
-            return Ok(None);
-        };
-        let (millis, id) = text.split_once(':').ok_or_else(invalid)?;
-        let millis: i64 = millis.parse().map_err(|_| invalid())?;
-        let created_at = Utc.timestamp_millis_opt(millis).single().ok_or_else(invalid)?;
-        let id = MessageId::parse("page_token", id).map_err(|_| invalid())?;
-        Ok(Some(Self { created_at, id }))
+    fn from_cursor(text: &str) -> Option<Self> {
+        let (millis, id) = text.split_once(':')?;
+        let created_at = Utc.timestamp_millis_opt(millis.parse().ok()?).single()?;
+        let id = MessageId::parse("page_token", id).ok()?;
+        Some(Self { created_at, id })
     }
 }
 
-/// A page's size and start.
-#[derive(Clone, Copy, Debug)]
-pub struct PageRequest {
-    pub size: u32,
-    pub after: Option<Cursor>,
-}
-
-impl PageRequest {
-    /// # Errors
-    /// Violations of `page_size` and `page_token`.
-    pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
-        let (size, after) = (validate::page_size(page_size), Cursor::from_page_token(page_token)).all()?;
-        Ok(Self { size, after })
-    }
-}
+/// A page's size and the message the previous one ended with.
+pub type PageRequest = service_kit::domain::PageRequest<Cursor>;
 
 /// A page of messages, newest first.
 #[derive(Debug)]
@@ -177,7 +75,7 @@ pub struct Page<T> {
 impl<T> Page<T> {
     #[must_use]
     pub fn next_page_token(&self) -> String {
-        self.next.map(Cursor::to_page_token).unwrap_or_default()
+        service_kit::domain::next_page_token(self.next.as_ref())
     }
 }
 
@@ -235,6 +133,8 @@ pub struct Timeline {
 
 #[cfg(test)]
 mod tests {
+    use service_kit::validate;
+
     use super::*;
 
     #[test]
@@ -244,8 +144,8 @@ mod tests {
             id: MessageId::new(),
         };
         let page = PageRequest::parse(0, &cursor.to_page_token()).unwrap();
-        assert_eq!(page.after, Some(cursor));
-        assert_eq!(page.size, 20);
+        assert_eq!(page.after(), Some(&cursor));
+        assert_eq!(page.size(), 20);
     }
 
     #[test]
@@ -264,7 +164,5 @@ mod tests {
     fn bodies_are_1_to_280_characters() {
         assert!(Body::parse(&"é".repeat(280)).is_ok());
         assert!(Body::parse(&"é".repeat(281)).is_err());
-        assert!(Body::parse("  ").is_err());
-        assert!(Body::parse("a\u{1b}[31m").is_err());
     }
 }

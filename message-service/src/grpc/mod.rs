@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use service_kit::{
     auth::TokenVerifier,
     events::{Batch, Event},
-    validate::{invalid_argument, AllFields as _},
+    validate::AllFields as _,
 };
 use tonic::{metadata::MetadataMap, Status};
 
@@ -273,29 +273,13 @@ macro_rules! versioned_api {
 versioned_api!(v1, super::unix_seconds);
 versioned_api!(v2, super::rfc3339);
 
-/// The one place an [`Error`] becomes a [`Status`]; causes are logged here,
-/// never sent.
+/// The one place an [`Error`] becomes a [`Status`]: the failures every
+/// service shares through [`Common::into_status`](crate::error::Common::into_status),
+/// which logs causes and never sends them, and this service's own here.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument(violations) => invalid_argument(&violations),
-            Error::Unauthenticated(auth) => auth.into(),
-            Error::PermissionDenied(why) => Status::permission_denied(why),
-            Error::NotFound(what) => Status::not_found(what),
-            Error::StoreUnavailable(cause) => {
-                if let Some(cause) = cause {
-                    tracing::warn!(error = format!("{cause:#}"), "message store unavailable");
-                }
-                Status::unavailable("the message store is unavailable; retry later")
-            }
-            Error::RankUnknown(status) => {
-                tracing::warn!(code = ?status.code(), reason = status.message(), "cannot check a user's role");
-                Status::unavailable("cannot check the user's role; retry later")
-            }
-            Error::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "internal error");
-                Status::internal("internal error")
-            }
+            Error::Common(common) => common.into_status(),
         }
     }
 }
@@ -304,18 +288,9 @@ impl From<Error> for Status {
 mod properties {
     use chirp_proto::message::v2 as pb;
     use proptest::prelude::*;
-    use service_kit::testing::props::{named, number, text, CASES};
+    use service_kit::testing::props::{number, only_invalid, text, CASES};
 
     use super::*;
-
-    /// Parsed, or INVALID_ARGUMENT naming only `fields`: nothing else.
-    fn only_invalid<T>(result: Result<T, Error>, fields: &[&str]) {
-        match result {
-            Ok(_) => {}
-            Err(Error::InvalidArgument(v)) => named(&v, fields),
-            Err(other) => panic!("parsing failed with {other:?}, not INVALID_ARGUMENT"),
-        }
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(CASES))]

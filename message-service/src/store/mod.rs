@@ -193,7 +193,7 @@ impl Store {
         if self.status.is_up() {
             Ok(&self.messages)
         } else {
-            Err(Error::StoreUnavailable(None))
+            Err(Error::store_unavailable(None))
         }
     }
 
@@ -271,7 +271,7 @@ impl Store {
             .and_then(|d| d.get_i32("version").ok())
             .unwrap_or(SCHEMA_VERSION);
         if stored > SCHEMA_VERSION {
-            return Err(Error::Internal(anyhow::anyhow!(
+            return Err(Error::internal(anyhow::anyhow!(
                 "MongoDB holds schema version {stored}; this build knows up to {SCHEMA_VERSION}"
             )));
         }
@@ -326,7 +326,7 @@ impl Store {
         service_kit::store::timed("mongodb", "by_authors", async move {
             let authors: Vec<String> = authors.iter().map(ToString::to_string).collect();
             let mut filter = doc! { "author_id": { "$in": authors }, "hidden": false };
-            if let Some(after) = page.after {
+            if let Some(after) = page.after().copied() {
                 let at = BsonDateTime::from_millis(after.created_at.timestamp_millis());
                 filter.insert(
                     "$or",
@@ -337,7 +337,7 @@ impl Store {
                 );
             }
             // One more than asked says whether another page follows.
-            let limit = i64::from(page.size) + 1;
+            let limit = i64::from(page.size()) + 1;
             let docs: Vec<MessageDoc> = self
                 .ready()?
                 .find(filter)
@@ -349,8 +349,8 @@ impl Store {
                 .await
                 .map_err(classify)?;
             let mut items = docs.into_iter().map(from_doc).collect::<Result<Vec<_>>>()?;
-            let more = items.len() > page.size as usize;
-            items.truncate(page.size as usize);
+            let more = items.len() > page.size() as usize;
+            items.truncate(page.size() as usize);
             let next = if more {
                 items.last().map(crate::domain::Cursor::of)
             } else {
@@ -402,9 +402,9 @@ impl Store {
             found
                 .map(|d| {
                     d.get_str("author_id")
-                        .map_err(|e| Error::Internal(anyhow::anyhow!("stored author_id: {e}")))
+                        .map_err(|e| Error::internal(anyhow::anyhow!("stored author_id: {e}")))
                         .and_then(|raw| {
-                            UserId::parse("author_id", raw).map_err(|v| Error::Internal(anyhow::anyhow!("{v}")))
+                            UserId::parse("author_id", raw).map_err(|v| Error::internal(anyhow::anyhow!("{v}")))
                         })
                 })
                 .transpose()
@@ -529,7 +529,7 @@ impl Store {
                 return Ok(false);
             };
             let author = UserId::parse("_id", &job.user_id)
-                .map_err(|_| Error::Internal(anyhow::anyhow!("a visibility request names a malformed user id")))?;
+                .map_err(|_| Error::internal(anyhow::anyhow!("a visibility request names a malformed user id")))?;
             let changed = self
                 .set_hidden_chunk(author, job.hidden, &|id| event_for(id, author, job.hidden))
                 .await?;
@@ -611,7 +611,7 @@ impl Store {
                 return Ok(false);
             };
             let author = UserId::parse("_id", &job.user_id)
-                .map_err(|_| Error::Internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
+                .map_err(|_| Error::internal(anyhow::anyhow!("an erasure names a malformed user id")))?;
             let mut session = self.client.start_session().await.map_err(classify)?;
             session.start_transaction().await.map_err(classify)?;
             let ids = self
@@ -875,7 +875,7 @@ fn to_doc(message: &Message) -> MessageDoc {
 }
 
 fn from_doc(doc: MessageDoc) -> Result<Message> {
-    let corrupt = |what: &str| Error::Internal(anyhow::anyhow!("stored message {} has a bad {what}", doc.id));
+    let corrupt = |what: &str| Error::internal(anyhow::anyhow!("stored message {} has a bad {what}", doc.id));
     Ok(Message {
         id: MessageId::parse("_id", &doc.id).map_err(|_| corrupt("_id"))?,
         author_id: UserId::parse("author_id", &doc.author_id).map_err(|_| corrupt("author_id"))?,
@@ -898,9 +898,9 @@ fn classify(err: mongodb::error::Error) -> Error {
     ) || err.contains_label("RetryableWriteError")
         || err.contains_label("TransientTransactionError");
     if unavailable {
-        Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+        Error::store_unavailable(Some(anyhow::Error::new(err)))
     } else {
-        Error::Internal(anyhow::Error::new(err).context("querying MongoDB"))
+        Error::internal(anyhow::Error::new(err).context("querying MongoDB"))
     }
 }
 

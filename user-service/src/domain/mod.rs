@@ -5,5 +5,6 @@ mod user;
 
 pub use service_kit::auth::{Caller, Role};
 pub use user::{
-    BanReason, DisplayName, NewUser, Page, PageRequest, Password, Registration, User, UserId, UserIds, Username,
+    new_user_id, BanReason, DisplayName, NewUser, Page, PageRequest, Password, Registration, User, UserId, UserIds,
+    Username,
 };

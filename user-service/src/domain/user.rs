@@ -1,39 +1,13 @@
 use chrono::{DateTime, Utc};
 use service_kit::validate::{self, violation, FieldViolation};
-use uuid::Uuid;
 
-/// A user's id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(Uuid);
+pub use service_kit::domain::UserId;
 
-impl UserId {
-    /// # Errors
-    /// A violation of `field` when `raw` is not a UUID.
-    pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
-        validate::uuid(field, raw).map(Self)
-    }
-
-    #[must_use]
-    pub fn new_random() -> Self {
-        Self(Uuid::new_v4())
-    }
-
-    #[must_use]
-    pub fn as_uuid(self) -> Uuid {
-        self.0
-    }
-}
-
-impl From<Uuid> for UserId {
-    fn from(id: Uuid) -> Self {
-        Self(id)
-    }
-}
-
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
+/// A new user's id: random (UUIDv4), so an id does not tell when its user
+/// joined or how many joined before.
+#[must_use]
+pub fn new_user_id() -> UserId {
+    UserId::from(uuid::Uuid::new_v4())
 }
 
 /// 3 to 32 of `a-z`, `0-9`, `_`; input is lower-cased, so `Alice` and
@@ -196,41 +170,11 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-/// 1 to 100 distinct user ids, for batch reads.
-#[derive(Debug)]
-pub struct UserIds(Vec<UserId>);
+/// 1 to 100 distinct user ids, for batch reads (`user_ids`).
+pub type UserIds = service_kit::domain::Ids<UserId>;
 
-impl UserIds {
-    pub const MAX: usize = 100;
-
-    /// # Errors
-    /// Violations of `user_ids[i]` for each bad id, or of `user_ids` when the
-    /// list is empty or too long.
-    pub fn parse(raw: &[String]) -> Result<Self, Vec<FieldViolation>> {
-        validate::uuid_list("user_ids", raw, Self::MAX).map(|ids| Self(ids.into_iter().map(UserId).collect()))
-    }
-
-    #[must_use]
-    pub fn as_slice(&self) -> &[UserId] {
-        &self.0
-    }
-}
-
-/// Which page of a list: its size and where the previous one ended.
-#[derive(Clone, Copy, Debug)]
-pub struct PageRequest {
-    pub size: u32,
-    pub after: Option<UserId>,
-}
-
-impl PageRequest {
-    /// # Errors
-    /// Violations of `page_size` and `page_token`.
-    pub fn parse(page_size: i32, page_token: &str) -> Result<Self, Vec<FieldViolation>> {
-        let (size, after) = validate::page_after(page_size, page_token, |id| UserId::parse("page_token", id))?;
-        Ok(Self { size, after })
-    }
-}
+/// Which page of a list: its size and the user the previous one ended with.
+pub type PageRequest = service_kit::domain::PageRequest<UserId>;
 
 /// One page of users and, unless it is the last, the token of the next.
 #[derive(Debug)]
@@ -243,9 +187,7 @@ impl Page {
     /// The opaque token for the next page, empty on the last one.
     #[must_use]
     pub fn next_page_token(&self) -> String {
-        self.next
-            .map(|id| validate::encode_page_token(&id.to_string()))
-            .unwrap_or_default()
+        service_kit::domain::next_page_token(self.next.as_ref())
     }
 }
 
@@ -268,25 +210,5 @@ mod tests {
         assert!(Password::parse("éééééééé").is_ok());
         assert!(Password::parse(&"x".repeat(129)).is_err());
         assert_eq!(format!("{:?}", Password::parse("secret-pw").unwrap()), "Password(…)");
-    }
-
-    #[test]
-    fn user_id_lists_are_bounded_deduplicated_and_report_each_bad_index() {
-        let id = Uuid::new_v4().to_string();
-        assert_eq!(UserIds::parse(&[id.clone(), id.clone()]).unwrap().as_slice().len(), 1);
-        assert!(UserIds::parse(&[]).is_err());
-        assert!(UserIds::parse(&vec![id.clone(); 101]).is_err());
-        let errors = UserIds::parse(&[id, "x".into(), "y".into()]).unwrap_err();
-        let fields: Vec<_> = errors.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["user_ids[1]", "user_ids[2]"]);
-    }
-
-    #[test]
-    fn page_requests_reject_foreign_tokens() {
-        let token = validate::encode_page_token("not-a-uuid");
-        assert!(PageRequest::parse(0, &token).is_err());
-        let id = UserId::new_random();
-        let token = validate::encode_page_token(&id.to_string());
-        assert_eq!(PageRequest::parse(5, &token).unwrap().after, Some(id));
     }
 }

@@ -1,7 +1,10 @@
 //! Conversions between the wire types and the domain types.
 
 use chirp_proto::user::v1 as pb;
-use service_kit::validate::{violation, AllFields as _};
+use service_kit::{
+    domain::PageCursor,
+    validate::{violation, AllFields as _},
+};
 
 use crate::{
     domain::{DisplayName, PageRequest, Password, Registration, Role, User, UserId, Username},
@@ -117,58 +120,52 @@ impl From<User> for pb::User {
     }
 }
 
-/// A page of ListRevocations: its size, and the (cutoff, user) it follows.
-pub struct RevocationPage {
-    pub size: u32,
-    pub after: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
+/// Where a page of ListRevocations continues: after this (cutoff, user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevocationCursor {
+    pub issued_before: chrono::DateTime<chrono::Utc>,
+    pub user_id: uuid::Uuid,
 }
 
-impl TryFrom<&pb::ListRevocationsRequest> for RevocationPage {
-    type Error = Error;
-
-    fn try_from(r: &pb::ListRevocationsRequest) -> Result<Self, Error> {
-        use chrono::TimeZone as _;
-        let (size, cursor) = (
-            service_kit::validate::page_size(r.page_size),
-            service_kit::validate::decode_page_token(&r.page_token),
-        )
-            .all()?;
-        let after = match cursor {
-            None => None,
-            Some(cursor) => {
-                let bad =
-                    || service_kit::validate::violation("page_token", "is not a page token from a previous reply");
-                let (micros, user) = cursor.split_once('/').ok_or_else(bad)?;
-                let micros: i64 = micros.parse().map_err(|_| bad())?;
-                let at = chrono::Utc.timestamp_micros(micros).single().ok_or_else(bad)?;
-                Some((at, uuid::Uuid::try_parse(user).map_err(|_| bad())?))
-            }
-        };
-        Ok(Self { size, after })
+impl RevocationCursor {
+    pub fn of(last: &service_kit::revocation::Revocation) -> Self {
+        Self {
+            issued_before: last.issued_before,
+            user_id: last.user_id,
+        }
     }
 }
 
-/// The page token that continues after `last`.
-pub fn revocation_cursor(last: &service_kit::revocation::Revocation) -> String {
-    service_kit::validate::encode_page_token(&format!("{}/{}", last.issued_before.timestamp_micros(), last.user_id))
+impl PageCursor for RevocationCursor {
+    fn to_cursor(&self) -> String {
+        format!("{}/{}", self.issued_before.timestamp_micros(), self.user_id)
+    }
+
+    fn from_cursor(text: &str) -> Option<Self> {
+        use chrono::TimeZone as _;
+        let (micros, user) = text.split_once('/')?;
+        let issued_before = chrono::Utc.timestamp_micros(micros.parse().ok()?).single()?;
+        let user_id = uuid::Uuid::try_parse(user).ok()?;
+        Some(Self { issued_before, user_id })
+    }
+}
+
+/// A page of ListRevocations.
+pub type RevocationPage = service_kit::domain::PageRequest<RevocationCursor>;
+
+/// # Errors
+/// Violations of `page_size` and `page_token`.
+pub fn revocation_page(r: &pb::ListRevocationsRequest) -> Result<RevocationPage, Error> {
+    Ok(RevocationPage::parse(r.page_size, &r.page_token)?)
 }
 
 #[cfg(test)]
 mod properties {
     use proptest::prelude::*;
-    use service_kit::testing::props::{named, number, text, texts, CASES};
+    use service_kit::testing::props::{number, only_invalid, text, texts, CASES};
 
     use super::*;
     use crate::domain::{BanReason, UserIds};
-
-    /// Parsed, or INVALID_ARGUMENT naming only `fields`: nothing else.
-    fn only_invalid<T>(result: Result<T, Error>, fields: &[&str]) {
-        match result {
-            Ok(_) => {}
-            Err(Error::InvalidArgument(v)) => named(&v, fields),
-            Err(other) => panic!("parsing failed with {other:?}, not INVALID_ARGUMENT"),
-        }
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(CASES))]
@@ -195,7 +192,7 @@ mod properties {
 
         #[test]
         fn list_revocations_requests_parse_or_name_their_bad_fields(page_size in number(), page_token in text()) {
-            only_invalid(RevocationPage::try_from(&pb::ListRevocationsRequest { page_size, page_token }), &["page_size", "page_token"]);
+            only_invalid(revocation_page(&pb::ListRevocationsRequest { page_size, page_token }), &["page_size", "page_token"]);
         }
 
         #[test]
@@ -215,7 +212,7 @@ mod properties {
         #[test]
         fn batch_get_users_requests_parse_or_name_their_bad_fields(user_ids in texts()) {
             let r = pb::BatchGetUsersRequest { user_ids };
-            only_invalid(UserIds::parse(&r.user_ids).map_err(Error::from), &["user_ids"]);
+            only_invalid(UserIds::parse("user_ids", &r.user_ids).map_err(Error::from), &["user_ids"]);
         }
 
         #[test]

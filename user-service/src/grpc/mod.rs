@@ -7,8 +7,8 @@ mod convert;
 use std::sync::Arc;
 
 use chirp_proto::user::v1::{self as pb, user_service_server::UserService};
+use service_kit::auth::TokenVerifier;
 use service_kit::validate::AllFields as _;
-use service_kit::{auth::TokenVerifier, validate::invalid_argument};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -72,13 +72,16 @@ impl UserService for UserApi {
         request: Request<pb::ListRevocationsRequest>,
     ) -> Reply<pb::ListRevocationsResponse> {
         if !service_kit::relay::presents_ingest_token(request.metadata(), &self.ingest_token) {
-            return Err(Error::BadServiceCredential.into());
+            return Err(Error::bad_ingest_token().into());
         }
-        let convert::RevocationPage { size, after } = request.get_ref().try_into()?;
+        let page = convert::revocation_page(request.get_ref())?;
+        let after = page.after().map(|c| (c.issued_before, c.user_id));
+        let size = page.size();
         let mut revocations = self.users.revocations(after, size + 1).await?;
         let next_page_token = if revocations.len() > size as usize {
             revocations.truncate(size as usize);
-            revocations.last().map(convert::revocation_cursor).unwrap_or_default()
+            let last = revocations.last().map(convert::RevocationCursor::of);
+            service_kit::domain::next_page_token(last.as_ref())
         } else {
             String::new()
         };
@@ -116,7 +119,7 @@ impl UserService for UserApi {
     }
 
     async fn batch_get_users(&self, request: Request<pb::BatchGetUsersRequest>) -> Reply<pb::BatchGetUsersResponse> {
-        let ids = UserIds::parse(&request.get_ref().user_ids).map_err(Error::from)?;
+        let ids = UserIds::parse("user_ids", &request.get_ref().user_ids).map_err(Error::from)?;
         let (users, missing) = self.users.users(&ids).await?;
         Ok(Response::new(pb::BatchGetUsersResponse {
             users: users.into_iter().map(Into::into).collect(),
@@ -228,29 +231,17 @@ impl UserService for UserApi {
     }
 }
 
-/// The one place an [`Error`] becomes a [`Status`]. Causes are logged here
-/// and never sent: a client learns what to do, not how the service is built.
+/// The one place an [`Error`] becomes a [`Status`]: the failures every
+/// service shares through [`Common::into_status`](crate::error::Common::into_status),
+/// which logs causes and never sends them, and this service's own here.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::InvalidArgument(violations) => invalid_argument(&violations),
-            Error::Unauthenticated(auth) => auth.into(),
-            Error::BadCredentials | Error::BadServiceCredential => Status::unauthenticated(err.to_string()),
-            Error::PermissionDenied(why) => Status::permission_denied(why),
-            Error::NotFound(what) => Status::not_found(what),
+            Error::Common(common) => common.into_status(),
+            Error::BadCredentials => Status::unauthenticated(err.to_string()),
             Error::AlreadyExists(what) => Status::already_exists(what),
-            Error::Overloaded { retry_after, .. } | Error::RateLimited { retry_after, .. } => {
+            Error::RateLimited { retry_after, .. } => {
                 service_kit::validate::resource_exhausted(err.to_string(), retry_after)
-            }
-            Error::StoreUnavailable(cause) => {
-                if let Some(cause) = cause {
-                    tracing::warn!(error = format!("{cause:#}"), "user store unavailable");
-                }
-                Status::unavailable("the user store is unavailable; retry later")
-            }
-            Error::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "internal error");
-                Status::internal("internal error")
             }
         }
     }

@@ -69,7 +69,7 @@ impl Store {
         if self.status.is_up() {
             Ok(&self.pool)
         } else {
-            Err(Error::StoreUnavailable(None))
+            Err(Error::store_unavailable(None))
         }
     }
 
@@ -78,7 +78,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => classify(e),
-            other => Error::Internal(anyhow::Error::new(other).context("running migrations")),
+            other => Error::internal(anyhow::Error::new(other).context("running migrations")),
         })
     }
 
@@ -269,10 +269,10 @@ impl Store {
             .await
             .map_err(classify)?;
             if !row.try_get::<bool, _>("follower_ok").map_err(internal)? {
-                return Err(Error::PermissionDenied("the caller is banned or deleted"));
+                return Err(Error::permission_denied("the caller is banned or deleted"));
             }
             if !row.try_get::<bool, _>("followee_ok").map_err(internal)? {
-                return Err(Error::NotFound("no user has that id"));
+                return Err(Error::not_found("no user has that id"));
             }
             let inserted =
                 sqlx::query("INSERT INTO follows (follower_id, followee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
@@ -283,7 +283,7 @@ impl Store {
                     .map_err(|e| match &e {
                         // The followee was deleted between the check and the insert.
                         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                            Error::NotFound("no user has that id")
+                            Error::not_found("no user has that id")
                         }
                         _ => classify(e),
                     })?;
@@ -333,7 +333,7 @@ impl Store {
     async fn edge_page(&self, user: UserId, page: PageRequest, by: &str, other: &str) -> Result<Page> {
         let pool = self.ready()?;
         // One row more than asked says whether another page follows.
-        let limit = i64::from(page.size) + 1;
+        let limit = i64::from(page.size()) + 1;
         let rows = sqlx::query(&format!(
             "SELECT u.id, u.username, u.display_name, u.role, u.banned_at IS NOT NULL AS banned, u.created_at
              FROM follows f JOIN users u ON u.id = f.{other}
@@ -342,17 +342,17 @@ impl Store {
              LIMIT $3"
         ))
         .bind(user.as_uuid())
-        .bind(page.after.map(UserId::as_uuid))
+        .bind(page.after().map(|id| id.as_uuid()))
         .bind(limit)
         .fetch_all(pool)
         .await
         .map_err(classify)?;
         let mut users = rows.iter().map(user_from_row).collect::<Result<Vec<_>>>()?;
-        if users.is_empty() && page.after.is_none() && self.user(user).await?.is_none() {
-            return Err(Error::NotFound("no user has that id"));
+        if users.is_empty() && page.after().is_none() && self.user(user).await?.is_none() {
+            return Err(Error::not_found("no user has that id"));
         }
-        let more = users.len() > page.size as usize;
-        users.truncate(page.size as usize);
+        let more = users.len() > page.size() as usize;
+        users.truncate(page.size() as usize);
         let next = if more { users.last().map(|u| u.id) } else { None };
         Ok(Page { users, next })
     }
@@ -551,7 +551,7 @@ impl Store {
                         user_id,
                         issued_before,
                         reason: RevocationReason::parse(&reason)
-                            .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored revocation reason {reason:?}")))?,
+                            .ok_or_else(|| Error::internal(anyhow::anyhow!("stored revocation reason {reason:?}")))?,
                     })
                 })
                 .collect()
@@ -573,7 +573,7 @@ const NEXT_CUTOFF: &str = "greatest($3, tokens_valid_from + interval '1 second')
 
 fn cutoff_from_row(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>> {
     let cutoff: Option<DateTime<Utc>> = row.try_get("tokens_valid_from").map_err(internal)?;
-    cutoff.ok_or_else(|| Error::Internal(anyhow::anyhow!("tokens_valid_from unset right after setting it")))
+    cutoff.ok_or_else(|| Error::internal(anyhow::anyhow!("tokens_valid_from unset right after setting it")))
 }
 
 async fn write_event(tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<()> {
@@ -733,7 +733,7 @@ fn user_from_row(row: &sqlx::postgres::PgRow) -> Result<User> {
         id: id.into(),
         username: row.try_get("username").map_err(internal)?,
         display_name: row.try_get("display_name").map_err(internal)?,
-        role: Role::parse(&role).ok_or_else(|| Error::Internal(anyhow::anyhow!("unknown role {role:?} in users")))?,
+        role: Role::parse(&role).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown role {role:?} in users")))?,
         banned: row.try_get("banned").map_err(internal)?,
         created_at,
     })
@@ -747,7 +747,7 @@ fn standing_from_row(row: &sqlx::postgres::PgRow) -> Result<Standing> {
 }
 
 fn internal(err: sqlx::Error) -> Error {
-    Error::Internal(anyhow::Error::new(err).context("reading a users row"))
+    Error::internal(anyhow::Error::new(err).context("reading a users row"))
 }
 
 /// Tells "the database is unreachable" (UNAVAILABLE, retry later) from
@@ -767,8 +767,8 @@ fn classify(err: sqlx::Error) -> Error {
         _ => false,
     };
     if unavailable {
-        Error::StoreUnavailable(Some(anyhow::Error::new(err)))
+        Error::store_unavailable(Some(anyhow::Error::new(err)))
     } else {
-        Error::Internal(anyhow::Error::new(err).context("querying PostgreSQL"))
+        Error::internal(anyhow::Error::new(err).context("querying PostgreSQL"))
     }
 }
