@@ -209,27 +209,35 @@ async fn no_acknowledged_event_is_lost_when_the_process_holding_sqlite_is_killed
         .port();
     let mut child = spawn_process(&backing, port);
     let channel = serving(port).await;
-    let writer = tokio::spawn(async move {
-        let mut client = pb::analytics_service_client::AnalyticsServiceClient::new(channel);
-        let mut acknowledged = Vec::new();
-        for _ in 0..400 {
-            let batch: Vec<_> = (0..5)
-                .map(|_| {
-                    event(Payload::MessagePosted {
-                        message_id: uuid::Uuid::now_v7(),
-                        author_id: uuid::Uuid::new_v4(),
+    let counts = test_support::WriteCounts::default();
+    let writer = tokio::spawn({
+        let counts = counts.clone();
+        async move {
+            let mut client = pb::analytics_service_client::AnalyticsServiceClient::new(channel);
+            let mut acknowledged = Vec::new();
+            for _ in 0..400 {
+                let batch: Vec<_> = (0..5)
+                    .map(|_| {
+                        event(Payload::MessagePosted {
+                            message_id: uuid::Uuid::now_v7(),
+                            author_id: uuid::Uuid::new_v4(),
+                        })
                     })
-                })
-                .collect();
-            if client.record_events(ingest(&batch)).await.is_ok() {
-                acknowledged.extend(batch.iter().map(|e| e.id.to_string()));
-            } else {
-                break;
+                    .collect();
+                let ok = client.record_events(ingest(&batch)).await.is_ok();
+                counts.record(ok);
+                if ok {
+                    acknowledged.extend(batch.iter().map(|e| e.id.to_string()));
+                } else {
+                    break;
+                }
             }
+            acknowledged
         }
-        acknowledged
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill once writes are flowing, however long a loaded machine takes to
+    // get there.
+    counts.until_acknowledged(20).await;
     assert!(!writer.is_finished(), "the kill comes in the middle of the writes");
     child.kill().expect("SIGKILL");
     child.wait().unwrap();

@@ -261,6 +261,18 @@ impl Watcher {
         }
     }
 
+    /// Waits until `more` calls beyond those made so far are answered
+    /// (bounded), so that the watch covers a moment however slow the
+    /// machine.
+    async fn calls(&self, more: u64) {
+        let until = *self.calls.lock().unwrap() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *self.calls.lock().unwrap() < until {
+            assert!(Instant::now() < deadline, "the watcher made no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops; the distinct outcomes with their counts, and the calls made.
     async fn finish(self) -> (Vec<(String, usize)>, u64) {
         self.stop.store(true, Ordering::Relaxed);
@@ -438,11 +450,11 @@ async fn each_service_is_restored_to_its_backup_while_the_others_keep_serving() 
         }
         let (_, dir, manifest) = manifest_of(service);
         let watcher = Watcher::start(&world, service, probe.clone());
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        watcher.calls(9).await;
         let started = Instant::now();
         let (code, out) = restore(&up, service, &dir);
         let took = started.elapsed();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        watcher.calls(9).await;
         let (outcomes, calls) = watcher.finish().await;
         assert_eq!(code, 0, "{out}");
         let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));

@@ -19,7 +19,7 @@ use chirp_proto::{
     message::{v1 as m1, v2 as m2},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
-use common::{alive, free_port_base, settled, Up};
+use common::{free_port_base, left_running, settled, Up};
 use test_support::grpc::{authed, with_deadline};
 use tonic::Code;
 
@@ -546,8 +546,7 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
     }
     let pids = up.stop();
     assert_eq!(pids.len(), 7, "seven processes ran");
-    std::thread::sleep(Duration::from_millis(500));
-    let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    let left = left_running(pids);
     assert!(left.is_empty(), "processes left running: {left:?}");
 
     // A second `chirp up` reuses the data: no new seed, alice still there.

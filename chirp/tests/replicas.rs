@@ -288,8 +288,24 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
     for name in ["comment-service-2", "message-service-2"] {
         kill9(up.pid(name));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let (ok, failed, failures) = tally.take();
+    // Judge once the survivors have taken 200 calls and the supervisor has
+    // started both again, polled for (bounded) rather than a fixed wait.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut ok, mut failed, mut failures) = (0, 0, Vec::new());
+    let restarted = || {
+        ["comment-service-2", "message-service-2"]
+            .into_iter()
+            .all(|name| up.part(name)["restarts"] == 1)
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (more_ok, more_failed, more_failures) = tally.take();
+        (ok, failed) = (ok + more_ok, failed + more_failed);
+        failures.extend(more_failures);
+        if (ok >= 200 && restarted()) || tokio::time::Instant::now() > deadline {
+            break;
+        }
+    }
     println!("after SIGKILL of comment-service-2 and message-service-2: {ok} calls ok, {failed} failed: {failures:?}");
     assert!(
         failed <= WORKERS,
@@ -311,10 +327,17 @@ async fn replicas_share_the_calls_and_one_killed_under_load_costs_only_its_calls
         let (code, out) = up.run(&["chaos", "start", name]);
         assert_eq!(code, 0, "{out}");
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    // A restarted replica counts from zero.
-    let (comment_calls, _) = split(comment_metrics, "ListComments", [before_comments[0], 0]);
-    let message_calls = handled(message_metrics[1], "CheckMessage");
+    // Until both new processes take calls (bounded). A restarted replica
+    // counts from zero.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (comment_calls, message_calls) = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (comment_calls, _) = split(comment_metrics, "ListComments", [before_comments[0], 0]);
+        let message_calls = handled(message_metrics[1], "CheckMessage");
+        if (comment_calls[1] > 0 && message_calls > 0) || tokio::time::Instant::now() > deadline {
+            break (comment_calls, message_calls);
+        }
+    };
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.await.unwrap();

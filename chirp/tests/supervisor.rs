@@ -23,7 +23,7 @@ use chirp_proto::{
     message::v1::{self as m1, message_service_client::MessageServiceClient},
     user::v1::{self as upb, user_service_client::UserServiceClient},
 };
-use common::{alive, free_port_base, kill9, settled, Up};
+use common::{free_port_base, kill9, left_running, settled, Up};
 use serde_json::Value;
 use test_support::grpc::authed;
 
@@ -324,7 +324,17 @@ async fn loaded_mesh(data: &tempfile::TempDir, args: &[&str]) -> Loaded {
     let acked = Arc::new(Acked::default());
     let run = Arc::new(Run::default());
     let worker = load(&up, &tester, acked.clone(), run.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Under load means writes acknowledged on every hop, however long a
+    // loaded machine takes to get there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.counts().0 < 5 || acked.counts().1 < 5 || acked.counts().2 < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the load did not start: {:?}",
+            acked.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Loaded {
         up,
         tester,
@@ -462,7 +472,7 @@ async fn every_part_killed_under_load_is_seen_within_two_seconds_restarted_and_l
     );
     let pids = up.stop();
     assert_eq!(pids.len(), 7, "{pids:?}");
-    let left: Vec<_> = pids.into_iter().filter(|pid| alive(*pid)).collect();
+    let left = left_running(pids);
     assert!(
         left.is_empty(),
         "processes left behind, restarted ones included: {left:?}"
@@ -513,6 +523,6 @@ async fn with_restart_never_a_killed_part_stays_down_until_chaos_start_brings_it
     converge(&up, &run).await;
     check_acked(&up, &tester, &acked).await;
     let pids = up.stop();
-    let left: Vec<_> = pids.into_iter().filter(|pid| alive(*pid)).collect();
+    let left = left_running(pids);
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }

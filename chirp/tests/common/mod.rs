@@ -230,6 +230,19 @@ pub fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
+/// The processes of `pids` still running 5 s from now, or none as soon as
+/// all are gone: a stopped process may take a moment to be reaped.
+pub fn left_running(pids: Vec<i32>) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGINT to our own child, as Ctrl-C would send.
 fn sigint(child: &Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
