@@ -45,7 +45,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let user_peer = peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token)?;
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.common.ingest_token)?;
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer)?.with_revocations(revocations.clone()),
     );
@@ -54,7 +54,7 @@ pub async fn run(
     service.keep(revocations.sync(store.clone()));
     service.watch_store(
         "sqlite",
-        config.store_probe_interval,
+        config.common.store_probe_interval,
         Arc::new(store::Prepared {
             store: store.clone(),
             revocations: revocations.clone(),
@@ -62,10 +62,10 @@ pub async fn run(
     )?;
 
     // Maintenance (`chirp restore`) on the metrics port.
-    service.operator_routes(&config.ingest_token);
+    service.operator_routes(&config.common.ingest_token);
 
     let analytics = Arc::new(service::Analytics::new(store, revocations));
-    let api = grpc::AnalyticsApi::new(analytics, verifier, config.ingest_token.clone());
+    let api = grpc::AnalyticsApi::new(analytics, verifier, config.common.ingest_token.clone());
     let routes = tonic::service::Routes::new(
         grpc::AnalyticsServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );

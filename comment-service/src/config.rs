@@ -1,6 +1,6 @@
 //! comment-service's settings: flags, each mirrored by an environment variable.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use service_kit::config::{parse_duration, CommonArgs};
@@ -22,10 +22,6 @@ pub struct Config {
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "chirp:comments:")]
     pub redis_key_prefix: String,
 
-    /// How often Redis is probed to drive health
-    #[arg(long, env = "STORE_PROBE_INTERVAL", value_parser = parse_duration, default_value = "1s")]
-    pub store_probe_interval: Duration,
-
     /// message-service's gRPC endpoint: does a message exist?
     #[arg(long, env = "MESSAGE_SERVICE_URL", default_value = "http://127.0.0.1:50052")]
     pub message_service_url: String,
@@ -37,15 +33,6 @@ pub struct Config {
     /// analytics-service's gRPC endpoint: where events are delivered
     #[arg(long, env = "ANALYTICS_SERVICE_URL", default_value = "http://127.0.0.1:50054")]
     pub analytics_service_url: String,
-
-    /// Shared secret presented to analytics-service's RecordEvents
-    #[arg(
-        long,
-        env = "INGEST_TOKEN",
-        hide_env_values = true,
-        default_value = "chirp-dev-ingest-token"
-    )]
-    pub ingest_token: String,
 
     /// Deadline of each call to a peer (cut further by the caller's own deadline)
     #[arg(long, env = "PEER_TIMEOUT", value_parser = parse_duration, default_value = "250ms")]
@@ -68,15 +55,3 @@ pub struct Config {
 pub const DEFAULT_PORT: u16 = 50053;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9453;
-
-impl Config {
-    #[must_use]
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.common.listen_addr(DEFAULT_PORT)
-    }
-
-    #[must_use]
-    pub fn metrics_addr(&self) -> SocketAddr {
-        self.common.metrics_addr(DEFAULT_METRICS_PORT)
-    }
-}

@@ -48,7 +48,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token)?;
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.common.ingest_token)?;
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
             .with_revocations(revocations.clone()),
@@ -63,7 +63,7 @@ pub async fn run(
         store.outbox(),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
-            &config.ingest_token,
+            &config.common.ingest_token,
         )?,
     );
     service.keep(revocations.sync(store.revocation_store()));
@@ -80,13 +80,13 @@ pub async fn run(
         purges,
         config.message_exists_cache_ttl,
     ));
-    service.watch_store("redis", config.store_probe_interval, comments.clone())?;
+    service.watch_store("redis", config.common.store_probe_interval, comments.clone())?;
 
-    let api = grpc::CommentApi::new(comments, verifier, config.ingest_token.clone());
+    let api = grpc::CommentApi::new(comments, verifier, config.common.ingest_token.clone());
     let routes = tonic::service::Routes::new(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service.operator_routes(&config.ingest_token);
+    service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await

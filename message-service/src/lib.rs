@@ -49,7 +49,7 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.ingest_token)?;
+    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.common.ingest_token)?;
     let verifier = Arc::new(
         TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
             .with_revocations(revocations.clone()),
@@ -65,13 +65,13 @@ pub async fn run(
         store.outbox(store::ANALYTICS),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
-            &config.ingest_token,
+            &config.common.ingest_token,
         )?,
     );
     service.relay(
         store::COMMENTS,
         store.outbox(store::COMMENTS),
-        CommentEvents::new(comment_peer.clone(), &config.ingest_token)?,
+        CommentEvents::new(comment_peer.clone(), &config.common.ingest_token)?,
     );
     service.keep(revocations.sync(store.revocation_store()));
     let erasures = service.job(
@@ -98,7 +98,7 @@ pub async fn run(
         revocations,
         service::Wakers { erasures, visibility },
     )?);
-    service.watch_store("mongodb", config.store_probe_interval, messages.clone())?;
+    service.watch_store("mongodb", config.common.store_probe_interval, messages.clone())?;
 
     let shared = Arc::new(grpc::Shared { messages, verifier });
     let routes = tonic::service::Routes::new(
@@ -108,7 +108,7 @@ pub async fn run(
     .add_service(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service.operator_routes(&config.ingest_token);
+    service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await

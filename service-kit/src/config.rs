@@ -51,6 +51,21 @@ pub struct CommonArgs {
     /// Longest wait for in-flight RPCs during shutdown
     #[arg(long, env = "DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+
+    /// How often the service's own store is probed to drive health
+    #[arg(long, env = "STORE_PROBE_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub store_probe_interval: Duration,
+
+    /// Shared secret Chirp's services present to each other as
+    /// `x-chirp-ingest-token`: event delivery, revocation catch-up, and the
+    /// operator routes on the metrics port
+    #[arg(
+        long,
+        env = "INGEST_TOKEN",
+        hide_env_values = true,
+        default_value = "chirp-dev-ingest-token"
+    )]
+    pub ingest_token: String,
 }
 
 impl CommonArgs {

@@ -1,6 +1,6 @@
 //! user-service's settings: flags, each mirrored by an environment variable.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use service_kit::config::{parse_duration, CommonArgs};
@@ -20,10 +20,6 @@ pub struct Config {
     /// Largest number of PostgreSQL connections
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
-
-    /// How often the database is probed to drive health
-    #[arg(long, env = "STORE_PROBE_INTERVAL", value_parser = parse_duration, default_value = "1s")]
-    pub store_probe_interval: Duration,
 
     /// PKCS#8 PEM Ed25519 private key that signs tokens; every replica needs
     /// the same one. Without it a random key is made and tokens do not survive
@@ -54,15 +50,6 @@ pub struct Config {
     /// analytics-service's gRPC endpoint: where events are delivered
     #[arg(long, env = "ANALYTICS_SERVICE_URL", default_value = "http://127.0.0.1:50054")]
     pub analytics_service_url: String,
-
-    /// Shared secret presented to analytics-service's RecordEvents
-    #[arg(
-        long,
-        env = "INGEST_TOKEN",
-        hide_env_values = true,
-        default_value = "chirp-dev-ingest-token"
-    )]
-    pub ingest_token: String,
 
     /// comment-service's gRPC endpoint: where bans purge comments
     #[arg(long, env = "COMMENT_SERVICE_URL", default_value = "http://127.0.0.1:50053")]
@@ -107,15 +94,5 @@ impl Config {
     pub fn password_hash_concurrency(&self) -> usize {
         self.password_hash_concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
-    }
-
-    #[must_use]
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.common.listen_addr(DEFAULT_PORT)
-    }
-
-    #[must_use]
-    pub fn metrics_addr(&self) -> SocketAddr {
-        self.common.metrics_addr(DEFAULT_METRICS_PORT)
     }
 }

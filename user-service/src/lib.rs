@@ -98,7 +98,7 @@ pub async fn run(
         config.login_attempts_per_username_per_minute,
     );
     service.keep(limits.spawn_forgetting());
-    service.watch_store("postgresql", config.store_probe_interval, users.clone())?;
+    service.watch_store("postgresql", config.common.store_probe_interval, users.clone())?;
 
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, DEFAULT_CALL_TIMEOUT);
     service.relay(
@@ -106,7 +106,7 @@ pub async fn run(
         store.outbox(store::ANALYTICS),
         Analytics::new(
             peer("analytics-service", &config.analytics_service_url)?,
-            &config.ingest_token,
+            &config.common.ingest_token,
         )?,
     );
     service.relay(
@@ -127,10 +127,10 @@ pub async fn run(
     );
 
     let routes = tonic::service::Routes::new(
-        UserServiceServer::new(UserApi::new(users, limits, config.ingest_token.clone()))
+        UserServiceServer::new(UserApi::new(users, limits, config.common.ingest_token.clone()))
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
-    service.operator_routes(&config.ingest_token);
+    service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)
         .await
