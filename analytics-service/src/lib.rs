@@ -20,7 +20,6 @@ use service_kit::{
     auth::TokenVerifier,
     bootstrap::Service,
     client::{peer, DEFAULT_CALL_TIMEOUT},
-    revocation::Revocations,
 };
 use tokio::net::TcpListener;
 
@@ -45,10 +44,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let user_peer = peer("user-service", &config.user_service_url, DEFAULT_CALL_TIMEOUT)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.common.ingest_token)?;
-    let verifier = Arc::new(
-        TokenVerifier::configured(&config.jwt_public_key_file, user_peer)?.with_revocations(revocations.clone()),
-    );
+    let (verifier, revocations) =
+        TokenVerifier::with_revocations_from(user_peer, &config.jwt_public_key_file, &config.common.ingest_token)?;
     let mut service = Service::new("analytics-service", vec![SERVICE_NAME])?;
     let store = Store::connect_lazy(&config.database_url, service.store_status()).context("DATABASE_URL")?;
     service.keep(revocations.sync(store.clone()));

@@ -17,7 +17,7 @@ pub mod store;
 use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
-use service_kit::{auth::TokenVerifier, bootstrap::Service, relay::Analytics, revocation::Revocations};
+use service_kit::{auth::TokenVerifier, bootstrap::Service, relay::Analytics};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -49,11 +49,11 @@ pub async fn run(
     let peer = |name: &'static str, url: &str| service_kit::client::peer(name, url, config.peer_timeout);
     let user_peer = peer("user-service", &config.user_service_url)?;
     let comment_peer = peer("comment-service", &config.comment_service_url)?;
-    let revocations = Revocations::catching_up_from(user_peer.clone(), &config.common.ingest_token)?;
-    let verifier = Arc::new(
-        TokenVerifier::configured(&config.jwt_public_key_file, user_peer.clone())?
-            .with_revocations(revocations.clone()),
-    );
+    let (verifier, revocations) = TokenVerifier::with_revocations_from(
+        user_peer.clone(),
+        &config.jwt_public_key_file,
+        &config.common.ingest_token,
+    )?;
 
     let apis = vec![grpc::v1::SERVICE_NAME, grpc::v2::SERVICE_NAME];
     let mut service = Service::new("message-service", apis)?;

@@ -485,6 +485,23 @@ impl TokenVerifier {
         self
     }
 
+    /// What every service that verifies users' tokens builds at start-up:
+    /// the revocations it keeps, which catch up from `user_service` with the
+    /// ingest token, and a verifier that consults them, its keys from
+    /// `key_files` or else from user-service ([`Self::configured`]).
+    ///
+    /// # Errors
+    /// When a key file cannot be read or the ingest token is unusable.
+    pub fn with_revocations_from(
+        user_service: Arc<Peer>,
+        key_files: &[std::path::PathBuf],
+        ingest_token: &str,
+    ) -> anyhow::Result<(Arc<Self>, Arc<Revocations>)> {
+        let revocations = Revocations::catching_up_from(user_service.clone(), ingest_token)?;
+        let verifier = Self::configured(key_files, user_service)?.with_revocations(revocations.clone());
+        Ok((Arc::new(verifier), revocations))
+    }
+
     /// Makes `keys` the whole trusted set: a key left out is no longer
     /// trusted.
     fn replace_keys(&self, keys: &[PublicKey]) {
