@@ -143,13 +143,14 @@ impl Service {
         self.ingest_token = Some(ingest_token.to_owned());
     }
 
-    /// Runs `jobs` in the background (see [`crate::jobs`]); the gauge
-    /// `metric` counts what is pending. Returns the worker's waker.
+    /// Runs `jobs` in the background (see [`crate::jobs`]) while the store
+    /// is up, like the relays; the gauge `metric` counts what is pending.
+    /// Returns the worker's waker.
     ///
     /// # Errors
     /// When the metric is registered already.
     pub fn job<J: Jobs>(&mut self, metric: &str, help: &str, jobs: J) -> anyhow::Result<Arc<Notify>> {
-        let worker = crate::jobs::spawn(metric, help, jobs, &self.registry)?;
+        let worker = crate::jobs::spawn(metric, help, jobs, &self.registry, self.status.clone())?;
         let waker = worker.waker();
         self.kept.push(Box::new(worker));
         Ok(waker)

@@ -16,6 +16,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 use prometheus::{IntGauge, Registry};
 use tokio::{sync::Notify, task::JoinHandle};
 
+use crate::store::StoreStatus;
+
 /// A service's queue of jobs, over its own store.
 pub trait Jobs: Send + Sync + 'static {
     /// How many jobs are not finished.
@@ -50,13 +52,23 @@ impl Drop for Worker {
 
 /// How often an idle worker looks for jobs recorded by another replica.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a worker whose store is down looks again.
+const STORE_WAIT: Duration = Duration::from_millis(100);
 
 /// Runs `jobs` until the worker is dropped; gauge `metric` counts its
-/// pending jobs.
+/// pending jobs. The worker touches the store only while `store` says it is
+/// up (answering and prepared, not in maintenance): before the first
+/// migration a step could only fail, and say so in the log.
 ///
 /// # Errors
 /// When the metric is already registered.
-pub fn spawn<J: Jobs>(metric: &str, help: &str, jobs: J, registry: &Registry) -> anyhow::Result<Worker> {
+pub fn spawn<J: Jobs>(
+    metric: &str,
+    help: &str,
+    jobs: J,
+    registry: &Registry,
+    store: StoreStatus,
+) -> anyhow::Result<Worker> {
     let gauge = IntGauge::new(metric, help)?;
     registry.register(Box::new(gauge.clone()))?;
     let wake = Arc::new(Notify::new());
@@ -64,6 +76,10 @@ pub fn spawn<J: Jobs>(metric: &str, help: &str, jobs: J, registry: &Registry) ->
     let task = tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
+            if !store.is_up() {
+                tokio::time::sleep(STORE_WAIT).await;
+                continue;
+            }
             if let Ok(pending) = jobs.pending().await {
                 gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
             }
@@ -138,6 +154,7 @@ mod tests {
                 fail_once: true.into(),
             },
             &registry,
+            StoreStatus::always_up(),
         )
         .unwrap();
         worker.wake();
@@ -148,5 +165,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the job did not finish: {} left", left.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_worker_leaves_its_store_alone_until_the_store_is_up() {
+        let left = Arc::new(AtomicU64::new(100));
+        let store = StoreStatus::always_up();
+        store.set_maintenance(true);
+        let worker = spawn(
+            "jobs_pending",
+            "test jobs",
+            Countdown {
+                left: left.clone(),
+                chunk: 10,
+                fail_once: false.into(),
+            },
+            &Registry::new(),
+            store.clone(),
+        )
+        .unwrap();
+        worker.wake();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(left.load(Ordering::SeqCst), 100, "no step while the store is down");
+        store.set_maintenance(false);
+        for _ in 0..100 {
+            if left.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the job did not finish once the store was up");
     }
 }
