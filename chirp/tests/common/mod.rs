@@ -26,8 +26,17 @@ pub fn chirp() -> Command {
 /// A block of ports that are free now: 30 for the mesh, and the 30 that
 /// `--replicas` puts a second replica on.
 pub fn free_port_base() -> u16 {
+    // Below the kernel's ephemeral range: a port there can be taken at any
+    // moment as the local end of an outgoing connection (another test's,
+    // or this mesh's own), between this check and the service's bind.
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // The block reaches 330 above its base with four replicas.
+    let span = ephemeral.saturating_sub(10_000 + 400).max(1);
     for _ in 0..200 {
-        let base = 20_000 + (rand_u16() % 30_000);
+        let base = 10_000 + (rand_u16() % span);
         let free = (0..30)
             .chain(100..130)
             .all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
@@ -88,7 +97,12 @@ impl Up {
             .unwrap_or_default()
             .contains("the mesh is up")
         {
-            assert!(Instant::now() < deadline, "chirp up did not come up:\n{}", up.tail());
+            assert!(
+                Instant::now() < deadline,
+                "chirp up did not come up; its errors:\n{}\n…\nits last lines:\n{}",
+                up.errors(),
+                up.tail()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         up
@@ -97,6 +111,26 @@ impl Up {
     /// Everything `chirp up` has printed so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The lines of what `chirp up` printed that say something failed
+    /// (the first 40): a backtrace can push them out of [`Self::tail`].
+    pub fn errors(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let failed = [
+            "ERROR",
+            "Error:",
+            "error:",
+            "panicked",
+            "exited",
+            "stopped",
+            "Caused by",
+        ];
+        text.lines()
+            .filter(|line| failed.iter().any(|word| line.contains(word)))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn tail(&self) -> String {
