@@ -63,3 +63,14 @@ pub async fn send(data_dir: &Path, command: &str) -> anyhow::Result<Reply> {
     }
     Ok(reply)
 }
+
+/// The ports of the `chirp up` using `data_dir`: the running mesh knows its
+/// own, whatever port base this command was given.
+///
+/// # Errors
+/// When no `chirp up` runs there.
+pub async fn ports(data_dir: &Path) -> anyhow::Result<crate::layout::Ports> {
+    Ok(crate::layout::Ports {
+        base: send(data_dir, "ps").await?.port_base,
+    })
+}

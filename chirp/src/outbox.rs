@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::{control, layout::Part, layout::Ports, status::operator_call};
+use crate::{control, layout::Part, status::operator_call};
 
 pub async fn run(data_dir: &Path, action: &str, service: &str, json: bool) -> anyhow::Result<()> {
     let part = Part::parse(service)
@@ -16,9 +16,7 @@ pub async fn run(data_dir: &Path, action: &str, service: &str, json: bool) -> an
             anyhow::anyhow!("`{service}` has no outbox: one of user-service, message-service, comment-service")
         })?;
     // The running mesh knows its own ports.
-    let ports = Ports {
-        base: control::send(data_dir, "ps").await?.port_base,
-    };
+    let ports = control::ports(data_dir).await?;
     let (method, path) = match action {
         "retry" => ("POST", "/outbox/retry"),
         _ => ("GET", "/outbox/dead-letters"),

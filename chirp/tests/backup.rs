@@ -266,11 +266,10 @@ impl Watcher {
     /// machine.
     async fn calls(&self, more: u64) {
         let until = *self.calls.lock().unwrap() + more;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while *self.calls.lock().unwrap() < until {
-            assert!(Instant::now() < deadline, "the watcher made no progress");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        test_support::eventually("the watcher's calls", Duration::from_secs(30), || {
+            *self.calls.lock().unwrap() >= until
+        })
+        .await;
     }
 
     /// Stops; the distinct outcomes with their counts, and the calls made.

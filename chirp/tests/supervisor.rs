@@ -326,15 +326,11 @@ async fn loaded_mesh(data: &tempfile::TempDir, args: &[&str]) -> Loaded {
     let worker = load(&up, &tester, acked.clone(), run.clone());
     // Under load means writes acknowledged on every hop, however long a
     // loaded machine takes to get there.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.counts().0 < 5 || acked.counts().1 < 5 || acked.counts().2 < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the load did not start: {:?}",
-            acked.counts()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    test_support::eventually("the load starting", Duration::from_secs(30), || {
+        let (posts, comments, users) = acked.counts();
+        posts >= 5 && comments >= 5 && users >= 1
+    })
+    .await;
     Loaded {
         up,
         tester,

@@ -158,13 +158,10 @@ mod tests {
         )
         .unwrap();
         worker.wake();
-        for _ in 0..100 {
-            if left.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the job did not finish: {} left", left.load(Ordering::SeqCst));
+        test_support::eventually("the job finishing", Duration::from_secs(2), || {
+            left.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -188,12 +185,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(left.load(Ordering::SeqCst), 100, "no step while the store is down");
         store.set_maintenance(false);
-        for _ in 0..100 {
-            if left.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the job did not finish once the store was up");
+        test_support::eventually("the job finishing once the store is up", Duration::from_secs(2), || {
+            left.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
 }

@@ -391,10 +391,6 @@ pub fn operator_routes(relays: Arc<Relays>, ingest_token: &str) -> axum::Router 
 
     type Reply = (http::StatusCode, String);
 
-    fn authorized(operator: &Operator, headers: &HeaderMap) -> Result<(), Reply> {
-        operator_authorized(headers, &operator.token)
-    }
-
     fn answer(result: anyhow::Result<serde_json::Value>) -> Reply {
         match result {
             Ok(body) => (http::StatusCode::OK, body.to_string()),
@@ -409,7 +405,7 @@ pub fn operator_routes(relays: Arc<Relays>, ingest_token: &str) -> axum::Router 
     }
 
     async fn list(State(operator): State<Operator>, headers: HeaderMap) -> Reply {
-        if let Err(reply) = authorized(&operator, &headers) {
+        if let Err(reply) = operator_authorized(&headers, &operator.token) {
             return reply;
         }
         answer(operator.relays.dead_letters(100).await.map(|all| {
@@ -422,7 +418,7 @@ pub fn operator_routes(relays: Arc<Relays>, ingest_token: &str) -> axum::Router 
     }
 
     async fn retry(State(operator): State<Operator>, headers: HeaderMap) -> Reply {
-        if let Err(reply) = authorized(&operator, &headers) {
+        if let Err(reply) = operator_authorized(&headers, &operator.token) {
             return reply;
         }
         answer(operator.relays.retry().await.map(|moved| {
@@ -854,13 +850,7 @@ mod tests {
     }
 
     async fn until(condition: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if condition() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("condition not met within 5 s");
+        test_support::eventually("the condition", Duration::from_secs(5), condition).await;
     }
 
     #[tokio::test]

@@ -355,13 +355,7 @@ mod tests {
     }
 
     async fn until(what: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if what() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("not within 5 s");
+        test_support::eventually("the store's status", Duration::from_secs(5), what).await;
     }
 
     #[tokio::test]

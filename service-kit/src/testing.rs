@@ -132,6 +132,21 @@ pub mod props {
         ]
     }
 
+    /// A timestamp a client may send: absent, ordinary, or at the edges of
+    /// what the wire type holds (nanos out of range included).
+    pub fn timestamp() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
+        let seconds = prop_oneof![
+            Just(i64::MIN),
+            Just(-1i64),
+            Just(0i64),
+            Just(i64::MAX),
+            1_700_000_000..1_900_000_000i64,
+            any::<i64>()
+        ];
+        let nanos = prop_oneof![Just(-1), Just(0), Just(999_999_999), Just(1_000_000_000), any::<i32>()];
+        proptest::option::of((seconds, nanos).prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }))
+    }
+
     /// A repeated field: empty, a few, or far more than any bound allows.
     pub fn texts() -> impl Strategy<Value = Vec<String>> {
         prop_oneof![

@@ -63,6 +63,19 @@ where
     let _ = handle.join();
 }
 
+/// Waits until `condition` holds, looking every 5 ms, so a test waits for a
+/// state rather than for a time a loaded machine may not honour.
+///
+/// # Panics
+/// When it does not hold within `within`, naming `what`.
+pub async fn eventually(what: &str, within: std::time::Duration, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// What a background writer in a test has seen so far, so the test can wait
 /// for a state ("writes are flowing", "writes fail") instead of sleeping a
 /// fixed time that a loaded machine may not honour.
@@ -96,13 +109,11 @@ impl WriteCounts {
     }
 
     async fn until(counter: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fewer than {n} writes {what} within 30 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        eventually(
+            &format!("{n} writes {what}"),
+            std::time::Duration::from_secs(30),
+            || counter.load(std::sync::atomic::Ordering::SeqCst) >= n,
+        )
+        .await;
     }
 }

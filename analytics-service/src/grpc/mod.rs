@@ -209,24 +209,9 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod properties {
     use proptest::prelude::*;
-    use service_kit::testing::props::{named, number, text, CASES};
+    use service_kit::testing::props::{named, number, text, timestamp as time, CASES};
 
     use super::*;
-
-    /// A timestamp a client may send: absent, ordinary, or at the edges of
-    /// what the wire type holds (nanos out of range included).
-    fn time() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
-        let seconds = prop_oneof![
-            Just(i64::MIN),
-            Just(-1i64),
-            Just(0i64),
-            Just(i64::MAX),
-            1_700_000_000..1_900_000_000i64,
-            any::<i64>()
-        ];
-        let nanos = prop_oneof![Just(-1), Just(0), Just(999_999_999), Just(1_000_000_000), any::<i32>()];
-        proptest::option::of((seconds, nanos).prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }))
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(CASES))]

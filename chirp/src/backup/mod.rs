@@ -31,7 +31,6 @@ mod sqlite;
 
 use std::{
     collections::BTreeMap,
-    io::Read as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -82,10 +81,7 @@ impl Store {
     /// where `DATABASE_URL`, `MONGODB_URI`, `REDIS_URL` say, as for `chirp
     /// up`).
     async fn of_running(data_dir: &Path) -> anyhow::Result<Self> {
-        let ports = Ports {
-            base: control::send(data_dir, "ps").await?.port_base,
-        };
-        Ok(Self::at(ports, data_dir))
+        Ok(Self::at(control::ports(data_dir).await?, data_dir))
     }
 
     /// The stores a backup reads: the running mesh's, or, with no mesh
@@ -291,10 +287,7 @@ pub async fn switch(data_dir: &Path, which: &str, on: bool) -> anyhow::Result<()
     let [service] = services(which)?[..] else {
         bail!("one service at a time");
     };
-    let ports = Ports {
-        base: control::send(data_dir, "ps").await?.port_base,
-    };
-    maintenance(data_dir, ports, service, on).await?;
+    maintenance(data_dir, control::ports(data_dir).await?, service, on).await?;
     println!("{} maintenance {}", service.name(), if on { "on" } else { "off" });
     Ok(())
 }
@@ -332,7 +325,7 @@ fn verified(dir: &Path, service: Part) -> anyhow::Result<Manifest> {
     Ok(manifest)
 }
 
-/// SHA-256 of every file in `dir` but the manifest, read in chunks.
+/// SHA-256 of every file in `dir` but the manifest, streamed.
 fn checksums(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let mut sums = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -341,18 +334,9 @@ fn checksums(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         if name == "manifest.json" || !entry.file_type()?.is_file() {
             continue;
         }
-        let mut file = std::fs::File::open(entry.path())?;
         let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0; 1 << 16];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let digest = hasher.finalize();
-        sums.insert(name, digest.iter().map(|b| format!("{b:02x}")).collect());
+        std::io::copy(&mut std::fs::File::open(entry.path())?, &mut hasher)?;
+        sums.insert(name, format!("{:x}", hasher.finalize()));
     }
     Ok(sums)
 }

@@ -195,7 +195,7 @@ impl From<Error> for Status {
 mod properties {
     use chirp_proto::events::v1 as events;
     use proptest::{collection::vec, prelude::*};
-    use service_kit::testing::props::{named, number, text, texts, CASES};
+    use service_kit::testing::props::{named, number, text, texts, timestamp, CASES};
 
     use super::*;
 
@@ -205,10 +205,7 @@ mod properties {
         // Boxed arms: the nested strategy types of a debug build would
         // otherwise overflow a test thread's stack.
         let text = || text().boxed();
-        let time = proptest::option::of(
-            (any::<i64>(), any::<i32>()).prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
-        )
-        .boxed();
+        let time = timestamp().boxed();
         let payload = proptest::option::of(prop_oneof![
             text()
                 .prop_map(|user_id| Payload::UserRegistered(events::UserRegistered { user_id }))
