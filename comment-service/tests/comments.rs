@@ -503,3 +503,53 @@ async fn adds_deletes_and_purges_write_their_events_atomically() {
         "a second purge and a second delete wrote nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_and_its_total_agree_while_a_purge_deletes_the_comments() {
+    let backing = Backing::shared().await;
+    let app = TestApp::spawn(&backing).await;
+    let (_, moderator) = backing.user(Role::Moderator);
+    let (reader, _) = backing.user(Role::User);
+    let message = backing.message(&reader);
+    // Each round races one atomic purge against back-to-back listings; a
+    // listing that read the ids before the purge and the comments after it
+    // would count comments it cannot show.
+    for round in 0..50 {
+        let (troll, token) = backing.user(Role::User);
+        for i in 0..10 {
+            app.client()
+                .add_comment(authed(add(&message, &format!("spam {round}.{i}")), &token))
+                .await
+                .unwrap();
+        }
+        let purged = {
+            let mut client = app.client();
+            let request = authed(pb::PurgeUserCommentsRequest { user_id: troll }, &moderator);
+            tokio::spawn(async move { client.purge_user_comments(request).await })
+        };
+        let mut listings = 0;
+        loop {
+            let done = purged.is_finished();
+            let page = app
+                .client()
+                .list_comments(pb::ListCommentsRequest {
+                    message_id: message.clone(),
+                    page_size: 100,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            listings += 1;
+            assert_eq!(
+                page.total_count,
+                Some(page.comments.len() as i64),
+                "round {round}, listing {listings}: the total counts comments the page does not hold"
+            );
+            if done {
+                break;
+            }
+        }
+        assert_eq!(purged.await.unwrap().unwrap().into_inner().deleted_count, 10);
+    }
+}
