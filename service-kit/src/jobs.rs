@@ -76,10 +76,7 @@ pub fn spawn<J: Jobs>(
     let task = tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
-            if !store.is_up() {
-                tokio::time::sleep(STORE_WAIT).await;
-                continue;
-            }
+            store.until_up(STORE_WAIT).await;
             if let Ok(pending) = jobs.pending().await {
                 gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
             }

@@ -456,9 +456,8 @@ async fn run<O: Outbox, D: Destination>(
     let mut failures: u32 = 0;
     let mut last_backlog = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
-        if store.as_ref().is_some_and(|store| !store.is_up()) {
-            tokio::time::sleep(config.poll_interval).await;
-            continue;
+        if let Some(store) = &store {
+            store.until_up(config.poll_interval).await;
         }
         // The gauges cost a query; once a second is plenty for a scraper.
         if last_backlog.elapsed() >= Duration::from_secs(1) {

@@ -62,6 +62,15 @@ impl StoreStatus {
         self.0.up.load(Ordering::Acquire) && !self.in_maintenance()
     }
 
+    /// Returns once the store may be used, looking every `every`: what
+    /// background work (relays, job workers) waits on, so it never touches a
+    /// store that is down, not yet prepared, or in maintenance.
+    pub async fn until_up(&self, every: Duration) {
+        while !self.is_up() {
+            tokio::time::sleep(every).await;
+        }
+    }
+
     #[must_use]
     pub fn in_maintenance(&self) -> bool {
         self.0.maintenance.load(Ordering::Acquire)

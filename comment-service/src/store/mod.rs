@@ -297,7 +297,7 @@ impl Store {
     pub async fn get(&self, id: CommentId) -> Result<Option<Comment>> {
         service_kit::store::timed("redis", "get", async move {
             let mut redis = self.ready()?;
-            let fields: HashMap<String, String> = redis.hgetall(self.comment_key(id)).await.map_err(classify)?;
+            let fields: Fields = redis.hgetall(self.comment_key(id)).await.map_err(classify)?;
             comment_from_hash(id, fields)
         })
         .await
@@ -744,7 +744,7 @@ impl Outbox for RedisOutbox {
     }
 }
 
-fn comment_from_hash(id: CommentId, mut fields: HashMap<String, String>) -> Result<Option<Comment>> {
+fn comment_from_hash(id: CommentId, mut fields: Fields) -> Result<Option<Comment>> {
     if fields.is_empty() {
         return Ok(None);
     }
