@@ -58,7 +58,12 @@ pub async fn run(
         }),
     )?;
 
-    // Maintenance (`chirp restore`) on the metrics port.
+    // Maintenance, backups and restores (`chirp backup|restore`) on the
+    // metrics port.
+    service.maintenance(
+        store::Maintenance::new(&config.database_url).context("DATABASE_URL")?,
+        config.common.backup_dir.clone(),
+    );
     service.operator_routes(&config.common.ingest_token);
 
     let analytics = Arc::new(service::Analytics::new(store, revocations));

@@ -178,13 +178,11 @@ impl Client {
         };
         let file = session_file();
         if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir)?;
+            service_kit::maintenance::private_dirs(dir)?;
         }
-        std::fs::write(&file, serde_json::to_string(&session)?)?;
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
-        }
+        // The token is a credential: never readable by others, not even
+        // for a moment.
+        service_kit::maintenance::replace_private(&file, serde_json::to_string(&session)?.as_bytes())?;
         show(
             self.json,
             &json!({"user_id": user.id, "username": user.username}),

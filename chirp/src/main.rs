@@ -126,11 +126,23 @@ enum Command {
         #[arg(long)]
         to: Option<PathBuf>,
     },
-    /// Replace a service's store with a backup: the service turns
-    /// NOT_SERVING while it happens (its peers degrade as when its store is
-    /// down), the rest keep serving; a damaged backup, or one newer than the
-    /// service's data, is refused and nothing changes
-    Restore { service: String, backup: PathBuf },
+    /// Replace a service's store with a backup: the service loads and
+    /// checks it beside the live data first (a damaged backup, or one newer
+    /// than the service's data, is refused and nothing changes), then every
+    /// replica turns NOT_SERVING for the switch (its peers degrade as when
+    /// its store is down) while the rest keep serving. The replaced data is
+    /// kept until `--confirm`; `--undo` puts it back
+    Restore {
+        service: String,
+        #[arg(required_unless_present_any = ["confirm", "undo"], conflicts_with_all = ["confirm", "undo"])]
+        backup: Option<PathBuf>,
+        /// Drop the data the last restore replaced
+        #[arg(long, conflicts_with = "undo")]
+        confirm: bool,
+        /// Put back the data the last restore replaced
+        #[arg(long)]
+        undo: bool,
+    },
     /// Put a service in maintenance (NOT_SERVING, its store left alone) or
     /// take it out, by hand
     Maintenance {
@@ -243,7 +255,19 @@ async fn run(cli: Cli) -> ExitCode {
             chaos(&data_dir, &action, part.as_deref(), value.as_deref(), cli.json).await
         }
         Command::Backup { service, to } => backup::backup(&data_dir, &service, to.as_deref(), cli.json).await,
-        Command::Restore { service, backup } => backup::restore(&data_dir, &service, &backup, cli.json).await,
+        Command::Restore {
+            service,
+            backup,
+            confirm,
+            undo,
+        } => {
+            let what = match (&backup, confirm, undo) {
+                (Some(dir), _, _) => backup::Restore::From(dir),
+                (None, true, _) => backup::Restore::Confirm,
+                (None, _, _) => backup::Restore::Undo,
+            };
+            backup::restore(&data_dir, &service, what, cli.json).await
+        }
         Command::Maintenance { service, state } => backup::switch(&data_dir, &service, state == "on").await,
         Command::Load { action, rate } => {
             let command = if action == "start" {

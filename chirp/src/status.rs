@@ -50,6 +50,17 @@ pub struct ServiceReport {
 /// the operator endpoints live): the status code and body, or `None` when it
 /// cannot be reached within a second.
 pub async fn ops_request(ports: Ports, at: impl Into<Instance>, request: &str) -> Option<(u16, String)> {
+    ops_request_within(ports, at, request, Duration::from_secs(5)).await
+}
+
+/// [`ops_request`] with a time limit of one's own (a backup takes as long
+/// as the store is big).
+pub async fn ops_request_within(
+    ports: Ports,
+    at: impl Into<Instance>,
+    request: &str,
+    limit: Duration,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let port = ports.metrics(at);
     let fetch = async {
@@ -61,7 +72,7 @@ pub async fn ops_request(ports: Ports, at: impl Into<Instance>, request: &str) -
         let code = head.split(' ').nth(1)?.parse().ok()?;
         Some((code, body.to_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+    tokio::time::timeout(limit, fetch).await.ok().flatten()
 }
 
 /// A call to one of a service's operator routes (`POST /outbox/retry`,
@@ -78,6 +89,25 @@ pub async fn operator_call(
     method: &str,
     path: &str,
 ) -> anyhow::Result<String> {
+    let at = at.into();
+    let (code, body) = operator_request(data_dir, ports, at, method, path, Duration::from_secs(5)).await?;
+    anyhow::ensure!(code == 200, "{} answered {code}: {body}", at.name());
+    Ok(body)
+}
+
+/// An operator call that may take up to `limit`: the status code and body,
+/// whatever the code.
+///
+/// # Errors
+/// When the token cannot be read or the service does not answer in time.
+pub async fn operator_request(
+    data_dir: &std::path::Path,
+    ports: Ports,
+    at: impl Into<Instance>,
+    method: &str,
+    path: &str,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
     use anyhow::Context as _;
     let at = at.into();
     let file = crate::layout::ingest_token_file(data_dir);
@@ -88,11 +118,9 @@ pub async fn operator_call(
         service_kit::relay::INGEST_TOKEN_HEADER,
         token.trim()
     );
-    let (code, body) = ops_request(ports, at, &request)
+    ops_request_within(ports, at, &request, limit)
         .await
-        .ok_or_else(|| anyhow::anyhow!("{} does not answer on its metrics port", at.name()))?;
-    anyhow::ensure!(code == 200, "{} answered {code}: {body}", at.name());
-    Ok(body)
+        .ok_or_else(|| anyhow::anyhow!("{} does not answer on its metrics port", at.name()))
 }
 
 /// What a service's `/metrics` says.

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use nix::sys::signal::Signal;
+use service_kit::maintenance::{private_dirs, write_private};
 use test_support::process::{self, RunAs};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -236,11 +237,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.data_dir.display()
         );
     }
-    for dir in ["run", "keys", "postgres", "redis", "mongodb"] {
-        std::fs::create_dir_all(args.data_dir.join(dir))?;
+    // Keys, tokens, stores and backups: private from the start (0700).
+    for dir in ["run", "keys", "postgres", "redis", "mongodb", "backups"] {
+        private_dirs(&args.data_dir.join(dir))?;
     }
     let external = External::from_env();
     if external.postgres.is_none() && process::postgres_user()?.is_some() {
+        // PostgreSQL runs as its own user and must pass through the data
+        // directory to reach its own: traverse only, nothing listed.
+        std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o711))?;
         reachable_by_others(&args.data_dir)?;
     }
     let bin_dir = std::env::current_exe()?
@@ -358,8 +363,7 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) ->
         return Ok(existing.trim().to_owned());
     }
     let value = make()?;
-    std::fs::write(path, &value)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    write_private(path, value.as_bytes())?;
     Ok(value)
 }
 
@@ -553,6 +557,7 @@ impl Supervisor {
                     .env("LOG_FORMAT", "pretty")
                     .env("NO_COLOR", "1")
                     .env("INGEST_TOKEN", &self.ingest_token)
+                    .env("BACKUP_DIR", crate::backup::backup_dir(&data))
                     // Replicas share the service's name; the instance id
                     // tells them apart in a trace.
                     .env("OTEL_SERVICE_NAME", part.name())

@@ -86,6 +86,11 @@ pub async fn run(
     let routes = tonic::service::Routes::new(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    // Backups and restores (`chirp backup|restore`) on the metrics port.
+    service.maintenance(
+        store::Maintenance::new(&config.redis_url, &config.redis_key_prefix).context("REDIS_URL")?,
+        config.common.backup_dir.clone(),
+    );
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

@@ -108,6 +108,11 @@ pub async fn run(
     .add_service(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    // Backups and restores (`chirp backup|restore`) on the metrics port.
+    service.maintenance(
+        store::Maintenance::new(&config.mongodb_uri, &config.mongodb_database),
+        config.common.backup_dir.clone(),
+    );
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

@@ -91,6 +91,8 @@ pub struct Service {
     relays: Relays,
     /// Opens the outbox operator routes on the metrics port.
     ingest_token: Option<String>,
+    /// The backup and restore routes, once the store's maintenance is given.
+    maintenance: Option<Box<dyn FnOnce(&str) -> axum::Router + Send>>,
     /// Handles whose drop would stop something (workers, syncs, monitor).
     kept: Vec<Box<dyn Any + Send>>,
 }
@@ -115,6 +117,7 @@ impl Service {
             status,
             relays,
             ingest_token: None,
+            maintenance: None,
             kept: Vec::new(),
         })
     }
@@ -141,6 +144,18 @@ impl Service {
     /// `ingest_token`.
     pub fn operator_routes(&mut self, ingest_token: &str) {
         self.ingest_token = Some(ingest_token.to_owned());
+    }
+
+    /// Serves backup and restore of the store through `store` on the
+    /// operator routes (see [`crate::maintenance`]), with backups in
+    /// `backup_dir`.
+    pub fn maintenance<S: crate::maintenance::StoreMaintenance>(
+        &mut self,
+        store: S,
+        backup_dir: Option<std::path::PathBuf>,
+    ) {
+        let maintainer = crate::maintenance::Maintainer::new(self.name, store, backup_dir, self.status.clone());
+        self.maintenance = Some(Box::new(move |token| crate::maintenance::routes(maintainer, token)));
     }
 
     /// Runs `jobs` in the background (see [`crate::jobs`]) while the store
@@ -203,10 +218,12 @@ impl Service {
         let mut options = ServeOptions::new(self.name, self.apis, common);
         let relays = Arc::new(self.relays);
         if let Some(token) = &self.ingest_token {
-            options = options.with_operator_routes(
-                crate::relay::operator_routes(relays.clone(), token)
-                    .merge(crate::store::maintenance_routes(self.status.clone(), token)),
-            );
+            let mut routes = crate::relay::operator_routes(relays.clone(), token)
+                .merge(crate::store::maintenance_routes(self.status.clone(), token));
+            if let Some(maintenance) = self.maintenance {
+                routes = routes.merge(maintenance(token));
+            }
+            options = options.with_operator_routes(routes);
         }
         let _running = (relays, self.kept);
         crate::server::serve(

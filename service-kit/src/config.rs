@@ -66,6 +66,12 @@ pub struct CommonArgs {
         default_value = "chirp-dev-ingest-token"
     )]
     pub ingest_token: String,
+
+    /// Directory the service writes its backups into and restores them
+    /// from (`chirp backup` and `chirp restore` ask for them through the
+    /// operator routes); unset, the service takes no backups
+    #[arg(long, env = "BACKUP_DIR")]
+    pub backup_dir: Option<std::path::PathBuf>,
 }
 
 impl CommonArgs {

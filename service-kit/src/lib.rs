@@ -11,6 +11,8 @@
 //! - [`server`]: health, reflection, metrics, tower layers and graceful
 //!   shutdown around a service's routes.
 //! - [`store`]: watches a service's store and drives its health status.
+//! - [`maintenance`]: backup and restore, done by the store's owner, in
+//!   steps that prove a backup before it replaces anything.
 //! - [`client`]: the stack for calling peers (deadline, retries with a
 //!   budget, circuit breaker, concurrency limit).
 //! - [`auth`]: Ed25519 JWT claims and verification, service tokens.
@@ -35,6 +37,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod maintenance;
 pub mod relay;
 pub mod revocation;
 pub mod server;

@@ -13,7 +13,7 @@
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -73,14 +73,15 @@ impl StoreStatus {
 
     #[must_use]
     pub fn in_maintenance(&self) -> bool {
-        self.0.maintenance.load(Ordering::Acquire)
+        // SeqCst, paired with the in-flight count (see `drained`).
+        self.0.maintenance.load(Ordering::SeqCst)
     }
 
     /// Enters or leaves maintenance. Entering takes effect at once for
     /// every request and relay; the health turns NOT_SERVING at the
     /// monitor's next probe. Leaving has the store prepared again.
     pub fn set_maintenance(&self, on: bool) {
-        let was = self.0.maintenance.swap(on, Ordering::AcqRel);
+        let was = self.0.maintenance.swap(on, Ordering::SeqCst);
         if was && !on {
             self.0.resumed.fetch_add(1, Ordering::AcqRel);
         }
@@ -222,9 +223,51 @@ impl StoreMonitor {
     }
 }
 
+/// Store operations of this process under way (see [`timed`]).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one store operation for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits (up to `limit`) until no store operation is under way; whether
+/// that happened. Called once maintenance is on, it is what makes the
+/// switch safe: an operation counts itself before it checks the store is
+/// up (its store module's first step), and maintenance is set before the
+/// count is read, both sequentially consistent, so an operation either
+/// sees maintenance and fails fast or is seen here and waited for. No
+/// write that passed the check lands after a restore replaced the data.
+pub async fn drained(limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while IN_FLIGHT.load(Ordering::SeqCst) > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
+}
+
+/// Longest `POST /maintenance/on` waits for the operations under way.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// The maintenance routes of the metrics port, for callers presenting the
 /// ingest token: `GET /maintenance` (whether in maintenance, whether the
-/// store is up), `POST /maintenance/on` and `POST /maintenance/off`.
+/// store is up), `POST /maintenance/on` (which answers once the store
+/// operations under way have finished, `drained` false if some were still
+/// running after ten seconds) and `POST /maintenance/off`.
 pub fn maintenance_routes(status: StoreStatus, ingest_token: &str) -> axum::Router {
     use axum::{extract::State, http::HeaderMap, routing};
 
@@ -236,17 +279,26 @@ pub fn maintenance_routes(status: StoreStatus, ingest_token: &str) -> axum::Rout
 
     type Reply = (http::StatusCode, String);
 
-    fn answer(m: &Maintenance, headers: &HeaderMap, change: Option<bool>) -> Reply {
-        if let Err(refused) = crate::relay::operator_authorized(headers, &m.token) {
+    async fn answer(m: Maintenance, headers: HeaderMap, change: Option<bool>) -> Reply {
+        if let Err(refused) = crate::relay::operator_authorized(&headers, &m.token) {
             return refused;
         }
+        let mut drained_now = None;
         if let Some(on) = change {
             m.status.set_maintenance(on);
             info!(maintenance = on, "maintenance {}", if on { "started" } else { "ended" });
+            if on {
+                let all = drained(DRAIN_LIMIT).await;
+                if !all {
+                    warn!("store operations still under way {DRAIN_LIMIT:?} into maintenance");
+                }
+                drained_now = Some(all);
+            }
         }
         let body = serde_json::json!({
             "maintenance": m.status.in_maintenance(),
             "store_up": m.status.0.up.load(Ordering::Acquire),
+            "drained": drained_now,
         });
         (http::StatusCode::OK, body.to_string())
     }
@@ -254,15 +306,15 @@ pub fn maintenance_routes(status: StoreStatus, ingest_token: &str) -> axum::Rout
     axum::Router::new()
         .route(
             "/maintenance",
-            routing::get(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, None) }),
+            routing::get(|State(m): State<Maintenance>, h: HeaderMap| answer(m, h, None)),
         )
         .route(
             "/maintenance/on",
-            routing::post(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, Some(true)) }),
+            routing::post(|State(m): State<Maintenance>, h: HeaderMap| answer(m, h, Some(true))),
         )
         .route(
             "/maintenance/off",
-            routing::post(|State(m): State<Maintenance>, h: HeaderMap| async move { answer(&m, &h, Some(false)) }),
+            routing::post(|State(m): State<Maintenance>, h: HeaderMap| answer(m, h, Some(false))),
         )
         .with_state(Maintenance {
             status,
@@ -325,6 +377,7 @@ pub async fn timed<T, E: std::fmt::Display>(
     } else {
         tracing::Span::none()
     };
+    let _in_flight = InFlight::enter();
     let start = std::time::Instant::now();
     let result = work.instrument(span.clone()).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };

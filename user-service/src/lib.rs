@@ -130,6 +130,11 @@ pub async fn run(
         UserServiceServer::new(UserApi::new(users, limits, config.common.ingest_token.clone()))
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
+    // Backups and restores (`chirp backup|restore`) on the metrics port.
+    service.maintenance(
+        store::Maintenance::new(&config.database_url).context("DATABASE_URL")?,
+        config.common.backup_dir.clone(),
+    );
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

@@ -21,7 +21,11 @@
 //! and SQLite itself interrupts a query at the caller's deadline, or after
 //! [`MAX_READ_TIME`] without one, so an abandoned read stops costing CPU.
 
+mod maintenance;
+
 use std::{str::FromStr as _, time::Duration};
+
+pub use maintenance::Maintenance;
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use service_kit::{
@@ -118,6 +122,17 @@ impl Store {
             // 500 events.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5));
+        // Users' activity: the file (and the WAL and index beside it, which
+        // SQLite gives the file's mode) is the owner's alone. SQLite would
+        // create it with the process's umask.
+        let file = options.get_filename();
+        if file != std::path::Path::new(":memory:") && !file.exists() {
+            match service_kit::maintenance::new_private_file(file) {
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(anyhow::Error::new(err).context(format!("creating {}", file.display()))),
+            }
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(3)
             .acquire_timeout(Duration::from_secs(2))

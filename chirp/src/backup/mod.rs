@@ -1,148 +1,43 @@
-//! `chirp backup` and `chirp restore`: each service's store, backed up and
-//! replaced on its own while the rest of the mesh keeps serving.
+//! `chirp backup`, `chirp restore` and `chirp maintenance`: orchestration
+//! only. Each service reads and writes its own store (its
+//! `store::maintenance`, reached through the operator routes of its metrics
+//! port; see `service_kit::maintenance`); this module asks the services,
+//! moves the backup directories, switches maintenance on every replica and
+//! shows what happened. It never connects to a store.
 //!
-//! A backup is a directory `<service>-<UTC time>` holding the store's data
-//! in the store's own consistent form and `manifest.json`: the service, the
-//! store, the schema version of the data, the counts of what it holds and a
-//! SHA-256 of every file.
+//! A restore:
 //!
-//! | service | store | how | files |
-//! |---|---|---|---|
-//! | user-service | PostgreSQL | `pg_dump -Fc` from an exported snapshot, the counts read in the same snapshot | `users.dump` |
-//! | message-service | MongoDB | every collection read in one snapshot transaction, streamed to BSON (documents back to back, as `mongodump` writes them), with each collection's options (validator) and indexes | `<collection>.bson`, `collections.json` |
-//! | comment-service | Redis | the service's keys (its prefix only: one Redis may hold other tenants) dumped in one atomic script, `DUMP` payloads with their TTLs | `keys.jsonl` |
-//! | analytics-service | SQLite | `VACUUM INTO`, a transactionally consistent copy | `analytics.db` |
-//!
-//! A restore checks every file against the manifest and the schema version
-//! against the live store (a backup newer than the service's data is refused)
-//! before it touches anything; then puts the service in maintenance (its
-//! store counts as down: NOT_SERVING, its RPCs fail fast, its relays wait,
-//! and its peers degrade as they do when that store is stopped), replaces
-//! the store's contents, and ends maintenance, after which the service
-//! prepares its store again (migrations run over the restored data) and
-//! serves. The outbox is part of the store: events that were waiting at the
-//! backup moment are sent again (consumers deduplicate by event id), and
-//! events written after it are gone with the writes that made them.
+//! 1. the backup is handed to the service (copied into its `BACKUP_DIR` if
+//!    it is elsewhere), which verifies it and loads it beside the live data
+//!    while it keeps serving; a backup that does not load is refused here
+//!    and nothing has changed;
+//! 2. every replica of the service goes into maintenance (NOT_SERVING, its
+//!    RPCs fail fast, its relays and jobs wait, its peers degrade as when
+//!    the store is stopped), and the restore waits until each one says so;
+//! 3. the service switches to the loaded data, keeping the replaced data;
+//! 4. every replica leaves maintenance and prepares its store again;
+//! 5. `chirp restore <service> --confirm` drops the kept data, `--undo`
+//!    puts it back (through maintenance again).
 
-mod mongo;
-mod postgres;
-mod redis_keys;
-mod sqlite;
+mod copy;
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
+use serde_json::Value;
 
 use crate::{
     control,
-    layout::{Part, Ports},
+    layout::{Instance, Part, Ports},
     status,
 };
 
-/// The version of the backup layout this build writes and reads.
-const FORMAT: u32 = 1;
-
-/// What a backup says of itself.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Manifest {
-    pub service: String,
-    pub store: String,
-    pub format: u32,
-    /// When it was taken (RFC 3339, UTC).
-    pub created_at: String,
-    /// The data model's version: the last migration applied (PostgreSQL,
-    /// SQLite) or the `schema_version` the service wrote (MongoDB, Redis).
-    pub schema_version: i64,
-    /// Rows, documents or keys, by table, collection or key kind.
-    pub counts: BTreeMap<String, u64>,
-    /// SHA-256 (hex) of every data file, by name.
-    pub files: BTreeMap<String, String>,
-}
-
-/// Where a service's store is, as the running `chirp up` has it.
-pub struct Store {
-    pub ports: Ports,
-    pub postgres: String,
-    pub mongodb: String,
-    pub mongodb_database: String,
-    pub redis: String,
-    pub redis_prefix: String,
-    pub sqlite: PathBuf,
-}
-
-impl Store {
-    /// The stores of the `chirp up` running with `data_dir` (external ones
-    /// where `DATABASE_URL`, `MONGODB_URI`, `REDIS_URL` say, as for `chirp
-    /// up`).
-    async fn of_running(data_dir: &Path) -> anyhow::Result<Self> {
-        Ok(Self::at(control::ports(data_dir).await?, data_dir))
-    }
-
-    /// The stores a backup reads: the running mesh's, or, with no mesh
-    /// running, the ones the URLs name (`DATABASE_URL`, `MONGODB_URI`,
-    /// `REDIS_URL`, `ANALYTICS_DATABASE_PATH`), as for a store run
-    /// elsewhere. A restore always needs the mesh: it switches the
-    /// service's maintenance.
-    async fn to_back_up(data_dir: &Path) -> anyhow::Result<Self> {
-        match Self::of_running(data_dir).await {
-            Ok(store) => Ok(store),
-            Err(err) => {
-                let given = ["DATABASE_URL", "MONGODB_URI", "REDIS_URL", "ANALYTICS_DATABASE_PATH"]
-                    .iter()
-                    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()));
-                if !given {
-                    return Err(err.context("no running mesh, and no store URL given"));
-                }
-                Ok(Self::at(
-                    Ports {
-                        base: crate::layout::DEFAULT_PORT_BASE,
-                    },
-                    data_dir,
-                ))
-            }
-        }
-    }
-
-    fn at(ports: Ports, data_dir: &Path) -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Self {
-            ports,
-            postgres: var("DATABASE_URL")
-                .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres))),
-            mongodb: var("MONGODB_URI")
-                .unwrap_or_else(|| format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb))),
-            mongodb_database: var("MONGODB_DATABASE").unwrap_or_else(|| "chirp_messages".to_owned()),
-            redis: var("REDIS_URL").unwrap_or_else(|| format!("redis://127.0.0.1:{}", ports.of(Part::Redis))),
-            redis_prefix: var("REDIS_KEY_PREFIX").unwrap_or_else(|| "chirp:comments:".to_owned()),
-            sqlite: var("ANALYTICS_DATABASE_PATH").map_or_else(|| data_dir.join("analytics.db"), PathBuf::from),
-        }
-    }
-
-    /// The live store's schema version and counts.
-    async fn inspect(&self, service: Part) -> anyhow::Result<(i64, BTreeMap<String, u64>)> {
-        match service {
-            Part::UserService => postgres::inspect(self).await,
-            Part::MessageService => mongo::inspect(self).await,
-            Part::CommentService => redis_keys::inspect(self).await,
-            _ => sqlite::inspect(&self.sqlite).await,
-        }
-    }
-}
-
-fn store_name(service: Part) -> &'static str {
-    match service {
-        Part::UserService => "postgresql",
-        Part::MessageService => "mongodb",
-        Part::CommentService => "redis",
-        _ => "sqlite",
-    }
-}
+/// Longest a service may take to write a backup, or to load or switch
+/// one: as long as its store is big.
+const STEP_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// `user-service` … or `all`.
 fn services(which: &str) -> anyhow::Result<Vec<Part>> {
@@ -159,37 +54,86 @@ fn services(which: &str) -> anyhow::Result<Vec<Part>> {
         })
 }
 
-/// `chirp backup <service|all> [--to DIR]`.
+/// Where the services of `chirp up` keep their backups (their
+/// `BACKUP_DIR`).
+#[must_use]
+pub fn backup_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("backups")
+}
+
+/// The running mesh's ports and every replica of `service` it runs.
+async fn replicas(data_dir: &Path, service: Part) -> anyhow::Result<(Ports, Vec<Instance>)> {
+    let reply = control::send(data_dir, "ps").await?;
+    let mut replicas: Vec<Instance> = reply
+        .parts
+        .iter()
+        .filter(|p| p.part == service)
+        .map(|p| Instance {
+            part: p.part,
+            replica: p.replica,
+        })
+        .collect();
+    replicas.sort_by_key(|r| r.replica);
+    if replicas.is_empty() {
+        bail!("the running mesh has no {}", service.name());
+    }
+    Ok((Ports { base: reply.port_base }, replicas))
+}
+
+/// A step the service refused (409): it changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// One operator step on `at`: the JSON of a 200 answer, or the service's
+/// reason ([`Refused`] for a refusal).
+async fn step(data_dir: &Path, ports: Ports, at: Instance, path: &str) -> anyhow::Result<Value> {
+    let (code, body) = status::operator_request(data_dir, ports, at, "POST", path, STEP_LIMIT).await?;
+    let json: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
+    if code != 200 {
+        let reason = json.get("error").and_then(Value::as_str).unwrap_or(&body);
+        let text = format!("{} answered {path} with {code}: {reason}", at.name());
+        if code == 409 {
+            return Err(Refused(text).into());
+        }
+        bail!(text);
+    }
+    Ok(json)
+}
+
+fn counts_text(counts: &Value) -> String {
+    counts
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(name, n)| format!("{name}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// `chirp backup <service|all> [--to DIR]`: each service writes its backup
+/// into its `BACKUP_DIR`; with `--to`, the directory is moved there.
 ///
 /// # Errors
-/// When no mesh runs, or a store cannot be read or the files written.
+/// When no mesh runs, a service refuses or fails, or the move fails.
 pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let store = Store::to_back_up(data_dir).await?;
-    let to = to.map_or_else(|| data_dir.join("backups"), Path::to_path_buf);
     let mut taken = Vec::new();
     for service in services(which)? {
+        let (ports, replicas) = replicas(data_dir, service).await?;
         let start = Instant::now();
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-        let dir = to.join(format!("{}-{stamp}", service.name()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let (schema_version, counts) = match service {
-            Part::UserService => postgres::backup(&store, &dir).await,
-            Part::MessageService => mongo::backup(&store, &dir).await,
-            Part::CommentService => redis_keys::backup(&store, &dir).await,
-            _ => sqlite::backup(&store.sqlite, &dir).await,
+        let name = format!("{}-{}", service.name(), chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+        let manifest = step(data_dir, ports, replicas[0], &format!("/backups/{name}"))
+            .await
+            .with_context(|| format!("backing up {}", service.name()))?;
+        let mut dir = backup_dir(data_dir).join(&name);
+        if let Some(to) = to {
+            let target = to.join(&name);
+            copy::move_dir(&dir, &target).with_context(|| format!("moving the backup to {}", target.display()))?;
+            dir = target;
         }
-        .with_context(|| format!("backing up {}", service.name()))?;
-        let manifest = Manifest {
-            service: service.name().to_owned(),
-            store: store_name(service).to_owned(),
-            format: FORMAT,
-            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            schema_version,
-            counts,
-            files: checksums(&dir)?,
-        };
-        std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
-        let bytes = dir_size(&dir)?;
+        let bytes = copy::dir_size(&dir)?;
         let took = start.elapsed();
         if !json {
             println!(
@@ -198,7 +142,7 @@ pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool)
                 dir.display(),
                 took.as_secs_f64(),
                 bytes,
-                counts_text(&manifest.counts)
+                counts_text(&manifest["counts"])
             );
         }
         taken.push(serde_json::json!({
@@ -207,174 +151,263 @@ pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool)
         }));
     }
     if json {
-        println!("{}", serde_json::Value::Array(taken));
+        println!("{}", Value::Array(taken));
     }
     Ok(())
 }
 
-/// `chirp restore <service> <backup>`.
+/// What `chirp restore` is asked to do.
+pub enum Restore<'a> {
+    /// Restore the backup in this directory.
+    From(&'a Path),
+    /// Drop what the last restore replaced.
+    Confirm,
+    /// Put back what the last restore replaced.
+    Undo,
+}
+
+/// `chirp restore <service> <backup>`, `--confirm` or `--undo`.
 ///
 /// # Errors
-/// When the backup is not this service's, is damaged or newer than the
-/// live data (nothing is changed then), or the replacement fails (the
-/// service is then left in maintenance, and the error says so).
-pub async fn restore(data_dir: &Path, which: &str, from: &Path, json: bool) -> anyhow::Result<()> {
-    let start = Instant::now();
+/// When the backup is refused (nothing is changed then), or a step fails
+/// (the error says where the service was left).
+pub async fn restore(data_dir: &Path, which: &str, what: Restore<'_>, json: bool) -> anyhow::Result<()> {
     let [service] = services(which)?[..] else {
         bail!("restore one service at a time");
     };
-    let manifest = verified(from, service)?;
-    let store = Store::of_running(data_dir).await?;
-    let (live_version, before) = store.inspect(service).await.context("reading the live store")?;
-    if manifest.schema_version > live_version {
-        bail!(
-            "the backup holds schema version {} and {} runs {live_version}: restore it with a build that knows it; nothing was changed",
-            manifest.schema_version,
-            service.name()
-        );
+    let (ports, replicas) = replicas(data_dir, service).await?;
+    let start = Instant::now();
+    match what {
+        Restore::Confirm => {
+            step(data_dir, ports, replicas[0], "/restore/confirm").await?;
+            if json {
+                println!("{}", serde_json::json!({"service": service.name(), "confirmed": true}));
+            } else {
+                println!("{}: the data the last restore replaced is dropped", service.name());
+            }
+            Ok(())
+        }
+        Restore::Undo => {
+            let (reply, windows) = in_maintenance(data_dir, ports, &replicas, async || {
+                step(data_dir, ports, replicas[0], "/restore/undo").await
+            })
+            .await?;
+            report(service, start, &reply, &windows, json, None);
+            Ok(())
+        }
+        Restore::From(from) => {
+            let (name, copied) = hand_over(data_dir, from)?;
+            let restored = restore_from(data_dir, ports, service, &replicas, &name).await;
+            if let Some(copied) = copied {
+                let _ = std::fs::remove_dir_all(copied);
+            }
+            let (reply, windows) = restored?;
+            report(service, start, &reply, &windows, json, Some(from));
+            Ok(())
+        }
     }
-    maintenance(data_dir, store.ports, service, true).await?;
-    wait_health(store.ports, service, false).await?;
-    let replaced = match service {
-        Part::UserService => postgres::restore(&store, from).await,
-        Part::MessageService => mongo::restore(&store, from).await,
-        Part::CommentService => redis_keys::restore(&store, from).await,
-        _ => sqlite::restore(&store.sqlite, from).await,
+}
+
+async fn restore_from(
+    data_dir: &Path,
+    ports: Ports,
+    service: Part,
+    replicas: &[Instance],
+    name: &str,
+) -> anyhow::Result<(Value, Vec<Window>)> {
+    step(data_dir, ports, replicas[0], &format!("/restore/{name}/load"))
+        .await
+        .context("nothing was changed")?;
+    let switched = in_maintenance(data_dir, ports, replicas, async || {
+        step(data_dir, ports, replicas[0], "/restore/switch").await
+    })
+    .await;
+    if switched.is_err() {
+        let _ = step(data_dir, ports, replicas[0], "/restore/discard").await;
+    }
+    switched.with_context(|| format!("restoring {}", service.name()))
+}
+
+/// How long one replica was NOT_SERVING.
+struct Window {
+    replica: String,
+    not_serving: Duration,
+}
+
+/// Puts every replica in maintenance, waits until each says NOT_SERVING,
+/// runs `work`, and brings every replica back, waiting until each serves.
+/// When `work` fails the replicas stay in maintenance: the store may be
+/// half switched, and the error says how to go on.
+async fn in_maintenance(
+    data_dir: &Path,
+    ports: Ports,
+    replicas: &[Instance],
+    work: impl AsyncFnOnce() -> anyhow::Result<Value>,
+) -> anyhow::Result<(Value, Vec<Window>)> {
+    let service = replicas[0].part;
+    for &replica in replicas {
+        // Answers once the replica's store operations under way are done
+        // (up to ten seconds).
+        let (_, reply) = status::operator_request(
+            data_dir,
+            ports,
+            replica,
+            "POST",
+            "/maintenance/on",
+            Duration::from_secs(15),
+        )
+        .await?;
+        let drained = serde_json::from_str::<Value>(&reply)
+            .ok()
+            .and_then(|r| r["drained"].as_bool());
+        if drained != Some(true) {
+            for &replica in replicas {
+                let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
+            }
+            bail!(
+                "{} still had store operations under way after ten seconds in maintenance; nothing was changed",
+                replica.name()
+            );
+        }
+    }
+    let mut since = Vec::new();
+    for &replica in replicas {
+        wait_health(ports, replica, false).await?;
+        since.push(Instant::now());
+    }
+    let reply = match work().await {
+        Ok(reply) => reply,
+        Err(err) => {
+            if err.downcast_ref::<Refused>().is_some() {
+                // Refused: nothing was replaced; serve again.
+                for &replica in replicas {
+                    let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
+                }
+                return Err(err.context("nothing was changed"));
+            }
+            return Err(err.context(format!(
+                "{service} stays in maintenance (NOT_SERVING); fix the cause and run it again, or \
+                 `chirp maintenance {service} off` to serve what the store holds now",
+                service = service.name()
+            )));
+        }
     };
-    if let Err(err) = replaced {
-        return Err(err.context(format!(
-            "restoring {service}: it stays in maintenance (NOT_SERVING); fix the cause and run the restore again, \
-             or `chirp maintenance {service} off` to serve what the store holds now",
-            service = service.name()
-        )));
+    for &replica in replicas {
+        status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await?;
     }
-    maintenance(data_dir, store.ports, service, false).await?;
-    wait_health(store.ports, service, true).await?;
-    let (_, after) = store.inspect(service).await?;
+    let mut windows = Vec::new();
+    for (&replica, since) in replicas.iter().zip(since) {
+        wait_health(ports, replica, true).await?;
+        windows.push(Window {
+            replica: replica.name(),
+            not_serving: since.elapsed(),
+        });
+    }
+    Ok((reply, windows))
+}
+
+/// The backup's name in the services' `BACKUP_DIR`, copying it there
+/// (and returning the copy, to remove after) when it is elsewhere.
+fn hand_over(data_dir: &Path, from: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    let root = backup_dir(data_dir);
+    let from = from
+        .canonicalize()
+        .with_context(|| format!("{} is not a backup directory", from.display()))?;
+    if let (Some(parent), Some(name)) = (from.parent(), from.file_name().and_then(|n| n.to_str())) {
+        if root.canonicalize().is_ok_and(|r| r == parent) && service_kit::maintenance::plain_name(name).is_ok() {
+            return Ok((name.to_owned(), None));
+        }
+    }
+    let name = format!("incoming-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+    let copy = root.join(&name);
+    copy::copy_backup(&from, &copy)?;
+    Ok((name, Some(copy)))
+}
+
+fn report(service: Part, start: Instant, reply: &Value, windows: &[Window], json: bool, from: Option<&Path>) {
     let took = start.elapsed();
     if json {
+        let windows: Vec<Value> = windows
+            .iter()
+            .map(|w| serde_json::json!({"replica": w.replica, "not_serving_seconds": w.not_serving.as_secs_f64()}))
+            .collect();
         println!(
             "{}",
             serde_json::json!({"service": service.name(), "seconds": took.as_secs_f64(),
-                               "before": before, "after": after, "backup": manifest.counts})
+                               "before": reply["before"]["counts"], "after": reply["after"]["counts"],
+                               "backup": reply["backup"]["counts"], "replicas": windows})
         );
-    } else {
-        println!(
+        return;
+    }
+    match from {
+        Some(from) => println!(
             "{} restored from {} in {:.2} s\n  before:    {}\n  backup:    {}\n  after:     {}",
             service.name(),
             from.display(),
             took.as_secs_f64(),
-            counts_text(&before),
-            counts_text(&manifest.counts),
-            counts_text(&after)
+            counts_text(&reply["before"]["counts"]),
+            counts_text(&reply["backup"]["counts"]),
+            counts_text(&reply["after"]["counts"])
+        ),
+        None => println!(
+            "{}: the last restore is undone in {:.2} s\n  now:       {}",
+            service.name(),
+            took.as_secs_f64(),
+            counts_text(&reply["after"]["counts"])
+        ),
+    }
+    for window in windows {
+        println!(
+            "  {}: NOT_SERVING for {:.2} s",
+            window.replica,
+            window.not_serving.as_secs_f64()
+        );
+    }
+    if from.is_some() {
+        println!(
+            "  the replaced data is kept: `chirp restore {service} --confirm` drops it, `chirp restore {service} --undo` puts it back",
+            service = service.name()
         );
         println!(
             "  events: what waited in the outbox at {} is sent again (consumers deduplicate by event id); \
              events written since then are gone with the writes that made them, and what other services \
              applied from them stays applied",
-            manifest.created_at
+            reply["backup"]["created_at"].as_str().unwrap_or("the backup moment")
         );
     }
-    Ok(())
 }
 
 /// `chirp maintenance <service> on|off`: by hand, for a restore that
-/// stopped halfway or for work of one's own on a store.
+/// stopped halfway or for work of one's own on a store. Every replica.
 ///
 /// # Errors
-/// When the service cannot be asked.
+/// When a replica cannot be asked.
 pub async fn switch(data_dir: &Path, which: &str, on: bool) -> anyhow::Result<()> {
     let [service] = services(which)?[..] else {
         bail!("one service at a time");
     };
-    maintenance(data_dir, control::ports(data_dir).await?, service, on).await?;
-    println!("{} maintenance {}", service.name(), if on { "on" } else { "off" });
-    Ok(())
-}
-
-/// The manifest of the backup in `dir`, once every file matches it.
-fn verified(dir: &Path, service: Part) -> anyhow::Result<Manifest> {
-    let text = std::fs::read(dir.join("manifest.json"))
-        .with_context(|| format!("{} has no manifest.json: not a chirp backup", dir.display()))?;
-    let manifest: Manifest = serde_json::from_slice(&text).context("manifest.json is damaged")?;
-    if manifest.service != service.name() {
-        bail!(
-            "{} is a backup of {}, not {}",
-            dir.display(),
-            manifest.service,
-            service.name()
-        );
-    }
-    if manifest.format != FORMAT {
-        bail!(
-            "backup format {} is not {FORMAT}, the one this build reads",
-            manifest.format
-        );
-    }
-    let actual = checksums(dir)?;
-    for (name, sum) in &manifest.files {
-        match actual.get(name) {
-            Some(found) if found == sum => {}
-            Some(_) => bail!("{name} does not match its checksum: the backup is damaged; nothing was changed"),
-            None => bail!("{name} is missing from the backup; nothing was changed"),
-        }
-    }
-    if manifest.files.is_empty() {
-        bail!("the manifest lists no files; nothing was changed");
-    }
-    Ok(manifest)
-}
-
-/// SHA-256 of every file in `dir` but the manifest, streamed.
-fn checksums(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut sums = BTreeMap::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == "manifest.json" || !entry.file_type()?.is_file() {
-            continue;
-        }
-        let mut hasher = sha2::Sha256::new();
-        std::io::copy(&mut std::fs::File::open(entry.path())?, &mut hasher)?;
-        sums.insert(name, format!("{:x}", hasher.finalize()));
-    }
-    Ok(sums)
-}
-
-fn dir_size(dir: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        total += entry?.metadata()?.len();
-    }
-    Ok(total)
-}
-
-fn counts_text(counts: &BTreeMap<String, u64>) -> String {
-    counts
-        .iter()
-        .map(|(name, n)| format!("{name}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-async fn maintenance(data_dir: &Path, ports: Ports, service: Part, on: bool) -> anyhow::Result<()> {
+    let (ports, replicas) = replicas(data_dir, service).await?;
     let path = if on { "/maintenance/on" } else { "/maintenance/off" };
-    status::operator_call(data_dir, ports, service, "POST", path).await?;
+    for replica in replicas {
+        status::operator_call(data_dir, ports, replica, "POST", path).await?;
+        println!("{} maintenance {}", replica.name(), if on { "on" } else { "off" });
+    }
     Ok(())
 }
 
-/// Waits (up to a minute) for the service's API to say `serving`.
-async fn wait_health(ports: Ports, service: Part, serving: bool) -> anyhow::Result<()> {
+/// Waits (up to a minute) for a replica's API to say `serving`, looking
+/// every 20 ms: the time a replica is NOT_SERVING is read from here.
+async fn wait_health(ports: Ports, at: Instance, serving: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status::health(ports, service).await != Some(serving) {
+    while status::health(ports, at).await != Some(serving) {
         if Instant::now() > deadline {
             bail!(
                 "{} is not {} after a minute",
-                service.name(),
+                at.name(),
                 if serving { "SERVING" } else { "NOT_SERVING" }
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

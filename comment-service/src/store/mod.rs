@@ -37,7 +37,11 @@
 //! is neither listed nor counted, so a page and its total agree.
 //! Counting many messages' comments is one pipelined round trip of `ZCARD`s.
 
+mod maintenance;
+
 use std::{collections::HashMap, time::Duration};
+
+pub use maintenance::Maintenance;
 
 use chrono::{DateTime, SecondsFormat, TimeZone as _, Utc};
 use redis::{

@@ -21,7 +21,11 @@
 //! | `visibility` | users whose messages are still being hidden or shown (`_id` = user id, `hidden`: the wanted state) | `_id` |
 //! | `meta` | `{_id: "schema", version}`: the data model's version, written at start-up | `_id` |
 
+mod maintenance;
+
 use std::time::Duration;
+
+pub use maintenance::Maintenance;
 
 use chrono::{DateTime, TimeZone as _, Utc};
 use futures::TryStreamExt as _;

@@ -5,7 +5,11 @@
 //! or `follows_by_followee`. Paging is keyset paging on the other user's id,
 //! so a page costs the same wherever it starts.
 
+mod maintenance;
+
 use std::time::Duration;
+
+pub use maintenance::Maintenance;
 
 use chrono::{DateTime, Utc};
 use service_kit::{

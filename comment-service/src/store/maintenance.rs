@@ -1,0 +1,332 @@
+//! comment-service's side of backup and restore (see
+//! `service_kit::maintenance`), on its keys in Redis.
+//!
+//! Only the service's own keys (its prefix): a Redis may be shared, and a
+//! restore must not touch another tenant's keys, so the server-wide forms
+//! (`BGSAVE` and its RDB file, the AOF) do not fit.
+//!
+//! - **backup**: one Lua script `DUMP`s every key of the prefix with its
+//!   TTL; Redis runs a script atomically, so it is one moment's view (other
+//!   clients wait for its length, a few milliseconds per thousand keys).
+//!   `keys.jsonl` holds one `{"key", "ttl_ms", "dump"}` line per key, the
+//!   key relative to the prefix, the payload in base64.
+//! - **load**: every key is checked against the data model (only the kinds
+//!   of keys the store module's table lists, ids that parse) and `RESTORE`d
+//!   under the side prefix `restore/{prefix}`; Redis checks each payload's
+//!   checksum, so a damaged one fails the load there.
+//! - **switch**: one script renames the live keys to the kept prefix
+//!   `kept/{prefix}` and the side keys to the live prefix: atomic, whatever
+//!   else the server is doing. **undo** is the same script back.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{bail, Context as _};
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use redis::{aio::MultiplexedConnection, AsyncCommands as _, Value};
+use serde::{Deserialize, Serialize};
+use service_kit::maintenance::{new_private_file, Contents, Manifest, StoreMaintenance};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+const FILE: &str = "keys.jsonl";
+/// Keys restored (or deleted) per round trip.
+const BATCH: usize = 500;
+/// Keys of the data model that are not per id (see the store module).
+const SINGLE_KEYS: [&str; 8] = [
+    "schema_version",
+    "outbox",
+    "outbox:dead",
+    "revocations",
+    "purge:users",
+    "purge:messages",
+    "purge:traces",
+    "hidden",
+];
+
+/// ARGV[1] the `prefix*` pattern. Every key of the prefix, its TTL and its
+/// `DUMP`, in one atomic step.
+const SNAPSHOT: &str = r"
+local keys = redis.call('KEYS', ARGV[1])
+local out = {}
+for _, key in ipairs(keys) do
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('PTTL', key)
+  out[#out + 1] = redis.call('DUMP', key)
+end
+return out
+";
+
+/// KEYS: the keys to drop, then the keys to rename; ARGV[1] how many to
+/// drop, ARGV[2] the prefix being renamed from, ARGV[3] the one renamed
+/// to, ARGV[4] (or empty) the prefix the dropped keys are renamed to
+/// instead. One atomic step.
+const MOVE: &str = r"
+local drop = tonumber(ARGV[1])
+for i = 1, drop do
+  if ARGV[4] ~= '' then
+    redis.call('RENAME', KEYS[i], ARGV[4] .. string.sub(KEYS[i], #ARGV[3] + 1))
+  else
+    redis.call('UNLINK', KEYS[i])
+  end
+end
+for i = drop + 1, #KEYS do
+  redis.call('RENAME', KEYS[i], ARGV[3] .. string.sub(KEYS[i], #ARGV[2] + 1))
+end
+return #KEYS
+";
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    /// Relative to the prefix.
+    key: String,
+    ttl_ms: i64,
+    dump: String,
+}
+
+pub struct Maintenance {
+    client: redis::Client,
+    prefix: String,
+}
+
+/// What a key (relative to the prefix) holds, by the data model; `None`
+/// for a key the data model has no place for.
+fn kind(key: &str) -> Option<&str> {
+    let id = |rest: &str| uuid::Uuid::parse_str(rest).is_ok();
+    if let Some(rest) = key.strip_prefix("c:") {
+        id(rest).then_some("comments")
+    } else if let Some(rest) = key.strip_prefix("m:") {
+        id(rest).then_some("message_comment_lists")
+    } else if let Some(rest) = key.strip_prefix("u:") {
+        id(rest).then_some("user_comment_sets")
+    } else {
+        SINGLE_KEYS.iter().find(|k| **k == key).copied()
+    }
+}
+
+/// `prefix*` with the prefix's glob characters escaped.
+fn pattern(prefix: &str) -> String {
+    let mut pattern = String::new();
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
+}
+
+impl Maintenance {
+    /// Maintenance of the keys under `prefix` in the Redis at `url`.
+    ///
+    /// # Errors
+    /// When the URL cannot be parsed.
+    pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn side(&self) -> String {
+        format!("restore/{}", self.prefix)
+    }
+
+    fn kept_prefix(&self) -> String {
+        format!("kept/{}", self.prefix)
+    }
+
+    /// A connection of its own, with no response timeout: a snapshot or a
+    /// switch of many keys is one long command.
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        Ok(self.client.get_multiplexed_async_connection().await?)
+    }
+
+    async fn unlink_all(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<()> {
+        for batch in keys(conn, prefix).await?.chunks(BATCH) {
+            let _: i64 = redis::cmd("UNLINK").arg(batch).query_async(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops (or renames to `set_aside`) the keys under `to`, and renames
+    /// the keys under `from` to `to`, in one script.
+    async fn move_keys(&self, from: &str, to: &str, set_aside: Option<&str>) -> anyhow::Result<()> {
+        let mut conn = self.connect().await?;
+        let dropped = keys(&mut conn, to).await?;
+        let moved = keys(&mut conn, from).await?;
+        let moving = redis::Script::new(MOVE);
+        let mut script = moving.prepare_invoke();
+        for key in dropped.iter().chain(&moved) {
+            script.key(key.as_str());
+        }
+        script.arg(dropped.len()).arg(from).arg(to).arg(set_aside.unwrap_or(""));
+        let _: i64 = script.invoke_async(&mut conn).await.context("renaming the keys")?;
+        Ok(())
+    }
+
+    async fn contents(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<Contents> {
+        let mut counts = BTreeMap::new();
+        for key in keys(conn, prefix).await? {
+            let relative = key.strip_prefix(prefix).unwrap_or(&key);
+            let kind = kind(relative).unwrap_or(relative);
+            *counts.entry(kind.to_owned()).or_default() += 1;
+        }
+        let version: Option<i64> = conn.get(format!("{prefix}schema_version")).await?;
+        Ok(Contents {
+            schema_version: version.unwrap_or(0),
+            counts,
+        })
+    }
+}
+
+async fn keys(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut all = Vec::new();
+    let mut iter: redis::AsyncIter<'_, String> = conn
+        .scan_options(
+            redis::ScanOptions::default()
+                .with_pattern(pattern(prefix))
+                .with_count(1000),
+        )
+        .await?;
+    while let Some(key) = iter.next_item().await {
+        all.push(key?);
+    }
+    Ok(all)
+}
+
+impl StoreMaintenance for Maintenance {
+    fn store(&self) -> &'static str {
+        "redis"
+    }
+
+    fn knows_file(name: &str) -> bool {
+        name == FILE
+    }
+
+    async fn inspect(&self) -> anyhow::Result<Contents> {
+        let mut conn = self.connect().await?;
+        self.contents(&mut conn, &self.prefix).await
+    }
+
+    async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {
+        let mut conn = self.connect().await?;
+        let reply: Vec<Value> = redis::Script::new(SNAPSHOT)
+            .arg(pattern(&self.prefix))
+            .invoke_async(&mut conn)
+            .await
+            .context("the snapshot script")?;
+        let file = tokio::fs::File::from_std(new_private_file(&dir.join(FILE))?);
+        let mut out = tokio::io::BufWriter::new(file);
+        let mut counts = BTreeMap::new();
+        let mut schema_version = 0;
+        for triple in reply.chunks(3) {
+            let [Value::BulkString(key), Value::Int(ttl_ms), Value::BulkString(dump)] = triple else {
+                bail!("an unexpected reply from the snapshot script");
+            };
+            if *ttl_ms == -2 {
+                continue; // expired between KEYS and DUMP
+            }
+            let key = String::from_utf8_lossy(key);
+            let relative = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+            let Some(kind) = kind(&relative) else {
+                tracing::warn!(key = %key, "a key the data model does not know: left out of the backup");
+                continue;
+            };
+            if kind == "schema_version" {
+                schema_version = conn.get::<_, Option<i64>>(key.as_ref()).await?.unwrap_or(0);
+            }
+            *counts.entry(kind.to_owned()).or_default() += 1;
+            let line = Line {
+                key: relative,
+                ttl_ms: *ttl_ms,
+                dump: STANDARD.encode(dump),
+            };
+            out.write_all(serde_json::to_string(&line)?.as_bytes()).await?;
+            out.write_all(b"\n").await?;
+        }
+        out.flush().await?;
+        out.get_ref().sync_all().await?;
+        Ok(Contents { schema_version, counts })
+    }
+
+    async fn load(&self, dir: &Path, _manifest: &Manifest) -> anyhow::Result<Contents> {
+        let mut conn = self.connect().await?;
+        let side = self.side();
+        self.unlink_all(&mut conn, &side).await?;
+        let mut lines = tokio::io::BufReader::new(tokio::fs::File::open(dir.join(FILE)).await?).lines();
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        let mut number = 0;
+        while let Some(text) = lines.next_line().await? {
+            number += 1;
+            let line: Line = serde_json::from_str(&text).with_context(|| format!("{FILE} line {number}"))?;
+            if kind(&line.key).is_none() {
+                bail!(
+                    "{FILE} line {number}: `{}` is no key of comment-service's data model",
+                    line.key
+                );
+            }
+            let dump = STANDARD
+                .decode(&line.dump)
+                .with_context(|| format!("{FILE} line {number}"))?;
+            pipe.cmd("RESTORE")
+                .arg(format!("{side}{}", line.key))
+                .arg(line.ttl_ms.max(0))
+                .arg(dump)
+                .arg("REPLACE")
+                .ignore();
+            queued += 1;
+            if queued == BATCH {
+                pipe.query_async::<()>(&mut conn).await.context("RESTORE")?;
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        if queued > 0 {
+            pipe.query_async::<()>(&mut conn).await.context("RESTORE")?;
+        }
+        self.contents(&mut conn, &side).await
+    }
+
+    async fn discard(&self) -> anyhow::Result<()> {
+        let mut conn = self.connect().await?;
+        self.unlink_all(&mut conn, &self.side()).await
+    }
+
+    async fn kept(&self) -> anyhow::Result<bool> {
+        let mut conn = self.connect().await?;
+        Ok(!keys(&mut conn, &self.kept_prefix()).await?.is_empty())
+    }
+
+    async fn switch(&self) -> anyhow::Result<()> {
+        self.move_keys(&self.side(), &self.prefix, Some(&self.kept_prefix()))
+            .await
+    }
+
+    async fn undo(&self) -> anyhow::Result<()> {
+        self.move_keys(&self.kept_prefix(), &self.prefix, None).await
+    }
+
+    async fn confirm(&self) -> anyhow::Result<()> {
+        let mut conn = self.connect().await?;
+        self.unlink_all(&mut conn, &self.kept_prefix()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_data_models_keys_are_known_and_the_prefix_is_matched_literally() {
+        assert_eq!(pattern("chirp:comments:"), "chirp:comments:*");
+        assert_eq!(pattern("t[1]*"), "t\\[1\\]\\**");
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(kind(&format!("c:{id}")), Some("comments"));
+        assert_eq!(kind(&format!("m:{id}")), Some("message_comment_lists"));
+        assert_eq!(kind("outbox:dead"), Some("outbox:dead"));
+        for unknown in ["c:../x", "c:", "other", "../outbox", "m:1"] {
+            assert_eq!(kind(unknown), None, "{unknown}");
+        }
+    }
+}
