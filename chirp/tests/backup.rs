@@ -369,6 +369,14 @@ async fn each_service_is_restored_to_its_backup_while_the_others_keep_serving() 
     for (service, dir, manifest) in &backups {
         println!("backup of {service}: {} counts {}", dir.display(), manifest["counts"]);
     }
+    for (service, dir, _) in &backups {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir), 0o700, "{service}'s backup directory is private");
+        for file in std::fs::read_dir(dir).unwrap() {
+            let file = file.unwrap().path();
+            assert_eq!(mode(&file), 0o600, "{} is private", file.display());
+        }
+    }
     let manifest_of = |service: &str| backups.iter().find(|(s, _, _)| s == service).unwrap().clone();
     assert_eq!(manifest_of("message-service").2["counts"]["messages"], size as u64);
     assert_eq!(manifest_of("comment-service").2["counts"]["comments"], size as u64);
@@ -502,6 +510,36 @@ async fn each_service_is_restored_to_its_backup_while_the_others_keep_serving() 
         size as i64,
         "analytics counts as at the backup"
     );
+    // Each restore kept what it replaced. comment-service's comes back with
+    // --undo (the later comment with it), goes again with a second
+    // restore, and is dropped with --confirm, after which nothing is left
+    // to undo; the others are confirmed.
+    let (_, comment_backup, _) = manifest_of("comment-service");
+    let (code, out) = up.run(&["restore", "comment-service", "--undo"]);
+    assert_eq!(code, 0, "{out}");
+    println!("{out}");
+    assert_eq!(
+        world.comment_count(&before_ids[1]).await,
+        2,
+        "--undo brought the replaced data back"
+    );
+    let (code, out) = restore(&up, "comment-service", &comment_backup);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(world.comment_count(&before_ids[1]).await, 1, "restored again");
+    for service in SERVICES {
+        let (code, out) = up.run(&["restore", service, "--confirm"]);
+        assert_eq!(code, 0, "{service}: {out}");
+    }
+    let (code, out) = up.run(&["restore", "comment-service", "--undo"]);
+    assert_ne!(code, 0, "nothing is left to undo once confirmed: {out}");
+    assert!(out.contains("nothing to undo"), "{out}");
+    assert_eq!(
+        world.comment_count(&before_ids[1]).await,
+        1,
+        "the refused undo changed nothing"
+    );
+    assert_eq!(up.part("comment-service")["service"]["serving"], true);
+
     // The mesh works on: a new post flows to analytics.
     world.post("after the restores".into()).await;
     let deadline = Instant::now() + Duration::from_secs(30);

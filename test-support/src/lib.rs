@@ -8,6 +8,8 @@
 //! - Private store processes ([`process`]) that a test stops and starts again
 //!   to play an outage, on the same port and data directory.
 //!
+//! - The operator routes of a service's metrics port ([`operator`]), and
+//!   a way to reseal a backup a test has tampered with.
 //! - An in-process OTLP trace receiver ([`otlp`]) that services export to.
 //!
 //! Everything is removed on drop. Processes are also tied to this test
@@ -25,6 +27,7 @@ use std::net::TcpListener;
 
 pub mod authz;
 pub mod grpc;
+pub mod operator;
 pub mod process;
 pub mod sqlite;
 

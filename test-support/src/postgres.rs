@@ -54,9 +54,12 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         crate::block_on_fresh_runtime(async move {
             if let Ok(mut conn) = PgConnection::connect(&admin).await {
-                let _ = conn
-                    .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-                    .await;
+                // With the side and kept databases a restore leaves beside it.
+                for database in [name.clone(), format!("{name}__restore"), format!("{name}__kept")] {
+                    let _ = conn
+                        .execute(format!(r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#).as_str())
+                        .await;
+                }
                 let _ = conn.close().await;
             }
         });

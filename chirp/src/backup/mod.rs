@@ -188,11 +188,11 @@ pub async fn restore(data_dir: &Path, which: &str, what: Restore<'_>, json: bool
             Ok(())
         }
         Restore::Undo => {
-            let (reply, windows) = in_maintenance(data_dir, ports, &replicas, async || {
+            let done = in_maintenance(data_dir, ports, &replicas, async || {
                 step(data_dir, ports, replicas[0], "/restore/undo").await
             })
             .await?;
-            report(service, start, &reply, &windows, json, None);
+            report(service, start, &done, json, None);
             Ok(())
         }
         Restore::From(from) => {
@@ -201,8 +201,7 @@ pub async fn restore(data_dir: &Path, which: &str, what: Restore<'_>, json: bool
             if let Some(copied) = copied {
                 let _ = std::fs::remove_dir_all(copied);
             }
-            let (reply, windows) = restored?;
-            report(service, start, &reply, &windows, json, Some(from));
+            report(service, start, &restored?, json, Some(from));
             Ok(())
         }
     }
@@ -214,7 +213,7 @@ async fn restore_from(
     service: Part,
     replicas: &[Instance],
     name: &str,
-) -> anyhow::Result<(Value, Vec<Window>)> {
+) -> anyhow::Result<Maintained> {
     step(data_dir, ports, replicas[0], &format!("/restore/{name}/load"))
         .await
         .context("nothing was changed")?;
@@ -234,6 +233,16 @@ struct Window {
     not_serving: Duration,
 }
 
+/// What a step done in maintenance answered, and when the service was out.
+struct Maintained {
+    reply: Value,
+    windows: Vec<Window>,
+    /// When every replica had said NOT_SERVING.
+    all_down: chrono::DateTime<chrono::Utc>,
+    /// When every replica served again.
+    all_up: chrono::DateTime<chrono::Utc>,
+}
+
 /// Puts every replica in maintenance, waits until each says NOT_SERVING,
 /// runs `work`, and brings every replica back, waiting until each serves.
 /// When `work` fails the replicas stay in maintenance: the store may be
@@ -243,7 +252,7 @@ async fn in_maintenance(
     ports: Ports,
     replicas: &[Instance],
     work: impl AsyncFnOnce() -> anyhow::Result<Value>,
-) -> anyhow::Result<(Value, Vec<Window>)> {
+) -> anyhow::Result<Maintained> {
     let service = replicas[0].part;
     for &replica in replicas {
         // Answers once the replica's store operations under way are done
@@ -275,6 +284,7 @@ async fn in_maintenance(
         wait_health(ports, replica, false).await?;
         since.push(Instant::now());
     }
+    let all_down = chrono::Utc::now();
     let reply = match work().await {
         Ok(reply) => reply,
         Err(err) => {
@@ -303,7 +313,12 @@ async fn in_maintenance(
             not_serving: since.elapsed(),
         });
     }
-    Ok((reply, windows))
+    Ok(Maintained {
+        reply,
+        windows,
+        all_down,
+        all_up: chrono::Utc::now(),
+    })
 }
 
 /// The backup's name in the services' `BACKUP_DIR`, copying it there
@@ -324,8 +339,9 @@ fn hand_over(data_dir: &Path, from: &Path) -> anyhow::Result<(String, Option<Pat
     Ok((name, Some(copy)))
 }
 
-fn report(service: Part, start: Instant, reply: &Value, windows: &[Window], json: bool, from: Option<&Path>) {
+fn report(service: Part, start: Instant, done: &Maintained, json: bool, from: Option<&Path>) {
     let took = start.elapsed();
+    let (reply, windows) = (&done.reply, &done.windows);
     if json {
         let windows: Vec<Value> = windows
             .iter()
@@ -335,7 +351,9 @@ fn report(service: Part, start: Instant, reply: &Value, windows: &[Window], json
             "{}",
             serde_json::json!({"service": service.name(), "seconds": took.as_secs_f64(),
                                "before": reply["before"]["counts"], "after": reply["after"]["counts"],
-                               "backup": reply["backup"]["counts"], "replicas": windows})
+                               "backup": reply["backup"]["counts"], "replicas": windows,
+                               "all_not_serving_at": done.all_down.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                               "all_serving_at": done.all_up.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)})
         );
         return;
     }

@@ -1,0 +1,85 @@
+//! The operator routes of a service's metrics port (outbox, maintenance,
+//! backups and restores), called as an operator would: HTTP/1.1 with the
+//! ingest token.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The token services take when none is configured.
+pub const DEV_TOKEN: &str = "chirp-dev-ingest-token";
+
+/// `method path` on the metrics port at `addr`, presenting `token`: the
+/// status code and the body as JSON (a JSON string when it is not JSON).
+///
+/// # Errors
+/// When the service does not answer within a minute.
+pub async fn call(addr: SocketAddr, token: &str, method: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nx-chirp-ingest-token: {token}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await?;
+        let (head, body) = reply.split_once("\r\n\r\n").context("not an HTTP reply")?;
+        let code: u16 = head.split(' ').nth(1).context("no status")?.parse()?;
+        let json = serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()));
+        anyhow::Ok((code, json))
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .context("the operator route did not answer within a minute")?
+}
+
+/// [`call`] with [`DEV_TOKEN`], expecting 200: the body.
+///
+/// # Panics
+/// When the route answers anything else.
+pub async fn ok(addr: SocketAddr, method: &str, path: &str) -> serde_json::Value {
+    let (code, body) = call(addr, DEV_TOKEN, method, path)
+        .await
+        .expect("the operator route answers");
+    assert_eq!(code, 200, "{method} {path}: {body}");
+    body
+}
+
+/// [`call`] with [`DEV_TOKEN`], expecting a refusal (409): the reason.
+///
+/// # Panics
+/// When the route answers anything else.
+pub async fn refused(addr: SocketAddr, method: &str, path: &str) -> String {
+    let (code, body) = call(addr, DEV_TOKEN, method, path)
+        .await
+        .expect("the operator route answers");
+    assert_eq!(code, 409, "{method} {path} should be refused: {body}");
+    body["error"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Rewrites the manifest of the backup in `dir` so that its checksums
+/// match the files as they are now: what someone crafting a backup would
+/// do, so a test reaches the checks behind the checksums.
+///
+/// # Panics
+/// When the manifest cannot be read or written.
+pub fn reseal(dir: &std::path::Path) {
+    use sha2::Digest as _;
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("a manifest")).expect("a JSON manifest");
+    let names: Vec<String> = manifest["files"]
+        .as_object()
+        .expect("files in the manifest")
+        .keys()
+        .cloned()
+        .collect();
+    for name in names {
+        if let Ok(bytes) = std::fs::read(dir.join(&name)) {
+            manifest["files"][&name] = format!("{:x}", sha2::Sha256::digest(bytes)).into();
+        }
+    }
+    std::fs::write(&path, manifest.to_string()).expect("writing the manifest");
+}
