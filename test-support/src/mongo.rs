@@ -68,7 +68,14 @@ impl Drop for TestMongo {
         let database = self.database.clone();
         crate::block_on_fresh_runtime(async move {
             if let Ok(client) = mongodb::Client::with_uri_str(&uri).await {
-                let _ = client.database(&database).drop().await;
+                // With the side and kept databases a restore leaves beside it.
+                for name in [
+                    database.clone(),
+                    format!("{database}__restore"),
+                    format!("{database}__kept"),
+                ] {
+                    let _ = client.database(&name).drop().await;
+                }
             }
         });
     }

@@ -35,28 +35,51 @@ pub async fn call(addr: SocketAddr, token: &str, method: &str, path: &str) -> an
         .context("the operator route did not answer within a minute")?
 }
 
-/// [`call`] with [`DEV_TOKEN`], expecting 200: the body.
-///
-/// # Panics
-/// When the route answers anything else.
-pub async fn ok(addr: SocketAddr, method: &str, path: &str) -> serde_json::Value {
-    let (code, body) = call(addr, DEV_TOKEN, method, path)
-        .await
-        .expect("the operator route answers");
-    assert_eq!(code, 200, "{method} {path}: {body}");
-    body
+/// A service's metrics port, as its operator calls it.
+#[derive(Clone, Debug)]
+pub struct Operator {
+    pub addr: SocketAddr,
+    pub token: String,
 }
 
-/// [`call`] with [`DEV_TOKEN`], expecting a refusal (409): the reason.
-///
-/// # Panics
-/// When the route answers anything else.
-pub async fn refused(addr: SocketAddr, method: &str, path: &str) -> String {
-    let (code, body) = call(addr, DEV_TOKEN, method, path)
-        .await
-        .expect("the operator route answers");
-    assert_eq!(code, 409, "{method} {path} should be refused: {body}");
-    body["error"].as_str().unwrap_or_default().to_owned()
+impl Operator {
+    /// The service at `addr`, started with no ingest token of its own.
+    #[must_use]
+    pub fn new(addr: SocketAddr) -> Self {
+        Self::with_token(addr, DEV_TOKEN)
+    }
+
+    #[must_use]
+    pub fn with_token(addr: SocketAddr, token: &str) -> Self {
+        Self {
+            addr,
+            token: token.to_owned(),
+        }
+    }
+
+    /// `method path`, expecting 200: the body.
+    ///
+    /// # Panics
+    /// When the route answers anything else.
+    pub async fn ok(&self, method: &str, path: &str) -> serde_json::Value {
+        let (code, body) = call(self.addr, &self.token, method, path)
+            .await
+            .expect("the operator route answers");
+        assert_eq!(code, 200, "{method} {path}: {body}");
+        body
+    }
+
+    /// `method path`, expecting a refusal (409): the reason.
+    ///
+    /// # Panics
+    /// When the route answers anything else.
+    pub async fn refused(&self, method: &str, path: &str) -> String {
+        let (code, body) = call(self.addr, &self.token, method, path)
+            .await
+            .expect("the operator route answers");
+        assert_eq!(code, 409, "{method} {path} should be refused: {body}");
+        body["error"].as_str().unwrap_or_default().to_owned()
+    }
 }
 
 /// Rewrites the manifest of the backup in `dir` so that its checksums

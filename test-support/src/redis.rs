@@ -45,31 +45,38 @@ impl Default for KeyPrefix {
 impl Drop for KeyPrefix {
     fn drop(&mut self) {
         let url = self.url.clone();
-        let pattern = format!("{}*", self.prefix);
+        // With the side and kept keys a restore leaves beside them.
+        let patterns = ["", "restore/", "kept/"].map(|side| format!("{side}{}*", self.prefix));
         crate::block_on_fresh_runtime(async move {
             let Ok(client) = redis::Client::open(url) else { return };
             let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
                 return;
             };
-            let mut cursor: u64 = 0;
-            loop {
-                let scanned: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(500)
-                    .query_async(&mut conn)
-                    .await;
-                let Ok((next, keys)) = scanned else { return };
-                if !keys.is_empty() {
-                    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-                }
-                if next == 0 {
-                    return;
-                }
-                cursor = next;
+            for pattern in &patterns {
+                delete_matching(&mut conn, pattern).await;
             }
         });
+    }
+}
+
+async fn delete_matching(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) {
+    let mut cursor: u64 = 0;
+    loop {
+        let scanned: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(conn)
+            .await;
+        let Ok((next, keys)) = scanned else { return };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query_async(conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chirp_proto::user::v1 as pb;
 use common::TestApp;
 use sqlx::Connection as _;
-use test_support::operator::{ok, refused, reseal};
+use test_support::operator::{reseal, Operator};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn spawn() -> (TestApp, tempfile::TempDir) {
@@ -29,17 +29,17 @@ async fn exists(app: &TestApp, id: &str) -> bool {
 
 /// Maintenance on, `path`, maintenance off, SERVING again.
 async fn in_maintenance(app: &TestApp, path: &str) -> serde_json::Value {
-    let drained = ok(app.metrics_addr, "POST", "/maintenance/on").await;
+    let drained = Operator::new(app.metrics_addr).ok("POST", "/maintenance/on").await;
     assert_eq!(drained["drained"], true, "{drained}");
     app.wait_for(ServingStatus::NotServing).await;
-    let reply = ok(app.metrics_addr, "POST", path).await;
-    ok(app.metrics_addr, "POST", "/maintenance/off").await;
+    let reply = Operator::new(app.metrics_addr).ok("POST", path).await;
+    Operator::new(app.metrics_addr).ok("POST", "/maintenance/off").await;
     app.wait_for(ServingStatus::Serving).await;
     reply
 }
 
 async fn live(app: &TestApp) -> serde_json::Value {
-    ok(app.metrics_addr, "GET", "/store").await
+    Operator::new(app.metrics_addr).ok("GET", "/store").await
 }
 
 fn copy_backup(from: &Path, to: &Path) {
@@ -54,14 +54,14 @@ fn copy_backup(from: &Path, to: &Path) {
 async fn a_restore_switches_only_in_maintenance_and_is_undone_or_confirmed() {
     let (app, backups) = spawn().await;
     let kept = app.register("kept_user").await;
-    let manifest = ok(app.metrics_addr, "POST", "/backups/first").await;
+    let manifest = Operator::new(app.metrics_addr).ok("POST", "/backups/first").await;
     assert_eq!(manifest["counts"]["users"], 2, "the admin and kept_user: {manifest}");
     let later = app.register("later_user").await;
 
-    let loaded = ok(app.metrics_addr, "POST", "/restore/first/load").await;
+    let loaded = Operator::new(app.metrics_addr).ok("POST", "/restore/first/load").await;
     assert_eq!(loaded["before"]["counts"]["users"], 3);
     assert!(exists(&app, &later.id).await, "loading changes nothing live");
-    let reason = refused(app.metrics_addr, "POST", "/restore/switch").await;
+    let reason = Operator::new(app.metrics_addr).refused("POST", "/restore/switch").await;
     assert!(reason.contains("maintenance"), "{reason}");
     assert!(exists(&app, &later.id).await);
 
@@ -69,7 +69,9 @@ async fn a_restore_switches_only_in_maintenance_and_is_undone_or_confirmed() {
     assert_eq!(switched["after"]["counts"]["users"], 2, "{switched}");
     assert!(exists(&app, &kept.id).await);
     assert!(!exists(&app, &later.id).await, "the live data is the backup's");
-    let reason = refused(app.metrics_addr, "POST", "/restore/first/load").await;
+    let reason = Operator::new(app.metrics_addr)
+        .refused("POST", "/restore/first/load")
+        .await;
     assert!(
         reason.contains("confirm or undo"),
         "one restore waits at a time: {reason}"
@@ -82,14 +84,14 @@ async fn a_restore_switches_only_in_maintenance_and_is_undone_or_confirmed() {
     );
     app.register("after_undo").await;
 
-    ok(app.metrics_addr, "POST", "/restore/first/load").await;
+    Operator::new(app.metrics_addr).ok("POST", "/restore/first/load").await;
     in_maintenance(&app, "/restore/switch").await;
-    ok(app.metrics_addr, "POST", "/restore/confirm").await;
+    Operator::new(app.metrics_addr).ok("POST", "/restore/confirm").await;
     assert!(!exists(&app, &later.id).await);
-    ok(app.metrics_addr, "POST", "/maintenance/on").await;
-    let reason = refused(app.metrics_addr, "POST", "/restore/undo").await;
+    Operator::new(app.metrics_addr).ok("POST", "/maintenance/on").await;
+    let reason = Operator::new(app.metrics_addr).refused("POST", "/restore/undo").await;
     assert!(reason.contains("nothing to undo"), "{reason}");
-    ok(app.metrics_addr, "POST", "/maintenance/off").await;
+    Operator::new(app.metrics_addr).ok("POST", "/maintenance/off").await;
     app.wait_for(ServingStatus::Serving).await;
     app.register("after_confirm").await;
     drop(backups);
@@ -99,7 +101,7 @@ async fn a_restore_switches_only_in_maintenance_and_is_undone_or_confirmed() {
 async fn a_dump_whose_header_claims_a_newer_format_changes_nothing() {
     let (app, backups) = spawn().await;
     app.register("someone").await;
-    ok(app.metrics_addr, "POST", "/backups/real").await;
+    Operator::new(app.metrics_addr).ok("POST", "/backups/real").await;
     let newer = backups.path().join("newer");
     copy_backup(&backups.path().join("real"), &newer);
     // The custom format's header: "PGDMP", then major, minor and revision
@@ -114,7 +116,9 @@ async fn a_dump_whose_header_claims_a_newer_format_changes_nothing() {
     app.register("after_backup").await;
 
     let before = live(&app).await;
-    let reason = refused(app.metrics_addr, "POST", "/restore/newer/load").await;
+    let reason = Operator::new(app.metrics_addr)
+        .refused("POST", "/restore/newer/load")
+        .await;
     println!("refused: {reason}");
     assert!(
         reason.contains("pg_restore") && reason.contains("nothing live was changed"),
@@ -128,7 +132,7 @@ async fn a_dump_whose_header_claims_a_newer_format_changes_nothing() {
 async fn a_manifest_naming_a_file_outside_the_backup_changes_nothing() {
     let (app, backups) = spawn().await;
     app.register("someone").await;
-    ok(app.metrics_addr, "POST", "/backups/real").await;
+    Operator::new(app.metrics_addr).ok("POST", "/backups/real").await;
     let crafted = backups.path().join("crafted");
     copy_backup(&backups.path().join("real"), &crafted);
     let manifest_file = crafted.join("manifest.json");
@@ -137,10 +141,14 @@ async fn a_manifest_naming_a_file_outside_the_backup_changes_nothing() {
     std::fs::write(&manifest_file, manifest.to_string()).unwrap();
 
     let before = live(&app).await;
-    let reason = refused(app.metrics_addr, "POST", "/restore/crafted/load").await;
+    let reason = Operator::new(app.metrics_addr)
+        .refused("POST", "/restore/crafted/load")
+        .await;
     println!("refused: {reason}");
     assert!(reason.contains("not a plain name"), "{reason}");
-    let reason = refused(app.metrics_addr, "POST", "/restore/..%2Fcrafted/load").await;
+    let reason = Operator::new(app.metrics_addr)
+        .refused("POST", "/restore/..%2Fcrafted/load")
+        .await;
     assert!(
         reason.contains("not a plain name"),
         "a backup name is one path component: {reason}"
@@ -156,7 +164,7 @@ fn pg_tool(name: &str) -> PathBuf {
 async fn a_dump_carrying_a_function_that_runs_a_program_loads_without_it() {
     let (app, backups) = spawn().await;
     app.register("someone").await;
-    ok(app.metrics_addr, "POST", "/backups/real").await;
+    Operator::new(app.metrics_addr).ok("POST", "/backups/real").await;
 
     // Crafted as an attacker with a superuser would: the real backup,
     // restored elsewhere, given a function that runs a program and an index
@@ -209,7 +217,9 @@ async fn a_dump_carrying_a_function_that_runs_a_program_loads_without_it() {
     assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
     reseal(&crafted);
 
-    ok(app.metrics_addr, "POST", "/restore/crafted/load").await;
+    Operator::new(app.metrics_addr)
+        .ok("POST", "/restore/crafted/load")
+        .await;
     in_maintenance(&app, "/restore/switch").await;
     assert!(!marker.exists(), "no program ran");
     let mut conn = sqlx::PgConnection::connect(&app.database_url).await.unwrap();
@@ -220,5 +230,5 @@ async fn a_dump_carrying_a_function_that_runs_a_program_loads_without_it() {
     assert_eq!(functions, 0, "the dump's function was never created");
     conn.close().await.unwrap();
     assert_eq!(app.user_count().await, 2, "the rows were loaded");
-    ok(app.metrics_addr, "POST", "/restore/confirm").await;
+    Operator::new(app.metrics_addr).ok("POST", "/restore/confirm").await;
 }

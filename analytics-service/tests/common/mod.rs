@@ -57,12 +57,18 @@ impl Backing {
 
 pub struct TestApp {
     pub channel: Channel,
+    /// The metrics port, with the operator routes.
+    pub metrics_addr: std::net::SocketAddr,
     server: Server,
 }
 
 impl TestApp {
     pub async fn spawn(backing: &Backing) -> Self {
-        let config = analytics_service::config::Config::try_parse_from([
+        Self::spawn_with(backing, &[]).await
+    }
+
+    pub async fn spawn_with(backing: &Backing, extra: &[&str]) -> Self {
+        let mut args = vec![
             "analytics-service".to_owned(),
             format!("--database-url={}", backing.file.url()),
             format!("--ingest-token={INGEST_TOKEN}"),
@@ -71,13 +77,17 @@ impl TestApp {
                 backing.key_dir.path().join("public.pem").display()
             ),
             "--store-probe-interval=100ms".to_owned(),
-        ])
-        .expect("a valid configuration");
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let config = analytics_service::config::Config::try_parse_from(args).expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::spawn(|stop| analytics_service::run(config, listener, None, stop));
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let server = Server::spawn(|stop| analytics_service::run(config, listener, Some(metrics), stop));
         let app = Self {
             channel: Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+            metrics_addr,
             server,
         };
         test_support::grpc::wait_for(&app.channel, &[SERVICE], ServingStatus::Serving).await;

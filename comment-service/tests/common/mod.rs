@@ -237,6 +237,8 @@ impl Backing {
 
 pub struct TestApp {
     pub channel: Channel,
+    /// The metrics port, with the operator routes.
+    pub metrics_addr: SocketAddr,
     server: Server,
 }
 
@@ -265,9 +267,12 @@ impl TestApp {
         let config = Config::try_parse_from(args).expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::spawn(|stop| comment_service::run(config, listener, None, stop));
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let server = Server::spawn(|stop| comment_service::run(config, listener, Some(metrics), stop));
         let app = Self {
             channel: Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+            metrics_addr,
             server,
         };
         app.wait_for(ServingStatus::Serving).await;

@@ -232,6 +232,8 @@ impl cpb::comment_service_server::CommentService for FakeComments {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The metrics port, with the operator routes.
+    pub metrics_addr: SocketAddr,
     pub channel: Channel,
     pub users: FakeUsers,
     pub comments: FakeComments,
@@ -254,6 +256,8 @@ pub struct Options {
     /// Where comment-service is instead of the fake (e.g. several replicas,
     /// comma-separated).
     pub comment_service_url: Option<String>,
+    /// Flags beyond these.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -264,6 +268,7 @@ impl Default for Options {
             following_cache_max_ids: 200_000,
             private_mongo: false,
             comment_service_url: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -317,13 +322,17 @@ impl TestApp {
         if !options.keys_from_user_service {
             args.push(format!("--jwt-public-key-file={}", key_file.display()));
         }
+        args.extend(options.extra_args.iter().cloned());
         let config = Config::try_parse_from(args).expect("a valid configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::spawn(|stop| message_service::run(config, listener, None, stop));
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let server = Server::spawn(|stop| message_service::run(config, listener, Some(metrics), stop));
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         let app = Self {
             addr,
+            metrics_addr,
             channel,
             users,
             comments,

@@ -1,0 +1,163 @@
+//! Backup and restore by comment-service itself, through its operator
+//! routes: keys restored under a side prefix and checked there before one
+//! script switches them in; a damaged payload or a key the data model does
+//! not know is refused with nothing changed.
+
+mod common;
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use common::{add, all_comments, Backing, TestApp};
+use service_kit::auth::Role;
+use test_support::{
+    grpc::authed,
+    operator::{reseal, Operator},
+};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+struct World {
+    backing: Backing,
+    app: TestApp,
+    operator: Operator,
+    backups: tempfile::TempDir,
+    message: String,
+    token: String,
+}
+
+impl World {
+    async fn new() -> Self {
+        let backing = Backing::shared().await;
+        let backups = tempfile::tempdir().unwrap();
+        let app = TestApp::spawn_with(&backing, &[&format!("--backup-dir={}", backups.path().display())]).await;
+        let operator = Operator::new(app.metrics_addr);
+        let (author, token) = backing.user(Role::User);
+        let message = backing.message(&author);
+        Self {
+            backing,
+            app,
+            operator,
+            backups,
+            message,
+            token,
+        }
+    }
+
+    async fn comment(&self, body: &str) -> String {
+        self.app
+            .client()
+            .add_comment(authed(add(&self.message, body), &self.token))
+            .await
+            .expect("AddComment")
+            .into_inner()
+            .comment
+            .unwrap()
+            .id
+    }
+
+    async fn comment_ids(&self) -> Vec<String> {
+        all_comments(&self.app, &self.message, 100)
+            .await
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    }
+
+    async fn in_maintenance(&self, path: &str) -> serde_json::Value {
+        let on = self.operator.ok("POST", "/maintenance/on").await;
+        assert_eq!(on["drained"], true, "{on}");
+        self.app.wait_for(ServingStatus::NotServing).await;
+        let reply = self.operator.ok("POST", path).await;
+        self.operator.ok("POST", "/maintenance/off").await;
+        self.app.wait_for(ServingStatus::Serving).await;
+        reply
+    }
+
+    /// A copy of backup `name` as `crafted`, its keys rewritten by `edit`
+    /// (one JSON value per line) and its manifest resealed.
+    fn crafted(&self, name: &str, edit: impl Fn(&mut serde_json::Value)) {
+        let from = self.backups.path().join(name);
+        let to = self.backups.path().join("crafted");
+        std::fs::create_dir(&to).unwrap();
+        std::fs::copy(from.join("manifest.json"), to.join("manifest.json")).unwrap();
+        let mut out = String::new();
+        for line in std::fs::read_to_string(from.join("keys.jsonl")).unwrap().lines() {
+            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+            edit(&mut value);
+            out.push_str(&value.to_string());
+            out.push('\n');
+        }
+        std::fs::write(to.join("keys.jsonl"), out).unwrap();
+        reseal(&to);
+    }
+}
+
+#[tokio::test]
+async fn a_restore_brings_back_the_backups_keys_and_undo_the_replaced_ones() {
+    let world = World::new().await;
+    let first = world.comment("before the backup").await;
+    let manifest = world.operator.ok("POST", "/backups/b").await;
+    assert_eq!(manifest["counts"]["comments"], 1, "{manifest}");
+    let later = world.comment("after the backup").await;
+
+    world.operator.ok("POST", "/restore/b/load").await;
+    assert_eq!(world.comment_ids().await.len(), 2, "loading changes nothing live");
+    let switched = world.in_maintenance("/restore/switch").await;
+    assert_eq!(switched["after"]["counts"], manifest["counts"], "{switched}");
+    assert_eq!(world.comment_ids().await, vec![first.clone()]);
+
+    world.in_maintenance("/restore/undo").await;
+    assert_eq!(world.comment_ids().await, vec![first.clone(), later.clone()], "undo");
+    world.operator.ok("POST", "/restore/b/load").await;
+    world.in_maintenance("/restore/switch").await;
+    world.operator.ok("POST", "/restore/confirm").await;
+    assert_eq!(world.comment_ids().await, vec![first]);
+    world.comment("after the restore").await;
+    drop(world.backing);
+}
+
+#[tokio::test]
+async fn a_truncated_payload_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    world.comment("one").await;
+    world.comment("two").await;
+    world.operator.ok("POST", "/backups/b").await;
+    world.crafted("b", |line| {
+        if line["key"].as_str().unwrap().starts_with("c:") {
+            let mut dump = STANDARD.decode(line["dump"].as_str().unwrap()).unwrap();
+            dump.truncate(dump.len() - 6);
+            line["dump"] = STANDARD.encode(dump).into();
+        }
+    });
+    world.comment("three").await;
+    let before = world.operator.ok("GET", "/store").await;
+    let ids = world.comment_ids().await;
+
+    let reason = world.operator.refused("POST", "/restore/crafted/load").await;
+    println!("refused: {reason}");
+    assert!(
+        reason.contains("RESTORE") && reason.contains("nothing live was changed"),
+        "{reason}"
+    );
+    assert_eq!(
+        world.operator.ok("GET", "/store").await,
+        before,
+        "the live keys are as they were"
+    );
+    assert_eq!(world.comment_ids().await, ids);
+}
+
+#[tokio::test]
+async fn a_key_outside_the_data_model_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    world.comment("one").await;
+    world.operator.ok("POST", "/backups/b").await;
+    world.crafted("b", |line| {
+        if line["key"] == "schema_version" {
+            line["key"] = "../../elsewhere".into();
+        }
+    });
+    let before = world.operator.ok("GET", "/store").await;
+    let reason = world.operator.refused("POST", "/restore/crafted/load").await;
+    println!("refused: {reason}");
+    assert!(reason.contains("no key of comment-service's data model"), "{reason}");
+    assert_eq!(world.operator.ok("GET", "/store").await, before);
+}
