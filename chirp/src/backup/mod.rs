@@ -128,7 +128,8 @@ pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool)
             .await
             .with_context(|| format!("backing up {}", service.name()))?;
         let mut dir = backup_dir(data_dir).join(&name);
-        if let Some(to) = to {
+        let elsewhere = to.filter(|to| to.canonicalize().ok() != backup_dir(data_dir).canonicalize().ok());
+        if let Some(to) = elsewhere {
             let target = to.join(&name);
             copy::move_dir(&dir, &target).with_context(|| format!("moving the backup to {}", target.display()))?;
             dir = target;
@@ -292,6 +293,9 @@ async fn in_maintenance(
                 // Refused: nothing was replaced; serve again.
                 for &replica in replicas {
                     let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
+                }
+                for &replica in replicas {
+                    let _ = wait_health(ports, replica, true).await;
                 }
                 return Err(err.context("nothing was changed"));
             }
