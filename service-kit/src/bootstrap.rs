@@ -80,6 +80,9 @@ where
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Builds the backup and restore routes once the operator token is known.
+type MaintenanceRoutes = Box<dyn FnOnce(&str) -> axum::Router + Send>;
+
 /// What runs beside a service's routes, built up by its `run` and started
 /// by [`Service::serve`].
 pub struct Service {
@@ -92,7 +95,7 @@ pub struct Service {
     /// Opens the outbox operator routes on the metrics port.
     ingest_token: Option<String>,
     /// The backup and restore routes, once the store's maintenance is given.
-    maintenance: Option<Box<dyn FnOnce(&str) -> axum::Router + Send>>,
+    maintenance: Option<MaintenanceRoutes>,
     /// Handles whose drop would stop something (workers, syncs, monitor).
     kept: Vec<Box<dyn Any + Send>>,
 }
