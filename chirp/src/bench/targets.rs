@@ -2,9 +2,10 @@
 //! and the baselines (a bare tonic unary call and each store driven directly
 //! through the driver its service uses), over a seeded graph.
 
-use std::{sync::Arc, time::Duration};
+use std::{str::FromStr as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use sqlx::Connection as _;
 use chirp_proto::{
     comment::v1::{self as cpb, comment_service_client::CommentServiceClient},
     message::{v1 as m1, v2 as m2},
@@ -137,12 +138,17 @@ pub struct Ctx {
     channels: std::collections::HashMap<Part, Vec<Channel>>,
     echo: Vec<Channel>,
     pg: sqlx::PgPool,
+    /// The server the mesh's PostgreSQL runs on, for the baseline's own
+    /// database.
+    pg_server: sqlx::postgres::PgConnectOptions,
+    /// The baselines' own PostgreSQL database: the benchmark reads no
+    /// service's store.
+    pg_database: String,
     redis: redis::aio::ConnectionManager,
     /// The key prefix of this run's Redis keys.
     redis_prefix: String,
     mongo: mongodb::Client,
     bench_db: mongodb::Database,
-    messages_collection: mongodb::Collection<Document>,
     sqlite: sqlx::SqlitePool,
     _sqlite_dir: tempfile::TempDir,
     run: String,
@@ -191,11 +197,30 @@ impl Ctx {
         }
         let echo = channels(&endpoints.echo_url, connections).await?;
 
+        // The baselines' own database on the mesh's server, with a table
+        // shaped like user-service's accounts, filled after seeding.
+        let pg_server = sqlx::postgres::PgConnectOptions::from_str(&endpoints.postgres_url)?;
+        let pg_database = format!("chirp_bench_{run}");
+        {
+            let mut admin = sqlx::PgConnection::connect_with(&pg_server.clone().database("postgres"))
+                .await
+                .context("PostgreSQL")?;
+            sqlx::query(&format!("CREATE DATABASE \"{pg_database}\""))
+                .execute(&mut admin)
+                .await?;
+            admin.close().await?;
+        }
         let pg = sqlx::postgres::PgPoolOptions::new()
             .max_connections(10)
-            .connect(&endpoints.postgres_url)
+            .connect_with(pg_server.clone().database(&pg_database))
             .await
             .context("PostgreSQL")?;
+        sqlx::query(
+            "CREATE TABLE accounts (id UUID PRIMARY KEY, username TEXT NOT NULL UNIQUE, display_name TEXT NOT NULL, \
+             password_hash TEXT NOT NULL, role TEXT NOT NULL, banned_at TIMESTAMPTZ, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .execute(&pg)
+        .await?;
         let redis = redis::aio::ConnectionManager::new(redis::Client::open(endpoints.redis_url.as_str())?)
             .await
             .context("Redis")?;
@@ -209,10 +234,9 @@ impl Ctx {
         );
         let mongo = mongodb::Client::with_options(options)?;
         let bench_db = mongo.database(&format!("chirp_bench_{run}"));
-        for name in ["messages", "outbox"] {
+        for name in [POSTS, POST_EVENTS] {
             bench_db.create_collection(name).await.context("MongoDB")?;
         }
-        let messages_collection = mongo.database("chirp_messages").collection("messages");
         let sqlite_dir = tempfile::tempdir()?;
         let sqlite = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(1)
@@ -224,7 +248,7 @@ impl Ctx {
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Full),
             )
             .await?;
-        sqlx::query("CREATE TABLE events (id TEXT PRIMARY KEY, at INTEGER NOT NULL, payload TEXT NOT NULL)")
+        sqlx::query("CREATE TABLE bench_events (id TEXT PRIMARY KEY, at INTEGER NOT NULL, payload TEXT NOT NULL)")
             .execute(&sqlite)
             .await?;
 
@@ -234,11 +258,12 @@ impl Ctx {
             channels: by_part,
             echo,
             pg,
+            pg_server,
+            pg_database,
             redis,
             redis_prefix: format!("chirp:bench:{run}:"),
             mongo,
             bench_db,
-            messages_collection,
             sqlite,
             _sqlite_dir: sqlite_dir,
             run,
@@ -347,6 +372,27 @@ impl Ctx {
         }
         let mut redis = self.redis.clone();
         let _: () = redis::AsyncCommands::set(&mut redis, format!("{}key", self.redis_prefix), "value").await?;
+        // The baselines read copies in their own namespaces, keyed as the
+        // mesh's are.
+        for user in &self.users {
+            sqlx::query("INSERT INTO accounts (id, username, display_name, password_hash, role) VALUES ($1, $2, '', 'x', 'user')")
+                .bind(uuid::Uuid::parse_str(&user.id)?)
+                .bind(&user.username)
+                .execute(&self.pg)
+                .await?;
+        }
+        let copies: Vec<Document> = self
+            .messages
+            .iter()
+            .map(|id| {
+                let mut doc = message_doc(&self.users[0].id);
+                doc.insert("_id", id.as_str());
+                doc
+            })
+            .collect();
+        if !copies.is_empty() {
+            self.bench_db.collection::<Document>(POSTS).insert_many(copies).await?;
+        }
         Ok(())
     }
 
@@ -500,7 +546,7 @@ impl Ctx {
                 grpc(users().login(request).await.map(drop))
             }
             Target::PgSelect => store(
-                sqlx::query("SELECT id, username, display_name, role, banned_at IS NOT NULL AS banned, created_at FROM users WHERE id = $1")
+                sqlx::query("SELECT id, username, display_name, role, banned_at IS NOT NULL AS banned, created_at FROM accounts WHERE id = $1")
                     .bind(uuid::Uuid::parse_str(&other.id).map_err(|e| e.to_string())?)
                     .fetch_optional(&self.pg)
                     .await
@@ -521,7 +567,7 @@ impl Ctx {
             }
             Target::MongoInsert => store(
                 self.bench_db
-                    .collection::<Document>("messages")
+                    .collection::<Document>(POSTS)
                     .insert_one(message_doc(&user.id))
                     .await
                     .map(drop)
@@ -529,14 +575,15 @@ impl Ctx {
             ),
             Target::MongoTx => store(self.mongo_tx(&user.id).await),
             Target::MongoFind => store(
-                self.messages_collection
+                self.bench_db
+                    .collection::<Document>(POSTS)
                     .find_one(doc! { "_id": message })
                     .await
                     .map(drop)
                     .map_err(Into::into),
             ),
             Target::SqliteInsert => store(
-                sqlx::query("INSERT INTO events (id, at, payload) VALUES (?, ?, ?)")
+                sqlx::query("INSERT INTO bench_events (id, at, payload) VALUES (?, ?, ?)")
                     .bind(uuid::Uuid::now_v7().to_string())
                     .bind(chrono_millis())
                     .bind(r#"{"type":"comment_added"}"#)
@@ -560,12 +607,12 @@ impl Ctx {
         let mut session = self.mongo.start_session().await?;
         session.start_transaction().await?;
         self.bench_db
-            .collection::<Document>("messages")
+            .collection::<Document>(POSTS)
             .insert_one(message)
             .session(&mut session)
             .await?;
         self.bench_db
-            .collection::<Document>("outbox")
+            .collection::<Document>(POST_EVENTS)
             .insert_one(outbox)
             .session(&mut session)
             .await?;
@@ -577,6 +624,12 @@ impl Ctx {
     /// ordinary data of the mesh).
     pub async fn clean_up(&self) {
         let _ = self.bench_db.drop().await;
+        self.pg.close().await;
+        if let Ok(mut admin) = sqlx::PgConnection::connect_with(&self.pg_server.clone().database("postgres")).await {
+            let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.pg_database);
+            let _ = sqlx::query(&drop).execute(&mut admin).await;
+            let _ = admin.close().await;
+        }
         let mut redis = self.redis.clone();
         let keys: redis::RedisResult<Vec<String>> =
             redis::AsyncCommands::keys(&mut redis, format!("{}*", self.redis_prefix)).await;
@@ -587,6 +640,11 @@ impl Ctx {
         }
     }
 }
+
+/// The baselines' collections, in their own database: a post as
+/// message-service stores one, and its outbox entry.
+const POSTS: &str = "bench_posts";
+const POST_EVENTS: &str = "bench_post_events";
 
 fn message_doc(author: &str) -> Document {
     doc! {
