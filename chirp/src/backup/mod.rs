@@ -232,6 +232,8 @@ async fn restore_from(
 struct Window {
     replica: String,
     not_serving: Duration,
+    /// When it was seen serving again.
+    serving_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What a step done in maintenance answered, and when the service was out.
@@ -240,6 +242,8 @@ struct Maintained {
     windows: Vec<Window>,
     /// When every replica had said NOT_SERVING.
     all_down: chrono::DateTime<chrono::Utc>,
+    /// When the step done in maintenance (the switch, the undo) returned.
+    done_at: chrono::DateTime<chrono::Utc>,
     /// When every replica served again.
     all_up: chrono::DateTime<chrono::Utc>,
 }
@@ -306,6 +310,7 @@ async fn in_maintenance(
             )));
         }
     };
+    let done_at = chrono::Utc::now();
     for &replica in replicas {
         status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await?;
     }
@@ -315,12 +320,14 @@ async fn in_maintenance(
         windows.push(Window {
             replica: replica.name(),
             not_serving: since.elapsed(),
+            serving_at: chrono::Utc::now(),
         });
     }
     Ok(Maintained {
         reply,
         windows,
         all_down,
+        done_at,
         all_up: chrono::Utc::now(),
     })
 }
@@ -343,21 +350,28 @@ fn hand_over(data_dir: &Path, from: &Path) -> anyhow::Result<(String, Option<Pat
     Ok((name, Some(copy)))
 }
 
+fn stamp(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 fn report(service: Part, start: Instant, done: &Maintained, json: bool, from: Option<&Path>) {
     let took = start.elapsed();
     let (reply, windows) = (&done.reply, &done.windows);
     if json {
         let windows: Vec<Value> = windows
             .iter()
-            .map(|w| serde_json::json!({"replica": w.replica, "not_serving_seconds": w.not_serving.as_secs_f64()}))
+            .map(|w| {
+                serde_json::json!({"replica": w.replica, "not_serving_seconds": w.not_serving.as_secs_f64(),
+                                   "serving_at": stamp(w.serving_at)})
+            })
             .collect();
         println!(
             "{}",
             serde_json::json!({"service": service.name(), "seconds": took.as_secs_f64(),
                                "before": reply["before"]["counts"], "after": reply["after"]["counts"],
                                "backup": reply["backup"]["counts"], "replicas": windows,
-                               "all_not_serving_at": done.all_down.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                               "all_serving_at": done.all_up.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)})
+                               "all_not_serving_at": stamp(done.all_down), "switched_at": stamp(done.done_at),
+                               "all_serving_at": stamp(done.all_up)})
         );
         return;
     }

@@ -5,7 +5,6 @@
 use std::{str::FromStr as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use sqlx::Connection as _;
 use chirp_proto::{
     comment::v1::{self as cpb, comment_service_client::CommentServiceClient},
     message::{v1 as m1, v2 as m2},
@@ -15,6 +14,7 @@ use clap::ValueEnum;
 use mongodb::bson::{doc, DateTime as BsonDateTime, Document};
 use rand::{seq::SliceRandom as _, Rng as _, SeedableRng as _};
 use serde::Serialize;
+use sqlx::Connection as _;
 use tonic::{metadata::MetadataValue, transport::Channel, Request};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 

@@ -11,6 +11,8 @@ use std::{
 
 use tonic::transport::Channel;
 
+pub mod world;
+
 /// A `chirp up` run by the test; stopped (SIGINT) when dropped.
 pub struct Up {
     child: Child,
