@@ -132,7 +132,7 @@ async fn a_truncated_payload_is_refused_and_changes_nothing() {
     let ids = world.comment_ids().await;
 
     let reason = world.operator.refused("POST", "/restore/crafted/load").await;
-    println!("refused: {reason}");
+    println!("refused: {reason}\nbefore: {before}");
     assert!(
         reason.contains("RESTORE") && reason.contains("nothing live was changed"),
         "{reason}"
@@ -143,6 +143,12 @@ async fn a_truncated_payload_is_refused_and_changes_nothing() {
         "the live keys are as they were"
     );
     assert_eq!(world.comment_ids().await, ids);
+    world.comment("four").await;
+    let changed = world.operator.ok("GET", "/store").await;
+    assert_ne!(
+        changed["digest"], before["digest"],
+        "the digest sees any change: {changed}"
+    );
 }
 
 #[tokio::test]
@@ -157,7 +163,7 @@ async fn a_key_outside_the_data_model_is_refused_and_changes_nothing() {
     });
     let before = world.operator.ok("GET", "/store").await;
     let reason = world.operator.refused("POST", "/restore/crafted/load").await;
-    println!("refused: {reason}");
+    println!("refused: {reason}\nbefore: {before}");
     assert!(reason.contains("no key of comment-service's data model"), "{reason}");
     assert_eq!(world.operator.ok("GET", "/store").await, before);
 }

@@ -108,7 +108,7 @@ async fn a_document_the_validator_refuses_stops_the_load_and_changes_nothing() {
 
     let before = operator.ok("GET", "/store").await;
     let reason = operator.refused("POST", "/restore/crafted/load").await;
-    println!("refused: {reason}");
+    println!("refused: {reason}\nbefore: {before}");
     assert!(
         reason.contains("loading messages") && reason.contains("nothing live was changed"),
         "{reason}"

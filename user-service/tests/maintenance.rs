@@ -119,7 +119,7 @@ async fn a_dump_whose_header_claims_a_newer_format_changes_nothing() {
     let reason = Operator::new(app.metrics_addr)
         .refused("POST", "/restore/newer/load")
         .await;
-    println!("refused: {reason}");
+    println!("refused: {reason}\nbefore: {before}");
     assert!(
         reason.contains("pg_restore") && reason.contains("nothing live was changed"),
         "{reason}"
@@ -144,7 +144,7 @@ async fn a_manifest_naming_a_file_outside_the_backup_changes_nothing() {
     let reason = Operator::new(app.metrics_addr)
         .refused("POST", "/restore/crafted/load")
         .await;
-    println!("refused: {reason}");
+    println!("refused: {reason}\nbefore: {before}");
     assert!(reason.contains("not a plain name"), "{reason}");
     let reason = Operator::new(app.metrics_addr)
         .refused("POST", "/restore/..%2Fcrafted/load")

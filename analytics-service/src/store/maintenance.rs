@@ -25,7 +25,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use service_kit::maintenance::{new_private_file, Contents, Manifest, StoreMaintenance};
+use futures::TryStreamExt as _;
+use service_kit::maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance};
 use sqlx::{
     migrate::Migrate as _,
     sqlite::{SqliteConnectOptions, SqliteConnection},
@@ -132,7 +133,31 @@ async fn read(conn: &mut SqliteConnection, schema: &str) -> anyhow::Result<Conte
             .get(0);
         counts.insert(table, u64::try_from(n).unwrap_or_default());
     }
-    Ok(Contents { schema_version, counts })
+    Ok(Contents {
+        schema_version,
+        counts,
+        digest: None,
+    })
+}
+
+/// Every row of every table of `main`, in a fixed order, as one digest.
+async fn digest(conn: &mut SqliteConnection) -> anyhow::Result<String> {
+    let mut digest = ContentDigest::default();
+    for table in tables(conn, "main").await? {
+        let row = columns(conn, "main", &table)
+            .await?
+            .iter()
+            .map(|c| format!("quote({})", quoted(c)))
+            .collect::<Vec<_>>()
+            .join(" || ',' || ");
+        digest.add(table.as_bytes());
+        let sql = format!("SELECT {row} AS r FROM main.{} ORDER BY r", quoted(&table));
+        let mut rows = sqlx::query_scalar::<_, String>(&sql).fetch(&mut *conn);
+        while let Some(row) = rows.try_next().await? {
+            digest.add(row.as_bytes());
+        }
+    }
+    Ok(digest.finish())
 }
 
 /// This build's migrations up to `version` that `conn` has not applied
@@ -262,7 +287,10 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
-        read(&mut open(&self.live, true).await?, "main").await
+        let mut conn = open(&self.live, true).await?;
+        let mut contents = read(&mut conn, "main").await?;
+        contents.digest = Some(digest(&mut conn).await?);
+        Ok(contents)
     }
 
     async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {

@@ -24,7 +24,7 @@ use anyhow::{bail, Context as _};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use redis::{aio::MultiplexedConnection, AsyncCommands as _, Value};
 use serde::{Deserialize, Serialize};
-use service_kit::maintenance::{new_private_file, Contents, Manifest, StoreMaintenance};
+use service_kit::maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 const FILE: &str = "keys.jsonl";
@@ -175,7 +175,27 @@ impl Maintenance {
         Ok(Contents {
             schema_version: version.unwrap_or(0),
             counts,
+            digest: None,
         })
+    }
+
+    /// Every key under `prefix` and its `DUMP`, by key, as one digest.
+    async fn digest(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<String> {
+        let mut all = keys(conn, prefix).await?;
+        all.sort();
+        let mut digest = ContentDigest::default();
+        for batch in all.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.cmd("DUMP").arg(key);
+            }
+            let dumps: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+            for (key, dump) in batch.iter().zip(dumps) {
+                digest.add(key.as_bytes());
+                digest.add(&dump.unwrap_or_default());
+            }
+        }
+        Ok(digest.finish())
     }
 }
 
@@ -205,7 +225,9 @@ impl StoreMaintenance for Maintenance {
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
         let mut conn = self.connect().await?;
-        self.contents(&mut conn, &self.prefix).await
+        let mut contents = self.contents(&mut conn, &self.prefix).await?;
+        contents.digest = Some(self.digest(&mut conn, &self.prefix).await?);
+        Ok(contents)
     }
 
     async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {
@@ -246,7 +268,11 @@ impl StoreMaintenance for Maintenance {
         }
         out.flush().await?;
         out.get_ref().sync_all().await?;
-        Ok(Contents { schema_version, counts })
+        Ok(Contents {
+            schema_version,
+            counts,
+            digest: None,
+        })
     }
 
     async fn load(&self, dir: &Path, _manifest: &Manifest) -> anyhow::Result<Contents> {

@@ -27,7 +27,7 @@ use mongodb::{
     Client, Database,
 };
 use service_kit::{
-    maintenance::{new_private_file, Contents, Manifest, StoreMaintenance},
+    maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance},
     store::StoreStatus,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -117,7 +117,25 @@ async fn counts(db: &Database) -> anyhow::Result<Contents> {
     Ok(Contents {
         schema_version: version_in(meta).await,
         counts,
+        digest: None,
     })
+}
+
+/// Every document of every collection, by `_id`, as one digest.
+async fn digest(db: &Database) -> anyhow::Result<String> {
+    let mut digest = ContentDigest::default();
+    for name in COLLECTIONS {
+        digest.add(name.as_bytes());
+        let mut cursor = db
+            .collection::<RawDocumentBuf>(name)
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await?;
+        while let Some(document) = futures::TryStreamExt::try_next(&mut cursor).await? {
+            digest.add(document.as_bytes());
+        }
+    }
+    Ok(digest.finish())
 }
 
 /// The next BSON document of a dump: a little-endian length (which counts
@@ -158,8 +176,13 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
-        self.with_client(async |client| counts(&client.database(&self.database)).await)
-            .await
+        self.with_client(async |client| {
+            let db = client.database(&self.database);
+            let mut contents = counts(&db).await?;
+            contents.digest = Some(digest(&db).await?);
+            Ok(contents)
+        })
+        .await
     }
 
     async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {
@@ -198,6 +221,7 @@ impl StoreMaintenance for Maintenance {
             Ok(Contents {
                 schema_version: version_in(meta).await,
                 counts,
+                digest: None,
             })
         })
         .await

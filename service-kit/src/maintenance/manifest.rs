@@ -26,6 +26,29 @@ pub struct Contents {
     pub schema_version: i64,
     /// Rows, documents or keys, by table, collection or key kind.
     pub counts: BTreeMap<String, u64>,
+    /// SHA-256 of everything the store holds, in a fixed order (the live
+    /// store's, when asked): two readings are equal exactly when nothing
+    /// changed in between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// Builds [`Contents::digest`] from the store's parts, in the order given.
+#[derive(Default)]
+pub struct ContentDigest(sha2::Sha256);
+
+impl ContentDigest {
+    /// Adds one part (a row, a document, a key and its dump), framed by its
+    /// length so that parts cannot run into each other.
+    pub fn add(&mut self, part: &[u8]) {
+        self.0.update((part.len() as u64).to_le_bytes());
+        self.0.update(part);
+    }
+
+    #[must_use]
+    pub fn finish(self) -> String {
+        format!("{:x}", self.0.finalize())
+    }
 }
 
 /// `manifest.json`.
@@ -48,6 +71,7 @@ impl Manifest {
         Contents {
             schema_version: self.schema_version,
             counts: self.counts.clone(),
+            digest: None,
         }
     }
 }

@@ -31,7 +31,7 @@ use std::{future::Future, path::PathBuf, sync::Arc};
 pub use files::{
     new_private_dir, new_private_file, private_dirs, replace_private, write_private, PRIVATE_DIR, PRIVATE_FILE,
 };
-pub use manifest::{checksums, plain_name, verified, Contents, Manifest, FORMAT, MANIFEST};
+pub use manifest::{checksums, plain_name, verified, ContentDigest, Contents, Manifest, FORMAT, MANIFEST};
 pub use routes::routes;
 use tracing::{info, warn};
 

@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use service_kit::maintenance::{new_private_file, write_private, Contents, Manifest, StoreMaintenance};
+use service_kit::maintenance::{new_private_file, write_private, ContentDigest, Contents, Manifest, StoreMaintenance};
 use sqlx::{
     migrate::Migrate as _,
     postgres::{PgConnectOptions, PgConnection},
@@ -316,7 +316,27 @@ async fn read(conn: &mut PgConnection) -> anyhow::Result<Contents> {
             .get(0);
         counts.insert(table, u64::try_from(n).unwrap_or_default());
     }
-    Ok(Contents { schema_version, counts })
+    Ok(Contents {
+        schema_version,
+        counts,
+        digest: None,
+    })
+}
+
+/// Every row of every table, in a fixed order, as one digest.
+async fn digest(conn: &mut PgConnection, tables: impl Iterator<Item = &String>) -> anyhow::Result<String> {
+    let mut digest = ContentDigest::default();
+    for table in tables {
+        let rows: String = sqlx::query_scalar(&format!(
+            "SELECT md5(COALESCE(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {} t",
+            quoted(table)
+        ))
+        .fetch_one(&mut *conn)
+        .await?;
+        digest.add(table.as_bytes());
+        digest.add(rows.as_bytes());
+    }
+    Ok(digest.finish())
 }
 
 /// This build's migrations up to `version` that `conn` has not applied
@@ -349,7 +369,10 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
-        read(&mut self.connect(&self.live).await?).await
+        let mut conn = self.connect(&self.live).await?;
+        let mut contents = read(&mut conn).await?;
+        contents.digest = Some(digest(&mut conn, contents.counts.keys()).await?);
+        Ok(contents)
     }
 
     async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {
