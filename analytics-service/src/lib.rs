@@ -48,7 +48,7 @@ pub async fn run(
         TokenVerifier::with_revocations_from(user_peer, &config.jwt_public_key_file, &config.common.ingest_token)?;
     let mut service = Service::new("analytics-service", vec![SERVICE_NAME])?;
     let store = Store::connect_lazy(&config.database_url, service.store_status()).context("DATABASE_URL")?;
-    service.keep(revocations.sync(store.clone()));
+    service.keep(revocations.sync(store.clone(), service.store_status()));
     service.watch_store(
         "sqlite",
         config.common.store_probe_interval,

@@ -178,11 +178,11 @@ impl Client {
         };
         let file = session_file();
         if let Some(dir) = file.parent() {
-            service_kit::maintenance::private_dirs(dir)?;
+            service_kit::files::private_dirs(dir)?;
         }
         // The token is a credential: never readable by others, not even
         // for a moment.
-        service_kit::maintenance::replace_private(&file, serde_json::to_string(&session)?.as_bytes())?;
+        service_kit::files::replace_private(&file, serde_json::to_string(&session)?.as_bytes())?;
         show(
             self.json,
             &json!({"user_id": user.id, "username": user.username}),

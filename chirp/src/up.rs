@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use nix::sys::signal::Signal;
-use service_kit::maintenance::{private_dirs, write_private};
+use service_kit::files::{private_dirs, write_private};
 use test_support::process::{self, RunAs};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},

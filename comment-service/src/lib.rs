@@ -66,7 +66,7 @@ pub async fn run(
             &config.common.ingest_token,
         )?,
     );
-    service.keep(revocations.sync(store.revocation_store()));
+    service.keep(revocations.sync(store.revocation_store(), service.store_status()));
     let purges = service.job(
         "erasures_pending",
         "Purges of users' and deleted messages' comments recorded and not finished",

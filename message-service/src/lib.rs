@@ -73,7 +73,7 @@ pub async fn run(
         store.outbox(store::COMMENTS),
         CommentEvents::new(comment_peer.clone(), &config.common.ingest_token)?,
     );
-    service.keep(revocations.sync(store.revocation_store()));
+    service.keep(revocations.sync(store.revocation_store(), service.store_status()));
     let erasures = service.job(
         "erasures_pending",
         "Erasures of deleted users' messages recorded and not finished",

@@ -76,11 +76,16 @@ pub fn spawn<J: Jobs>(
     let task = tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
-            store.until_up(STORE_WAIT).await;
-            if let Ok(pending) = jobs.pending().await {
-                gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
-            }
-            match jobs.step().await {
+            // One step at a time counts as a store operation under way, so
+            // maintenance waits for it to end.
+            let stepped = {
+                let _step = store.working(STORE_WAIT).await;
+                if let Ok(pending) = jobs.pending().await {
+                    gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
+                }
+                jobs.step().await
+            };
+            match stepped {
                 Ok(true) => {
                     failures = 0;
                     // Let other work on this runtime in between chunks.

@@ -11,6 +11,7 @@
 //! - [`server`]: health, reflection, metrics, tower layers and graceful
 //!   shutdown around a service's routes.
 //! - [`store`]: watches a service's store and drives its health status.
+//! - [`files`]: files holding secrets or users' data, born private.
 //! - [`maintenance`]: backup and restore, done by the store's owner, in
 //!   steps that prove a backup before it replaces anything.
 //! - [`client`]: the stack for calling peers (deadline, retries with a
@@ -36,6 +37,7 @@ pub mod context;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod jobs;
 pub mod maintenance;
 pub mod relay;

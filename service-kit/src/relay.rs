@@ -456,9 +456,13 @@ async fn run<O: Outbox, D: Destination>(
     let mut failures: u32 = 0;
     let mut last_backlog = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
-        if let Some(store) = &store {
-            store.until_up(config.poll_interval).await;
-        }
+        // One pass (read, deliver, mark) counts as a store operation under
+        // way, so maintenance waits for it to end; the pauses do not.
+        let step = if let Some(store) = &store {
+            Some(store.working(config.poll_interval).await)
+        } else {
+            None
+        };
         // The gauges cost a query; once a second is plenty for a scraper.
         if last_backlog.elapsed() >= Duration::from_secs(1) {
             if let Ok(backlog) = outbox.backlog().await {
@@ -477,6 +481,7 @@ async fn run<O: Outbox, D: Destination>(
         let batch = match outbox.pending(config.batch_size).await {
             Ok(batch) => batch,
             Err(err) => {
+                drop(step);
                 // The producer's own store is down; its health says so already.
                 tracing::debug!(
                     destination = config.destination,
@@ -489,6 +494,7 @@ async fn run<O: Outbox, D: Destination>(
             }
         };
         if batch.is_empty() {
+            drop(step);
             failures = 0;
             tokio::select! {
                 () = wake.notified() => {}
@@ -497,7 +503,9 @@ async fn run<O: Outbox, D: Destination>(
             continue;
         }
 
-        match deliver_batch(&config, &*outbox, &destination, &metrics, batch).await {
+        let delivered = deliver_batch(&config, &*outbox, &destination, &metrics, batch).await;
+        drop(step);
+        match delivered {
             Ok(()) => failures = 0,
             Err(()) => {
                 failures = failures.saturating_add(1);

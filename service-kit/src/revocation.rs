@@ -238,9 +238,10 @@ impl Revocations {
     }
 
     /// Reads `store` now and every [`SYNC_INTERVAL`] until the handle is
-    /// dropped.
+    /// dropped; prunes it while `status` says it may be written (a prune
+    /// counts as a store operation under way, so maintenance waits for it).
     #[must_use]
-    pub fn sync<S: RevocationStore>(self: &Arc<Self>, store: S) -> SyncHandle {
+    pub fn sync<S: RevocationStore>(self: &Arc<Self>, store: S, status: crate::store::StoreStatus) -> SyncHandle {
         let revocations = self.clone();
         let task = tokio::spawn(async move {
             let mut last_prune = tokio::time::Instant::now();
@@ -251,7 +252,8 @@ impl Revocations {
                     // The service's own store is down; its health says so.
                     Err(err) => tracing::debug!(error = format!("{err:#}"), "reading revocations"),
                 }
-                if last_prune.elapsed() >= PRUNE_INTERVAL {
+                if last_prune.elapsed() >= PRUNE_INTERVAL && status.is_up() {
+                    let _prune = status.working(SYNC_INTERVAL).await;
                     if let Err(err) = store.prune(horizon(now)).await {
                         tracing::debug!(error = format!("{err:#}"), "pruning revocations");
                     }

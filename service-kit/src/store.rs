@@ -71,6 +71,22 @@ impl StoreStatus {
         }
     }
 
+    /// Returns once the store may be used, counted as a store operation
+    /// under way until the returned guard is dropped: what a relay or job
+    /// holds across one step, so that maintenance waits for the step (see
+    /// [`drained`]) instead of having it land after a restore.
+    pub async fn working(&self, every: Duration) -> InFlight {
+        loop {
+            // Counted before the check, as in `timed`.
+            let counted = InFlight::enter();
+            if self.is_up() {
+                return counted;
+            }
+            drop(counted);
+            tokio::time::sleep(every).await;
+        }
+    }
+
     #[must_use]
     pub fn in_maintenance(&self) -> bool {
         // SeqCst, paired with the in-flight count (see `drained`).
@@ -227,7 +243,8 @@ impl StoreMonitor {
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts one store operation for as long as it lives.
-struct InFlight;
+#[must_use = "the operation counts only while the guard lives"]
+pub struct InFlight;
 
 impl InFlight {
     fn enter() -> Self {
@@ -475,10 +492,59 @@ mod tests {
         let body = axum::body::to_bytes(reply.into_body(), 1 << 16).await.unwrap();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
-            serde_json::json!({"maintenance": true, "store_up": true})
+            serde_json::json!({"maintenance": true, "store_up": true, "drained": true})
         );
         assert!(!status.is_up());
         call("/maintenance/off", Some("secret")).await.unwrap();
         assert!(status.is_up());
+    }
+
+    #[tokio::test]
+    async fn maintenance_begins_only_once_the_store_operations_under_way_have_ended() {
+        use tower::ServiceExt as _;
+        let status = StoreStatus::always_up();
+        let routes = maintenance_routes(status.clone(), "secret");
+        let started = Arc::new(tokio::sync::Notify::new());
+        let ended = Arc::new(AtomicBool::new(false));
+        let operation = {
+            let (started, ended, status) = (started.clone(), ended.clone(), status.clone());
+            tokio::spawn(async move {
+                timed("test", "slow write", async {
+                    assert!(status.is_up(), "the write passed the check before maintenance");
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    ended.store(true, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+            })
+        };
+        started.notified().await;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("/maintenance/on")
+            .header(crate::relay::INGEST_TOKEN_HEADER, "secret")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let reply = routes.oneshot(request).await.unwrap();
+        assert!(ended.load(Ordering::SeqCst), "the reply waited for the write under way");
+        let body = axum::body::to_bytes(reply.into_body(), 1 << 16).await.unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["drained"],
+            true
+        );
+        operation.await.unwrap().unwrap();
+        let worker = status.clone();
+        let stepping = tokio::spawn(async move {
+            let _step = worker.working(Duration::from_millis(5)).await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !stepping.is_finished(),
+            "a relay or job step waits while in maintenance"
+        );
+        status.set_maintenance(false);
+        status.set_up(true);
+        stepping.await.unwrap();
     }
 }

@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use futures::TryStreamExt as _;
-use service_kit::maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance};
+use service_kit::{
+    files::new_private_file,
+    maintenance::{ContentDigest, Contents, Manifest, StoreMaintenance},
+};
 use sqlx::{
     migrate::Migrate as _,
     sqlite::{SqliteConnectOptions, SqliteConnection},

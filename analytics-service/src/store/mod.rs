@@ -127,7 +127,7 @@ impl Store {
         // create it with the process's umask.
         let file = options.get_filename();
         if file != std::path::Path::new(":memory:") && !file.exists() {
-            match service_kit::maintenance::new_private_file(file) {
+            match service_kit::files::new_private_file(file) {
                 Ok(_) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(err) => return Err(anyhow::Error::new(err).context(format!("creating {}", file.display()))),

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use service_kit::maintenance::{new_private_dir, new_private_file, private_dirs};
+use service_kit::files::{new_private_dir, new_private_file, private_dirs};
 
 /// Copies the regular files of backup `from` into a new private directory
 /// `to` (nothing else: no links, no subdirectories).

@@ -222,8 +222,12 @@ async fn restore_from(
         step(data_dir, ports, replicas[0], "/restore/switch").await
     })
     .await;
-    if switched.is_err() {
-        let _ = step(data_dir, ports, replicas[0], "/restore/discard").await;
+    // A refused switch changed nothing: drop the loaded backup. A failed
+    // one may have moved part of it in; it is kept for a second try.
+    if let Err(err) = &switched {
+        if err.chain().any(|e| e.downcast_ref::<Refused>().is_some()) {
+            let _ = step(data_dir, ports, replicas[0], "/restore/discard").await;
+        }
     }
     switched.with_context(|| format!("restoring {}", service.name()))
 }
@@ -248,10 +252,59 @@ struct Maintained {
     all_up: chrono::DateTime<chrono::Utc>,
 }
 
+/// Which process each replica of `service` is: a replica the supervisor
+/// restarted comes back out of maintenance, so a change here means the
+/// service is not wholly in maintenance any more.
+async fn processes(data_dir: &Path, service: Part) -> anyhow::Result<Vec<(u8, Option<u32>, u32)>> {
+    let reply = control::send(data_dir, "ps").await?;
+    Ok(reply
+        .parts
+        .iter()
+        .filter(|p| p.part == service)
+        .map(|p| (p.replica, p.pid, p.restarts))
+        .collect())
+}
+
+/// Every replica out of maintenance and serving again, as far as they
+/// answer: after a refusal, nothing was replaced.
+async fn all_serve_again(data_dir: &Path, ports: Ports, replicas: &[Instance]) {
+    for &replica in replicas {
+        let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
+    }
+    for &replica in replicas {
+        let _ = wait_health(ports, replica, true).await;
+    }
+}
+
+/// Puts one replica in maintenance; it answers once the store operations
+/// it had under way are done (up to ten seconds).
+async fn enter(data_dir: &Path, ports: Ports, replica: Instance) -> anyhow::Result<()> {
+    let (code, reply) = status::operator_request(
+        data_dir,
+        ports,
+        replica,
+        "POST",
+        "/maintenance/on",
+        Duration::from_secs(15),
+    )
+    .await?;
+    let drained = serde_json::from_str::<Value>(&reply)
+        .ok()
+        .and_then(|r| r["drained"].as_bool());
+    if code != 200 || drained != Some(true) {
+        bail!(
+            "{} did not finish its store operations under way within ten seconds of maintenance ({code}: {reply})",
+            replica.name()
+        );
+    }
+    wait_health(ports, replica, false).await
+}
+
 /// Puts every replica in maintenance, waits until each says NOT_SERVING,
 /// runs `work`, and brings every replica back, waiting until each serves.
 /// When `work` fails the replicas stay in maintenance: the store may be
-/// half switched, and the error says how to go on.
+/// half switched, and the error says how to go on. Anything that goes
+/// wrong before `work` brings every replica back: nothing was changed.
 async fn in_maintenance(
     data_dir: &Path,
     ports: Ports,
@@ -259,58 +312,40 @@ async fn in_maintenance(
     work: impl AsyncFnOnce() -> anyhow::Result<Value>,
 ) -> anyhow::Result<Maintained> {
     let service = replicas[0].part;
-    for &replica in replicas {
-        // Answers once the replica's store operations under way are done
-        // (up to ten seconds).
-        let (_, reply) = status::operator_request(
-            data_dir,
-            ports,
-            replica,
-            "POST",
-            "/maintenance/on",
-            Duration::from_secs(15),
-        )
-        .await?;
-        let drained = serde_json::from_str::<Value>(&reply)
-            .ok()
-            .and_then(|r| r["drained"].as_bool());
-        if drained != Some(true) {
-            for &replica in replicas {
-                let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
-            }
-            bail!(
-                "{} still had store operations under way after ten seconds in maintenance; nothing was changed",
-                replica.name()
-            );
-        }
-    }
+    let before = processes(data_dir, service).await?;
     let mut since = Vec::new();
     for &replica in replicas {
-        wait_health(ports, replica, false).await?;
+        if let Err(err) = enter(data_dir, ports, replica).await {
+            all_serve_again(data_dir, ports, replicas).await;
+            return Err(err.context("nothing was changed"));
+        }
         since.push(Instant::now());
+    }
+    if processes(data_dir, service).await? != before {
+        all_serve_again(data_dir, ports, replicas).await;
+        bail!(
+            "a replica of {} restarted while the others went into maintenance; nothing was changed, try again",
+            service.name()
+        );
     }
     let all_down = chrono::Utc::now();
     let reply = match work().await {
         Ok(reply) => reply,
         Err(err) => {
             if err.downcast_ref::<Refused>().is_some() {
-                // Refused: nothing was replaced; serve again.
-                for &replica in replicas {
-                    let _ = status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await;
-                }
-                for &replica in replicas {
-                    let _ = wait_health(ports, replica, true).await;
-                }
+                all_serve_again(data_dir, ports, replicas).await;
                 return Err(err.context("nothing was changed"));
             }
             return Err(err.context(format!(
-                "{service} stays in maintenance (NOT_SERVING); fix the cause and run it again, or \
-                 `chirp maintenance {service} off` to serve what the store holds now",
+                "{service} stays in maintenance (NOT_SERVING); fix the cause, then `chirp restore {service} \
+                 --undo` to go back to the data before the restore, or `chirp maintenance {service} off` to \
+                 serve what the store holds now",
                 service = service.name()
             )));
         }
     };
     let done_at = chrono::Utc::now();
+    let restarted = processes(data_dir, service).await? != before;
     for &replica in replicas {
         status::operator_call(data_dir, ports, replica, "POST", "/maintenance/off").await?;
     }
@@ -322,6 +357,13 @@ async fn in_maintenance(
             not_serving: since.elapsed(),
             serving_at: chrono::Utc::now(),
         });
+    }
+    if restarted {
+        bail!(
+            "a replica of {service} restarted during the switch and may have served out of maintenance: \
+             check its data; `chirp restore {service} --undo` puts back what was replaced",
+            service = service.name()
+        );
     }
     Ok(Maintained {
         reply,

@@ -24,7 +24,10 @@ use anyhow::{bail, Context as _};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use redis::{aio::MultiplexedConnection, AsyncCommands as _, Value};
 use serde::{Deserialize, Serialize};
-use service_kit::maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance};
+use service_kit::{
+    files::new_private_file,
+    maintenance::{ContentDigest, Contents, Manifest, StoreMaintenance},
+};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 const FILE: &str = "keys.jsonl";
@@ -58,18 +61,24 @@ return out
 /// KEYS: the keys to drop, then the keys to rename; ARGV[1] how many to
 /// drop, ARGV[2] the prefix being renamed from, ARGV[3] the one renamed
 /// to, ARGV[4] (or empty) the prefix the dropped keys are renamed to
-/// instead. One atomic step.
+/// instead. One atomic step. A script that fails halfway is not rolled
+/// back, so nothing here can fail on a key: one that went in the meantime
+/// (a revocation pruned to nothing) is skipped.
 const MOVE: &str = r"
 local drop = tonumber(ARGV[1])
 for i = 1, drop do
-  if ARGV[4] ~= '' then
-    redis.call('RENAME', KEYS[i], ARGV[4] .. string.sub(KEYS[i], #ARGV[3] + 1))
-  else
-    redis.call('UNLINK', KEYS[i])
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if ARGV[4] ~= '' then
+      redis.call('RENAME', KEYS[i], ARGV[4] .. string.sub(KEYS[i], #ARGV[3] + 1))
+    else
+      redis.call('UNLINK', KEYS[i])
+    end
   end
 end
 for i = drop + 1, #KEYS do
-  redis.call('RENAME', KEYS[i], ARGV[3] .. string.sub(KEYS[i], #ARGV[2] + 1))
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], ARGV[3] .. string.sub(KEYS[i], #ARGV[2] + 1))
+  end
 end
 return #KEYS
 ";

@@ -27,7 +27,8 @@ use mongodb::{
     Client, Database,
 };
 use service_kit::{
-    maintenance::{new_private_file, ContentDigest, Contents, Manifest, StoreMaintenance},
+    files::new_private_file,
+    maintenance::{ContentDigest, Contents, Manifest, StoreMaintenance},
     store::StoreStatus,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -58,7 +59,7 @@ fn file_of(collection: &str) -> String {
     format!("{collection}.bson")
 }
 
-async fn version_in(meta: Option<Document>) -> i64 {
+fn version_in(meta: Option<Document>) -> i64 {
     meta.and_then(|d| d.get_i32("version").ok()).map_or(0, i64::from)
 }
 
@@ -115,7 +116,7 @@ async fn counts(db: &Database) -> anyhow::Result<Contents> {
         .find_one(doc! { "_id": "schema" })
         .await?;
     Ok(Contents {
-        schema_version: version_in(meta).await,
+        schema_version: version_in(meta),
         counts,
         digest: None,
     })
@@ -219,7 +220,7 @@ impl StoreMaintenance for Maintenance {
                 .await?;
             session.abort_transaction().await?;
             Ok(Contents {
-                schema_version: version_in(meta).await,
+                schema_version: version_in(meta),
                 counts,
                 digest: None,
             })
@@ -305,8 +306,12 @@ impl StoreMaintenance for Maintenance {
 
     async fn undo(&self) -> anyhow::Result<()> {
         self.with_client(async |client| {
+            // Only what has a kept counterpart goes: after a switch that
+            // stopped halfway, a collection never moved aside is still the
+            // pre-restore one.
             let live = client.database(&self.database);
-            for name in COLLECTIONS {
+            let kept = client.database(&self.kept_name()).list_collection_names().await?;
+            for name in COLLECTIONS.iter().filter(|c| kept.iter().any(|k| k == *c)) {
                 live.collection::<Document>(name).drop().await?;
             }
             Self::rename_all(client, &self.kept_name(), &self.database).await?;

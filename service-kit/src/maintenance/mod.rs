@@ -22,20 +22,19 @@
 //! Each store says how it does these steps ([`StoreMaintenance`]); the
 //! order, the checks and the one-operation-at-a-time rule are here, once.
 
-mod files;
 mod manifest;
 mod routes;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
-pub use files::{
-    new_private_dir, new_private_file, private_dirs, replace_private, write_private, PRIVATE_DIR, PRIVATE_FILE,
-};
 pub use manifest::{checksums, plain_name, verified, ContentDigest, Contents, Manifest, FORMAT, MANIFEST};
 pub use routes::routes;
 use tracing::{info, warn};
 
-use crate::store::StoreStatus;
+use crate::{
+    files::{new_private_dir, private_dirs, write_private},
+    store::StoreStatus,
+};
 
 /// How one store backs up, loads beside the live data, switches, and
 /// undoes. Implemented in each service's `store::maintenance`, the only
@@ -223,11 +222,11 @@ impl<S: StoreMaintenance> Maintainer<S> {
                 ));
             }
         };
-        if in_side.counts != manifest.counts {
+        if in_side.counts != manifest.counts || in_side.schema_version != manifest.schema_version {
             self.discard_quietly().await;
             return Err(refused(format!(
-                "the backup loaded to {:?}, its manifest says {:?}; nothing live was changed",
-                in_side.counts, manifest.counts
+                "the backup loaded to schema version {} with {:?}, its manifest says {} with {:?}; nothing live was changed",
+                in_side.schema_version, in_side.counts, manifest.schema_version, manifest.counts
             )));
         }
         info!(backup = name, "backup loaded beside the live data");
@@ -275,10 +274,14 @@ impl<S: StoreMaintenance> Maintainer<S> {
     pub async fn switch(&self) -> Outcome<(Contents, Contents, Manifest)> {
         let mut loaded = self.exclusive()?;
         self.in_maintenance("the switch")?;
-        let Some(Loaded { manifest, before }) = loaded.take() else {
+        let Some(Loaded { manifest, before }) = loaded.as_ref() else {
             return Err(refused("no backup is loaded: load one first"));
         };
+        let (manifest, before) = (manifest.clone(), before.clone());
+        // Kept as loaded until the switch succeeds: a switch that failed can
+        // be run again, or undone.
         self.store.switch().await.map_err(Refusal::Failed)?;
+        *loaded = None;
         let after = self.store.inspect().await.map_err(Refusal::Failed)?;
         info!(
             created_at = manifest.created_at,

@@ -31,7 +31,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use service_kit::maintenance::{new_private_file, write_private, ContentDigest, Contents, Manifest, StoreMaintenance};
+use service_kit::{
+    files::{new_private_file, write_private},
+    maintenance::{ContentDigest, Contents, Manifest, StoreMaintenance},
+};
 use sqlx::{
     migrate::Migrate as _,
     postgres::{PgConnectOptions, PgConnection},
@@ -48,6 +51,8 @@ pub struct Maintenance {
     options: PgConnectOptions,
     /// The password of `DATABASE_URL`, for the PostgreSQL tools' environment.
     password: Option<String>,
+    /// `PGSSLMODE` and the like, from the URL's TLS settings.
+    tls: Vec<(&'static str, String)>,
     live: String,
 }
 
@@ -96,13 +101,30 @@ impl Maintenance {
         if live.len() + "__restore".len() > 63 {
             bail!("the database name `{live}` is too long to have a side database beside it");
         }
-        let password = url::Url::parse(database_url).ok().and_then(|u| {
+        let parsed = url::Url::parse(database_url).ok();
+        let password = parsed.as_ref().and_then(|u| {
             u.password()
                 .map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned())
         });
+        // The TLS settings the URL asks for apply to the tools too.
+        let tls = parsed
+            .iter()
+            .flat_map(|u| u.query_pairs().into_owned().collect::<Vec<_>>())
+            .filter_map(|(key, value)| {
+                let var = match key.as_str() {
+                    "sslmode" => "PGSSLMODE",
+                    "sslrootcert" => "PGSSLROOTCERT",
+                    "sslcert" => "PGSSLCERT",
+                    "sslkey" => "PGSSLKEY",
+                    _ => return None,
+                };
+                Some((var, value))
+            })
+            .collect();
         Ok(Self {
             options,
             password,
+            tls,
             live,
         })
     }
@@ -136,6 +158,7 @@ impl Maintenance {
             .env("PGPORT", self.options.get_port().to_string())
             .env("PGUSER", user)
             .env("PGCONNECT_TIMEOUT", "10")
+            .envs(self.tls.iter().map(|(k, v)| (*k, v.as_str())))
             .kill_on_drop(true);
         if let Some(password) = password {
             command.env("PGPASSWORD", password);
@@ -244,14 +267,26 @@ impl Maintenance {
         let loaded = async {
             let role = quoted(&role);
             let db = quoted(side_name);
-            for grant in [
+            // Insert into the service's tables, set its sequences, nothing
+            // else: not the migrations' table (a crafted dump could claim
+            // migrations that never ran), no schema, no temporary objects.
+            let mut grants = vec![
                 format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
                 format!("GRANT CONNECT ON DATABASE {db} TO {role}"),
                 "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
                 format!("GRANT USAGE ON SCHEMA public TO {role}"),
-                format!("GRANT INSERT ON ALL TABLES IN SCHEMA public TO {role}"),
-                format!("GRANT USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
-            ] {
+            ];
+            grants.extend(
+                tables
+                    .iter()
+                    .map(|t| format!("GRANT INSERT ON public.{} TO {role}", quoted(t))),
+            );
+            grants.extend(
+                sequences
+                    .iter()
+                    .map(|q| format!("GRANT USAGE, UPDATE ON SEQUENCE public.{} TO {role}", quoted(q))),
+            );
+            for grant in grants {
                 sqlx::query(&grant)
                     .execute(&mut *side)
                     .await
@@ -424,6 +459,25 @@ impl StoreMaintenance for Maintenance {
         }
         migrate_up(&mut conn, manifest.schema_version).await?;
         self.load_rows(&mut conn, &side, &dir.join(FILE)).await?;
+        // The migrations recorded are exactly this build's, up to the
+        // backup's version: what the loading role could not touch.
+        let applied: Vec<(i64, Vec<u8>)> = conn
+            .list_applied_migrations()
+            .await?
+            .into_iter()
+            .map(|m| (m.version, m.checksum.into_owned()))
+            .collect();
+        let expected: Vec<(i64, Vec<u8>)> = MIGRATOR
+            .iter()
+            .filter(|m| m.version <= manifest.schema_version && m.migration_type.is_up_migration())
+            .map(|m| (m.version, m.checksum.to_vec()))
+            .collect();
+        if applied != expected {
+            bail!(
+                "the side database's migrations are not this build's up to version {}",
+                manifest.schema_version
+            );
+        }
         let loaded = read(&mut conn).await?;
         migrate_up(&mut conn, i64::MAX)
             .await
