@@ -1,11 +1,10 @@
 //! Backup and restore by comment-service itself, through its operator
-//! routes: keys restored under a side prefix and checked there before one
-//! script switches them in; a damaged payload or a key the data model does
-//! not know is refused with nothing changed.
+//! routes: keys written under a side prefix and checked there before one
+//! script switches them in; a truncated backup, a key the data model does
+//! not know or a value of the wrong type is refused with nothing changed.
 
 mod common;
 
-use base64::{engine::general_purpose::STANDARD, Engine as _};
 use common::{add, all_comments, Backing, TestApp};
 use service_kit::auth::Role;
 use test_support::{
@@ -115,18 +114,16 @@ async fn a_restore_brings_back_the_backups_keys_and_undo_the_replaced_ones() {
 }
 
 #[tokio::test]
-async fn a_truncated_payload_is_refused_and_changes_nothing() {
+async fn a_truncated_backup_is_refused_and_changes_nothing() {
     let world = World::new().await;
     world.comment("one").await;
     world.comment("two").await;
     world.operator.ok("POST", "/backups/b").await;
-    world.crafted("b", |line| {
-        if line["key"].as_str().unwrap().starts_with("c:") {
-            let mut dump = STANDARD.decode(line["dump"].as_str().unwrap()).unwrap();
-            dump.truncate(dump.len() - 6);
-            line["dump"] = STANDARD.encode(dump).into();
-        }
-    });
+    world.crafted("b", |_| {});
+    let keys = world.backups.path().join("crafted").join("keys.jsonl");
+    let bytes = std::fs::read(&keys).unwrap();
+    std::fs::write(&keys, &bytes[..bytes.len() - 20]).unwrap();
+    reseal(&world.backups.path().join("crafted"));
     world.comment("three").await;
     let before = world.operator.ok("GET", "/store").await;
     let ids = world.comment_ids().await;
@@ -134,7 +131,7 @@ async fn a_truncated_payload_is_refused_and_changes_nothing() {
     let reason = world.operator.refused("POST", "/restore/crafted/load").await;
     println!("refused: {reason}\nbefore: {before}");
     assert!(
-        reason.contains("RESTORE") && reason.contains("nothing live was changed"),
+        reason.contains("keys.jsonl line") && reason.contains("nothing live was changed"),
         "{reason}"
     );
     assert_eq!(
@@ -149,6 +146,27 @@ async fn a_truncated_payload_is_refused_and_changes_nothing() {
         changed["digest"], before["digest"],
         "the digest sees any change: {changed}"
     );
+}
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    world.comment("one").await;
+    world.operator.ok("POST", "/backups/b").await;
+    world.crafted("b", |line| {
+        if line["key"].as_str().unwrap().starts_with("c:") {
+            line["type"] = "string".into();
+            line["value"] = "not a comment".into();
+        }
+    });
+    let before = world.operator.ok("GET", "/store").await;
+    let reason = world.operator.refused("POST", "/restore/crafted/load").await;
+    println!("refused: {reason}");
+    assert!(
+        reason.contains("is a string in the backup, a hash in the data model"),
+        "{reason}"
+    );
+    assert_eq!(world.operator.ok("GET", "/store").await, before);
 }
 
 #[tokio::test]

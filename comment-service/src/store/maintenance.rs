@@ -5,15 +5,20 @@
 //! restore must not touch another tenant's keys, so the server-wide forms
 //! (`BGSAVE` and its RDB file, the AOF) do not fit.
 //!
-//! - **backup**: one Lua script `DUMP`s every key of the prefix with its
-//!   TTL; Redis runs a script atomically, so it is one moment's view (other
-//!   clients wait for its length, a few milliseconds per thousand keys).
-//!   `keys.jsonl` holds one `{"key", "ttl_ms", "dump"}` line per key, the
-//!   key relative to the prefix, the payload in base64.
+//! - **backup**: one Lua script reads every key of the prefix, its type,
+//!   its TTL and its contents; Redis runs a script atomically, so it is one
+//!   moment's view (other clients wait for its length, a few milliseconds
+//!   per thousand keys). `keys.jsonl` holds one line per key: the key
+//!   relative to the prefix, `ttl_ms`, `type` and `value` (a string, a
+//!   hash's field pairs, a set's members, a sorted set's member and score
+//!   pairs, a stream's entries with their ids).
 //! - **load**: every key is checked against the data model (only the kinds
-//!   of keys the store module's table lists, ids that parse) and `RESTORE`d
-//!   under the side prefix `restore/{prefix}`; Redis checks each payload's
-//!   checksum, so a damaged one fails the load there.
+//!   of keys the store module's table lists, ids that parse, the type that
+//!   kind has) and written under the side prefix `restore/{prefix}` with
+//!   ordinary commands (`SET`, `HSET`, `SADD`, `ZADD`, `XADD`). A backup is
+//!   untrusted input: nothing from it reaches Redis as a serialized payload
+//!   (`RESTORE` would parse one, and a crafted one can reach the server's
+//!   decoder), only as values of the service's own keys.
 //! - **switch**: one script renames the live keys to the kept prefix
 //!   `kept/{prefix}` and the side keys to the live prefix: atomic, whatever
 //!   else the server is doing. **undo** is the same script back.
@@ -21,7 +26,6 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{bail, Context as _};
-use base64::{engine::general_purpose::STANDARD, Engine as _};
 use redis::{aio::MultiplexedConnection, AsyncCommands as _, Value};
 use serde::{Deserialize, Serialize};
 use service_kit::{
@@ -45,15 +49,21 @@ const SINGLE_KEYS: [&str; 8] = [
     "hidden",
 ];
 
-/// ARGV[1] the `prefix*` pattern. Every key of the prefix, its TTL and its
-/// `DUMP`, in one atomic step.
+/// ARGV[1] the `prefix*` pattern. Every key of the prefix with its TTL,
+/// type and contents, in one atomic step.
 const SNAPSHOT: &str = r"
 local keys = redis.call('KEYS', ARGV[1])
 local out = {}
 for _, key in ipairs(keys) do
-  out[#out + 1] = key
-  out[#out + 1] = redis.call('PTTL', key)
-  out[#out + 1] = redis.call('DUMP', key)
+  local kind = redis.call('TYPE', key)['ok']
+  local value = {}
+  if kind == 'string' then value = redis.call('GET', key)
+  elseif kind == 'hash' then value = redis.call('HGETALL', key)
+  elseif kind == 'set' then value = redis.call('SMEMBERS', key)
+  elseif kind == 'zset' then value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  elseif kind == 'stream' then value = redis.call('XRANGE', key, '-', '+')
+  end
+  out[#out + 1] = {key, redis.call('PTTL', key), kind, value}
 end
 return out
 ";
@@ -83,12 +93,176 @@ end
 return #KEYS
 ";
 
+/// One key of a backup.
 #[derive(Serialize, Deserialize)]
 struct Line {
     /// Relative to the prefix.
     key: String,
     ttl_ms: i64,
-    dump: String,
+    #[serde(flatten)]
+    data: Data,
+}
+
+/// What a key holds, by Redis type.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "lowercase")]
+enum Data {
+    String(String),
+    Hash(Vec<(String, String)>),
+    Set(Vec<String>),
+    /// Members and their scores (as Redis writes them).
+    Zset(Vec<(String, String)>),
+    /// Entry ids and their fields, oldest first.
+    Stream(Vec<(String, Vec<(String, String)>)>),
+}
+
+impl Data {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Self::String(_) => "string",
+            Self::Hash(_) => "hash",
+            Self::Set(_) => "set",
+            Self::Zset(_) => "zset",
+            Self::Stream(_) => "stream",
+        }
+    }
+
+    /// What the snapshot script read of a key of type `kind`.
+    fn read(kind: &str, value: &Value) -> anyhow::Result<Self> {
+        Ok(match kind {
+            "string" => Self::String(text(value)?),
+            "hash" => Self::Hash(pairs(value)?),
+            "set" => Self::Set(items(value)?.iter().map(text).collect::<anyhow::Result<_>>()?),
+            "zset" => Self::Zset(pairs(value)?),
+            "stream" => Self::Stream(
+                items(value)?
+                    .iter()
+                    .map(|entry| match items(entry)? {
+                        [id, fields] => Ok((text(id)?, pairs(fields)?)),
+                        _ => bail!("a stream entry that is not an id and its fields"),
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            other => bail!("a key of type {other}, which the data model has none of"),
+        })
+    }
+
+    /// Checks the values a crafted backup could get wrong before any of
+    /// them is written: scores are numbers, stream ids are ids.
+    fn check(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Zset(members) => {
+                for (_, score) in members {
+                    if !score.parse::<f64>().is_ok_and(f64::is_finite) {
+                        bail!("the score `{score}` is not a number");
+                    }
+                }
+            }
+            Self::Stream(entries) => {
+                let id = |id: &str| {
+                    id.split_once('-')
+                        .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok())
+                };
+                if let Some((bad, _)) = entries.iter().find(|(i, _)| !id(i)) {
+                    bail!("`{bad}` is not a stream entry id");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The commands that write it under `key`, a bounded number of values
+    /// each.
+    fn write(&self, pipe: &mut redis::Pipeline, key: &str) {
+        match self {
+            Self::String(value) => {
+                pipe.cmd("SET").arg(key).arg(value).ignore();
+            }
+            Self::Hash(fields) => {
+                for chunk in fields.chunks(BATCH) {
+                    let cmd = pipe.cmd("HSET").arg(key);
+                    for (field, value) in chunk {
+                        cmd.arg(field).arg(value);
+                    }
+                    cmd.ignore();
+                }
+            }
+            Self::Set(members) => {
+                for chunk in members.chunks(BATCH) {
+                    pipe.cmd("SADD").arg(key).arg(chunk).ignore();
+                }
+            }
+            Self::Zset(members) => {
+                for chunk in members.chunks(BATCH) {
+                    let cmd = pipe.cmd("ZADD").arg(key);
+                    for (member, score) in chunk {
+                        cmd.arg(score).arg(member);
+                    }
+                    cmd.ignore();
+                }
+            }
+            Self::Stream(entries) if entries.is_empty() => {
+                // An empty stream still exists (the outbox once drained):
+                // one entry added and trimmed away at once.
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("MAXLEN")
+                    .arg(0)
+                    .arg("*")
+                    .arg("empty")
+                    .arg("")
+                    .ignore();
+            }
+            Self::Stream(entries) => {
+                for (id, fields) in entries {
+                    let cmd = pipe.cmd("XADD").arg(key).arg(id);
+                    for (field, value) in fields {
+                        cmd.arg(field).arg(value);
+                    }
+                    cmd.ignore();
+                }
+            }
+        }
+    }
+}
+
+fn text(value: &Value) -> anyhow::Result<String> {
+    match value {
+        Value::BulkString(bytes) => Ok(String::from_utf8(bytes.clone()).context("a value that is not UTF-8")?),
+        Value::SimpleString(text) => Ok(text.clone()),
+        Value::Int(n) => Ok(n.to_string()),
+        other => bail!("an unexpected value {other:?}"),
+    }
+}
+
+fn items(value: &Value) -> anyhow::Result<&[Value]> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => bail!("an unexpected value {other:?}"),
+    }
+}
+
+fn pairs(value: &Value) -> anyhow::Result<Vec<(String, String)>> {
+    let items = items(value)?;
+    if items.len() % 2 != 0 {
+        bail!("an odd number of values for pairs");
+    }
+    items
+        .chunks(2)
+        .map(|pair| Ok((text(&pair[0])?, text(&pair[1])?)))
+        .collect()
+}
+
+/// The Redis type each kind of key has (see the store module's table).
+fn type_of(kind: &str) -> &'static str {
+    match kind {
+        "comments" | "revocations" | "purge:traces" => "hash",
+        "message_comment_lists" => "zset",
+        "schema_version" => "string",
+        "outbox" | "outbox:dead" => "stream",
+        _ => "set",
+    }
 }
 
 pub struct Maintenance {
@@ -250,27 +424,31 @@ impl StoreMaintenance for Maintenance {
         let mut out = tokio::io::BufWriter::new(file);
         let mut counts = BTreeMap::new();
         let mut schema_version = 0;
-        for triple in reply.chunks(3) {
-            let [Value::BulkString(key), Value::Int(ttl_ms), Value::BulkString(dump)] = triple else {
+        for key in &reply {
+            let [Value::BulkString(key), Value::Int(ttl_ms), redis_type, value] = items(key)? else {
                 bail!("an unexpected reply from the snapshot script");
             };
-            if *ttl_ms == -2 {
-                continue; // expired between KEYS and DUMP
+            let redis_type = text(redis_type)?;
+            if *ttl_ms == -2 || redis_type == "none" {
+                continue; // expired while the script ran
             }
             let key = String::from_utf8_lossy(key);
             let relative = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
-            let Some(kind) = kind(&relative) else {
+            let Some(kind_of_key) = kind(&relative) else {
                 tracing::warn!(key = %key, "a key the data model does not know: left out of the backup");
                 continue;
             };
-            if kind == "schema_version" {
-                schema_version = conn.get::<_, Option<i64>>(key.as_ref()).await?.unwrap_or(0);
+            let data = Data::read(&redis_type, value).with_context(|| format!("reading {key}"))?;
+            if let Data::String(version) = &data {
+                if kind_of_key == "schema_version" {
+                    schema_version = version.parse().context("the schema version")?;
+                }
             }
-            *counts.entry(kind.to_owned()).or_default() += 1;
+            *counts.entry(kind_of_key.to_owned()).or_default() += 1;
             let line = Line {
                 key: relative,
                 ttl_ms: *ttl_ms,
-                dump: STANDARD.encode(dump),
+                data,
             };
             out.write_all(serde_json::to_string(&line)?.as_bytes()).await?;
             out.write_all(b"\n").await?;
@@ -295,30 +473,39 @@ impl StoreMaintenance for Maintenance {
         while let Some(text) = lines.next_line().await? {
             number += 1;
             let line: Line = serde_json::from_str(&text).with_context(|| format!("{FILE} line {number}"))?;
-            if kind(&line.key).is_none() {
+            let Some(kind) = kind(&line.key) else {
                 bail!(
                     "{FILE} line {number}: `{}` is no key of comment-service's data model",
                     line.key
                 );
+            };
+            if line.data.type_name() != type_of(kind) {
+                bail!(
+                    "{FILE} line {number}: `{}` is a {} in the backup, a {} in the data model",
+                    line.key,
+                    line.data.type_name(),
+                    type_of(kind)
+                );
             }
-            let dump = STANDARD
-                .decode(&line.dump)
-                .with_context(|| format!("{FILE} line {number}"))?;
-            pipe.cmd("RESTORE")
-                .arg(format!("{side}{}", line.key))
-                .arg(line.ttl_ms.max(0))
-                .arg(dump)
-                .arg("REPLACE")
-                .ignore();
+            line.data.check().with_context(|| format!("{FILE} line {number}"))?;
+            let key = format!("{side}{}", line.key);
+            line.data.write(&mut pipe, &key);
+            if line.ttl_ms > 0 {
+                pipe.cmd("PEXPIRE").arg(&key).arg(line.ttl_ms).ignore();
+            }
             queued += 1;
             if queued == BATCH {
-                pipe.query_async::<()>(&mut conn).await.context("RESTORE")?;
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .context("writing the loaded keys")?;
                 pipe = redis::pipe();
                 queued = 0;
             }
         }
         if queued > 0 {
-            pipe.query_async::<()>(&mut conn).await.context("RESTORE")?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .context("writing the loaded keys")?;
         }
         self.contents(&mut conn, &side).await
     }
