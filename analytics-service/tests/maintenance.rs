@@ -9,7 +9,6 @@ use common::{event, ingest, Backing, TestApp, INGEST_TOKEN};
 use service_kit::events::Payload;
 use sqlx::Connection as _;
 use test_support::operator::{reseal, Operator};
-use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
 
 async fn spawn(backing: &Backing) -> (TestApp, Operator, tempfile::TempDir) {
@@ -20,13 +19,7 @@ async fn spawn(backing: &Backing) -> (TestApp, Operator, tempfile::TempDir) {
 }
 
 async fn in_maintenance(app: &TestApp, operator: &Operator, path: &str) -> serde_json::Value {
-    let on = operator.ok("POST", "/maintenance/on").await;
-    assert_eq!(on["drained"], true, "{on}");
-    test_support::grpc::wait_for(&app.channel, &[common::SERVICE], ServingStatus::NotServing).await;
-    let reply = operator.ok("POST", path).await;
-    operator.ok("POST", "/maintenance/off").await;
-    test_support::grpc::wait_for(&app.channel, &[common::SERVICE], ServingStatus::Serving).await;
-    reply
+    operator.in_maintenance(&app.channel, common::SERVICE, path).await
 }
 
 async fn record(app: &TestApp, payload: Payload) {

@@ -106,6 +106,13 @@ async fn each_service_is_restored_to_its_backup_while_the_others_keep_serving() 
             assert_eq!(mode(&file), 0o600, "{} is private", file.display());
         }
     }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for secret in ["keys/ingest-token", "keys/signing.pem"] {
+        assert_eq!(mode(&data.path().join(secret)), 0o600, "{secret} is the owner's alone");
+    }
+    for dir in ["keys", "backups", "run"] {
+        assert_eq!(mode(&data.path().join(dir)), 0o700, "{dir} is private");
+    }
     let manifest_of = |service: &str| backups.iter().find(|(s, _, _)| s == service).unwrap().clone();
     assert_eq!(manifest_of("message-service").2["counts"]["messages"], size as u64);
     assert_eq!(manifest_of("comment-service").2["counts"]["comments"], size as u64);

@@ -11,7 +11,6 @@ use test_support::{
     grpc::authed,
     operator::{reseal, Operator},
 };
-use tonic_health::pb::health_check_response::ServingStatus;
 
 struct World {
     backing: Backing,
@@ -61,13 +60,9 @@ impl World {
     }
 
     async fn in_maintenance(&self, path: &str) -> serde_json::Value {
-        let on = self.operator.ok("POST", "/maintenance/on").await;
-        assert_eq!(on["drained"], true, "{on}");
-        self.app.wait_for(ServingStatus::NotServing).await;
-        let reply = self.operator.ok("POST", path).await;
-        self.operator.ok("POST", "/maintenance/off").await;
-        self.app.wait_for(ServingStatus::Serving).await;
-        reply
+        self.operator
+            .in_maintenance(&self.app.channel, common::SERVICE, path)
+            .await
     }
 
     /// A copy of backup `name` as `crafted`, its keys rewritten by `edit`

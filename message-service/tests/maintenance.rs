@@ -10,7 +10,6 @@ use common::{Options, TestApp};
 use mongodb::bson::{doc, DateTime};
 use service_kit::auth::Role;
 use test_support::operator::{reseal, Operator};
-use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn spawn() -> (TestApp, Operator, tempfile::TempDir) {
     let backups = tempfile::tempdir().unwrap();
@@ -36,13 +35,7 @@ async fn exists(app: &TestApp, id: &str) -> bool {
 }
 
 async fn in_maintenance(app: &TestApp, operator: &Operator, path: &str) -> serde_json::Value {
-    let on = operator.ok("POST", "/maintenance/on").await;
-    assert_eq!(on["drained"], true, "{on}");
-    app.wait_for(ServingStatus::NotServing).await;
-    let reply = operator.ok("POST", path).await;
-    operator.ok("POST", "/maintenance/off").await;
-    app.wait_for(ServingStatus::Serving).await;
-    reply
+    operator.in_maintenance(&app.channel, common::V1, path).await
 }
 
 #[tokio::test]

@@ -69,6 +69,28 @@ impl Operator {
         body
     }
 
+    /// Maintenance on (waiting until the operations under way are done and
+    /// `api` on `channel` says NOT_SERVING), `POST path`, maintenance off,
+    /// and SERVING again: one step of a restore, as `chirp` takes it.
+    ///
+    /// # Panics
+    /// When a route refuses or the health does not follow.
+    pub async fn in_maintenance(
+        &self,
+        channel: &tonic::transport::Channel,
+        api: &str,
+        path: &str,
+    ) -> serde_json::Value {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let on = self.ok("POST", "/maintenance/on").await;
+        assert_eq!(on["drained"], true, "{on}");
+        crate::grpc::wait_for(channel, &[api], ServingStatus::NotServing).await;
+        let reply = self.ok("POST", path).await;
+        self.ok("POST", "/maintenance/off").await;
+        crate::grpc::wait_for(channel, &[api], ServingStatus::Serving).await;
+        reply
+    }
+
     /// `method path`, expecting a refusal (409): the reason.
     ///
     /// # Panics

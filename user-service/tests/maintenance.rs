@@ -27,15 +27,10 @@ async fn exists(app: &TestApp, id: &str) -> bool {
     }
 }
 
-/// Maintenance on, `path`, maintenance off, SERVING again.
 async fn in_maintenance(app: &TestApp, path: &str) -> serde_json::Value {
-    let drained = Operator::new(app.metrics_addr).ok("POST", "/maintenance/on").await;
-    assert_eq!(drained["drained"], true, "{drained}");
-    app.wait_for(ServingStatus::NotServing).await;
-    let reply = Operator::new(app.metrics_addr).ok("POST", path).await;
-    Operator::new(app.metrics_addr).ok("POST", "/maintenance/off").await;
-    app.wait_for(ServingStatus::Serving).await;
-    reply
+    Operator::new(app.metrics_addr)
+        .in_maintenance(&app.channel, common::SERVICE, path)
+        .await
 }
 
 async fn live(app: &TestApp) -> serde_json::Value {
