@@ -321,6 +321,12 @@ impl Maintenance {
             sqlx::query(&format!("DROP ROLE {}", quoted(&role)))
                 .execute(&mut admin)
                 .await?;
+            // The database becomes the live one: PUBLIC gets back what
+            // PostgreSQL gives it on any database (roles of one's own, a
+            // reporting role, still connect).
+            sqlx::query(&format!("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC", quoted(side_name)))
+                .execute(&mut admin)
+                .await?;
             anyhow::Ok(())
         }
         .await;
