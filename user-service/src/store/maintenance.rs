@@ -324,9 +324,12 @@ impl Maintenance {
             // The database becomes the live one: PUBLIC gets back what
             // PostgreSQL gives it on any database (roles of one's own, a
             // reporting role, still connect).
-            sqlx::query(&format!("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC", quoted(side_name)))
-                .execute(&mut admin)
-                .await?;
+            sqlx::query(&format!(
+                "GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC",
+                quoted(side_name)
+            ))
+            .execute(&mut admin)
+            .await?;
             anyhow::Ok(())
         }
         .await;
