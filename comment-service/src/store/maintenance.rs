@@ -347,10 +347,16 @@ impl Maintenance {
         Ok(())
     }
 
-    async fn contents(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<Contents> {
+    /// What `keys` (every key under `prefix`) hold, by kind.
+    async fn contents(
+        &self,
+        conn: &mut MultiplexedConnection,
+        prefix: &str,
+        keys: &[String],
+    ) -> anyhow::Result<Contents> {
         let mut counts = BTreeMap::new();
-        for key in keys(conn, prefix).await? {
-            let relative = key.strip_prefix(prefix).unwrap_or(&key);
+        for key in keys {
+            let relative = key.strip_prefix(prefix).unwrap_or(key);
             let kind = kind(relative).unwrap_or(relative);
             *counts.entry(kind.to_owned()).or_default() += 1;
         }
@@ -362,9 +368,8 @@ impl Maintenance {
         })
     }
 
-    /// Every key under `prefix` and its `DUMP`, by key, as one digest.
-    async fn digest(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<String> {
-        let mut all = keys(conn, prefix).await?;
+    /// `keys` and their `DUMP`s, by key, as one digest.
+    async fn digest(&self, conn: &mut MultiplexedConnection, mut all: Vec<String>) -> anyhow::Result<String> {
         all.sort();
         let mut digest = ContentDigest::default();
         for batch in all.chunks(BATCH) {
@@ -408,8 +413,9 @@ impl StoreMaintenance for Maintenance {
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
         let mut conn = self.connect().await?;
-        let mut contents = self.contents(&mut conn, &self.prefix).await?;
-        contents.digest = Some(self.digest(&mut conn, &self.prefix).await?);
+        let all = keys(&mut conn, &self.prefix).await?;
+        let mut contents = self.contents(&mut conn, &self.prefix, &all).await?;
+        contents.digest = Some(self.digest(&mut conn, all).await?);
         Ok(contents)
     }
 
@@ -507,7 +513,8 @@ impl StoreMaintenance for Maintenance {
                 .await
                 .context("writing the loaded keys")?;
         }
-        self.contents(&mut conn, &side).await
+        let loaded = keys(&mut conn, &side).await?;
+        self.contents(&mut conn, &side, &loaded).await
     }
 
     async fn discard(&self) -> anyhow::Result<()> {

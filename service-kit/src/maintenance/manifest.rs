@@ -65,17 +65,6 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
-impl Manifest {
-    #[must_use]
-    pub fn contents(&self) -> Contents {
-        Contents {
-            schema_version: self.schema_version,
-            counts: self.counts.clone(),
-            digest: None,
-        }
-    }
-}
-
 /// A name a caller gives a backup, or a file a manifest names: one path
 /// component of plain characters, so it can never reach outside the
 /// directory it is joined to.

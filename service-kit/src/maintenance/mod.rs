@@ -27,7 +27,8 @@ mod routes;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
-pub use manifest::{checksums, plain_name, verified, ContentDigest, Contents, Manifest, FORMAT, MANIFEST};
+use manifest::{checksums, verified, FORMAT, MANIFEST};
+pub use manifest::{plain_name, ContentDigest, Contents, Manifest};
 pub use routes::routes;
 use tracing::{info, warn};
 

@@ -338,6 +338,14 @@ impl Maintenance {
     }
 }
 
+/// Drops `database` if it exists, closing whatever is connected to it.
+async fn drop_database(admin: &mut PgConnection, database: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quoted(database)))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
 /// The last migration applied and the rows of every table.
 async fn read(conn: &mut PgConnection) -> anyhow::Result<Contents> {
     let schema_version: i64 = sqlx::query_scalar(&format!(
@@ -452,9 +460,7 @@ impl StoreMaintenance for Maintenance {
     async fn load(&self, dir: &Path, manifest: &Manifest) -> anyhow::Result<Contents> {
         let side = self.side();
         let mut admin = self.admin().await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quoted(&side)))
-            .execute(&mut admin)
-            .await?;
+        drop_database(&mut admin, &side).await?;
         sqlx::query(&format!("CREATE DATABASE {}", quoted(&side)))
             .execute(&mut admin)
             .await
@@ -496,14 +502,7 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn discard(&self) -> anyhow::Result<()> {
-        let mut admin = self.admin().await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quoted(&self.side())
-        ))
-        .execute(&mut admin)
-        .await?;
-        Ok(())
+        drop_database(&mut self.admin().await?, &self.side()).await
     }
 
     async fn kept(&self) -> anyhow::Result<bool> {
@@ -521,20 +520,11 @@ impl StoreMaintenance for Maintenance {
 
     async fn undo(&self) -> anyhow::Result<()> {
         let mut admin = self.admin().await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quoted(&self.live)))
-            .execute(&mut admin)
-            .await?;
+        drop_database(&mut admin, &self.live).await?;
         self.rename(&mut admin, &self.kept_name(), &self.live).await
     }
 
     async fn confirm(&self) -> anyhow::Result<()> {
-        let mut admin = self.admin().await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quoted(&self.kept_name())
-        ))
-        .execute(&mut admin)
-        .await?;
-        Ok(())
+        drop_database(&mut self.admin().await?, &self.kept_name()).await
     }
 }
