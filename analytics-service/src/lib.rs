@@ -33,6 +33,15 @@ pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binar
     default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
+/// The store's backup and restore (see `service_kit::maintenance`), for
+/// the operator routes and for `analytics-service backup|restore`.
+///
+/// # Errors
+/// When the store's address is not valid.
+pub fn maintenance(config: &Config) -> anyhow::Result<store::Maintenance> {
+    store::Maintenance::new(&config.database_url).context("DATABASE_URL")
+}
+
 /// Runs analytics-service on `listener` until `shutdown` resolves.
 ///
 /// # Errors
@@ -60,10 +69,7 @@ pub async fn run(
 
     // Maintenance, backups and restores (`chirp backup|restore`) on the
     // metrics port.
-    service.maintenance(
-        store::Maintenance::new(&config.database_url).context("DATABASE_URL")?,
-        config.common.backup_dir.clone(),
-    );
+    service.maintenance(maintenance(&config)?, config.common.backup_dir.clone());
     service.operator_routes(&config.common.ingest_token);
 
     let analytics = Arc::new(service::Analytics::new(store, revocations));

@@ -35,6 +35,15 @@ pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binar
     default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
+/// The store's backup and restore (see `service_kit::maintenance`), for
+/// the operator routes and for `comment-service backup|restore`.
+///
+/// # Errors
+/// When the store's address is not valid.
+pub fn maintenance(config: &Config) -> anyhow::Result<store::Maintenance> {
+    store::Maintenance::new(&config.redis_url, &config.redis_key_prefix).context("REDIS_URL")
+}
+
 /// Runs comment-service on `listener` until `shutdown` resolves. Starts even
 /// while Redis or its peers are down.
 ///
@@ -87,10 +96,7 @@ pub async fn run(
         grpc::CommentServiceServer::new(api).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     // Backups and restores (`chirp backup|restore`) on the metrics port.
-    service.maintenance(
-        store::Maintenance::new(&config.redis_url, &config.redis_key_prefix).context("REDIS_URL")?,
-        config.common.backup_dir.clone(),
-    );
+    service.maintenance(maintenance(&config)?, config.common.backup_dir.clone());
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

@@ -9,7 +9,7 @@ use common::{add, all_comments, Backing, TestApp};
 use service_kit::auth::Role;
 use test_support::{
     grpc::authed,
-    operator::{reseal, Operator},
+    operator::{reseal, OneShot, Operator},
 };
 
 struct World {
@@ -105,6 +105,45 @@ async fn a_restore_brings_back_the_backups_keys_and_undo_the_replaced_ones() {
     world.operator.ok("POST", "/restore/confirm").await;
     assert_eq!(world.comment_ids().await, vec![first]);
     world.comment("after the restore").await;
+    drop(world.backing);
+}
+
+#[tokio::test]
+async fn the_binary_backs_up_and_restores_its_store_with_the_services_own_configuration() {
+    let world = World::new().await;
+    let binary = OneShot::new(
+        env!("CARGO_BIN_EXE_comment-service"),
+        &[
+            ("REDIS_URL", world.backing.prefix.url().to_owned()),
+            ("REDIS_KEY_PREFIX", world.backing.prefix.prefix().to_owned()),
+            ("BACKUP_DIR", world.backups.path().display().to_string()),
+        ],
+    );
+    let first = world.comment("before the backups").await;
+    binary.ok(&["backup", "comment-service-1"]).await;
+    let taken = binary.ok(&["backup", "--keep", "1", "comment-service-2"]).await;
+    assert_eq!(taken["manifest"]["counts"]["comments"], 1, "{taken}");
+    assert_eq!(taken["removed"], serde_json::json!(["comment-service-1"]), "{taken}");
+    assert!(!world.backups.path().join("comment-service-1").exists());
+    let later = world.comment("after the backups").await;
+
+    let (code, refused) = binary.run(&["restore", "comment-service-2"]).await;
+    assert_eq!(
+        code, 2,
+        "a restore without --replicas-stopped is a usage error: {refused}"
+    );
+    assert_eq!(world.comment_ids().await.len(), 2, "and changes nothing");
+
+    let restored = binary.ok(&["restore", "--replicas-stopped", "comment-service-2"]).await;
+    assert_eq!(restored["after"]["counts"]["comments"], 1, "{restored}");
+    assert_eq!(world.comment_ids().await, vec![first.clone()]);
+    binary.ok(&["restore", "--undo", "--replicas-stopped"]).await;
+    assert_eq!(world.comment_ids().await, vec![first.clone(), later], "undo");
+    binary.ok(&["restore", "--replicas-stopped", "comment-service-2"]).await;
+    binary.ok(&["restore", "--confirm"]).await;
+    let (code, report) = binary.run(&["restore", "--confirm"]).await;
+    assert_ne!(code, 0, "nothing is kept after a confirm: {report}");
+    assert_eq!(world.comment_ids().await, vec![first]);
     drop(world.backing);
 }
 

@@ -35,6 +35,16 @@ pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binar
     default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
+/// The store's backup and restore (see `service_kit::maintenance`), for
+/// the operator routes and for `message-service backup|restore`.
+///
+/// # Errors
+/// Never: the client is made when first used (a `Result` like the other
+/// services' so that `bootstrap::main` takes one shape).
+pub fn maintenance(config: &Config) -> anyhow::Result<store::Maintenance> {
+    Ok(store::Maintenance::new(&config.mongodb_uri, &config.mongodb_database))
+}
+
 /// Runs message-service on `listener` until `shutdown` resolves. Starts even
 /// while MongoDB or its peers are down.
 ///
@@ -109,10 +119,7 @@ pub async fn run(
         grpc::v2::MessageServiceServer::new(grpc::v2::Api(shared)).max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     // Backups and restores (`chirp backup|restore`) on the metrics port.
-    service.maintenance(
-        store::Maintenance::new(&config.mongodb_uri, &config.mongodb_database),
-        config.common.backup_dir.clone(),
-    );
+    service.maintenance(maintenance(&config)?, config.common.backup_dir.clone());
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

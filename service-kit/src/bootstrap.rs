@@ -38,25 +38,48 @@ pub struct Binary {
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A service's `main`: `<binary> healthcheck` answers whether the local
-/// service is SERVING (exit code); otherwise parses `C` from flags and
-/// environment, sets up telemetry, binds the gRPC and metrics listeners and
-/// runs `run` until SIGTERM, then flushes the spans not exported yet.
+/// service is SERVING (exit code); `<binary> backup|restore` runs one
+/// maintenance step on the store `maintenance` opens, with the
+/// configuration from the environment (see [`crate::maintenance::command`]);
+/// otherwise parses `C` from flags and environment, sets up telemetry,
+/// binds the gRPC and metrics listeners and runs `run` until SIGTERM, then
+/// flushes the spans not exported yet.
 ///
 /// # Errors
-/// When the configuration is unusable, a port cannot be bound or the
-/// service fails.
-pub async fn main<C, F, Fut>(
+/// When the configuration is unusable, a port cannot be bound, the service
+/// fails, or a maintenance step is refused or fails.
+pub async fn main<C, M, F, Fut>(
     binary: Binary,
     common: impl Fn(&C) -> &CommonArgs,
+    maintenance: impl FnOnce(&C) -> anyhow::Result<M>,
     run: F,
 ) -> anyhow::Result<std::process::ExitCode>
 where
     C: clap::Parser,
+    M: crate::maintenance::StoreMaintenance,
     F: FnOnce(C, TcpListener, Option<TcpListener>, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         return Ok(crate::server::healthcheck(binary.api, binary.default_port).await);
+    }
+    if crate::maintenance::command::requested() {
+        // stdout carries the step's report; logs go to stderr.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .init();
+        let command = <crate::maintenance::command::Command as clap::Parser>::parse();
+        // The service's configuration, from its environment only: the
+        // arguments are the subcommand's.
+        let config = C::try_parse_from([binary.name])?;
+        let backup_dir = common(&config).backup_dir.clone();
+        let store = maintenance(&config)?;
+        crate::maintenance::command::run(binary.name, store, backup_dir, command).await?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let config = C::parse();
     let args = common(&config);

@@ -128,3 +128,49 @@ pub fn reseal(dir: &std::path::Path) {
     }
     std::fs::write(&path, manifest.to_string()).expect("writing the manifest");
 }
+
+/// A service binary's one-shot maintenance subcommand (`backup`,
+/// `restore`), configured by `env` only, as a scheduled job runs it.
+pub struct OneShot {
+    binary: std::path::PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl OneShot {
+    #[must_use]
+    pub fn new(binary: impl Into<std::path::PathBuf>, env: &[(&str, String)]) -> Self {
+        Self {
+            binary: binary.into(),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+        }
+    }
+
+    /// Runs `<binary> args…`: its exit code and its report (stdout as JSON,
+    /// or as a JSON string when it is not JSON, with stderr after it).
+    ///
+    /// # Panics
+    /// When the binary cannot be started or runs longer than two minutes.
+    pub async fn run(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let mut command = tokio::process::Command::new(&self.binary);
+        command.args(args).envs(self.env.iter().cloned()).kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+            .await
+            .expect("the subcommand ends within two minutes")
+            .expect("the binary starts");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+            serde_json::Value::String(format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)))
+        });
+        (output.status.code().unwrap_or(-1), report)
+    }
+
+    /// Runs `<binary> args…` and returns its report.
+    ///
+    /// # Panics
+    /// When it does not exit 0.
+    pub async fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let (code, report) = self.run(args).await;
+        assert_eq!(code, 0, "{args:?}: {report}");
+        report
+    }
+}

@@ -39,6 +39,15 @@ pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binar
     default_metrics_port: config::DEFAULT_METRICS_PORT,
 };
 
+/// The store's backup and restore (see `service_kit::maintenance`), for
+/// the operator routes and for `user-service backup|restore`.
+///
+/// # Errors
+/// When the store's address is not valid.
+pub fn maintenance(config: &Config) -> anyhow::Result<store::Maintenance> {
+    store::Maintenance::new(&config.database_url).context("DATABASE_URL")
+}
+
 /// Runs user-service on `listener` until `shutdown` resolves.
 ///
 /// Starts even when PostgreSQL is down: the API reports NOT_SERVING and
@@ -131,10 +140,7 @@ pub async fn run(
             .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
     );
     // Backups and restores (`chirp backup|restore`) on the metrics port.
-    service.maintenance(
-        store::Maintenance::new(&config.database_url).context("DATABASE_URL")?,
-        config.common.backup_dir.clone(),
-    );
+    service.maintenance(maintenance(&config)?, config.common.backup_dir.clone());
     service.operator_routes(&config.common.ingest_token);
     service
         .serve(&config.common, routes, listener, metrics_listener, shutdown)

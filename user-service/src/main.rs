@@ -6,6 +6,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         .block_on(service_kit::bootstrap::main(
             user_service::BINARY,
             |config: &user_service::config::Config| &config.common,
+            user_service::maintenance,
             user_service::run,
         ))
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chirp_proto::user::v1 as pb;
 use common::TestApp;
 use sqlx::Connection as _;
-use test_support::operator::{reseal, Operator};
+use test_support::operator::{reseal, OneShot, Operator};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn spawn() -> (TestApp, tempfile::TempDir) {
@@ -25,6 +25,22 @@ async fn exists(app: &TestApp, id: &str) -> bool {
         Err(status) if status.code() == tonic::Code::NotFound => false,
         Err(status) => panic!("GetUser: {status:?}"),
     }
+}
+
+/// Whether the user exists, once the service reads its database again
+/// (a restore from the binary ends the sessions a running replica holds).
+async fn exists_once_served(app: &TestApp, id: &str) -> bool {
+    for _ in 0..100 {
+        match app.client().get_user(pb::GetUserRequest { user_id: id.into() }).await {
+            Ok(_) => return true,
+            Err(status) if status.code() == tonic::Code::NotFound => return false,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("GetUser: {status:?}"),
+        }
+    }
+    panic!("user-service did not serve again within 10 s");
 }
 
 async fn in_maintenance(app: &TestApp, path: &str) -> serde_json::Value {
@@ -90,6 +106,38 @@ async fn a_restore_switches_only_in_maintenance_and_is_undone_or_confirmed() {
     app.wait_for(ServingStatus::Serving).await;
     app.register("after_confirm").await;
     drop(backups);
+}
+
+#[tokio::test]
+async fn the_binary_backs_up_and_restores_its_database_with_the_services_own_configuration() {
+    let (app, backups) = spawn().await;
+    let binary = OneShot::new(
+        env!("CARGO_BIN_EXE_user-service"),
+        &[
+            ("DATABASE_URL", app.database_url.clone()),
+            ("BACKUP_DIR", backups.path().display().to_string()),
+        ],
+    );
+    let kept = app.register("kept_user").await;
+    let taken = binary.ok(&["backup", "--keep", "3", "nightly"]).await;
+    assert_eq!(
+        taken["manifest"]["counts"]["users"], 2,
+        "the admin and kept_user: {taken}"
+    );
+    assert!(backups.path().join("nightly").join("manifest.json").is_file());
+    let later = app.register("later_user").await;
+
+    binary.ok(&["restore", "--replicas-stopped", "nightly"]).await;
+    assert!(exists_once_served(&app, &kept.id).await);
+    assert!(
+        !exists_once_served(&app, &later.id).await,
+        "the restore replaced the live data"
+    );
+    binary.ok(&["restore", "--undo", "--replicas-stopped"]).await;
+    assert!(
+        exists_once_served(&app, &later.id).await,
+        "undo brings the replaced data back"
+    );
 }
 
 #[tokio::test]

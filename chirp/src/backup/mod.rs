@@ -123,7 +123,7 @@ pub async fn backup(data_dir: &Path, which: &str, to: Option<&Path>, json: bool)
     for service in services(which)? {
         let (ports, replicas) = replicas(data_dir, service).await?;
         let start = Instant::now();
-        let name = format!("{}-{}", service.name(), chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+        let name = service_kit::maintenance::command::backup_name(service.name());
         let manifest = step(data_dir, ports, replicas[0], &format!("/backups/{name}"))
             .await
             .with_context(|| format!("backing up {}", service.name()))?;

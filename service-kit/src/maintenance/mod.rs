@@ -22,6 +22,7 @@
 //! Each store says how it does these steps ([`StoreMaintenance`]); the
 //! order, the checks and the one-operation-at-a-time rule are here, once.
 
+pub mod command;
 mod manifest;
 mod routes;
 
