@@ -14,8 +14,19 @@ pub struct Config {
     pub common: CommonArgs,
 
     /// Redis URL of the service's own Redis (run it with appendonly yes)
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: String,
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        required_unless_present = "redis_cluster_urls",
+        conflicts_with = "redis_cluster_urls"
+    )]
+    pub redis_url: Option<String>,
+
+    /// Instead of REDIS_URL: seed nodes of the service's own Redis Cluster,
+    /// comma-separated `redis://host:port` URLs (the client learns the rest)
+    #[arg(long, env = "REDIS_CLUSTER_URLS", hide_env_values = true, value_delimiter = ',')]
+    pub redis_cluster_urls: Vec<String>,
 
     /// Prefix of every key this service writes, so one Redis can be shared by
     /// several deployments (and tests) without collisions
@@ -55,3 +66,14 @@ pub struct Config {
 pub const DEFAULT_PORT: u16 = 50053;
 /// Port of `/metrics` unless METRICS_ADDR says otherwise.
 pub const DEFAULT_METRICS_PORT: u16 = 9453;
+
+impl Config {
+    /// Where the store is: one server or a cluster.
+    #[must_use]
+    pub fn redis(&self) -> crate::store::Address {
+        match &self.redis_url {
+            Some(url) => crate::store::Address::Node(url.clone()),
+            None => crate::store::Address::Cluster(self.redis_cluster_urls.clone()),
+        }
+    }
+}

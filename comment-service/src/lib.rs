@@ -41,7 +41,7 @@ pub const BINARY: service_kit::bootstrap::Binary = service_kit::bootstrap::Binar
 /// # Errors
 /// When the store's address is not valid.
 pub fn maintenance(config: &Config) -> anyhow::Result<store::Maintenance> {
-    store::Maintenance::new(&config.redis_url, &config.redis_key_prefix).context("REDIS_URL")
+    store::Maintenance::new(&config.redis(), &config.redis_key_prefix).context("REDIS_URL or REDIS_CLUSTER_URLS")
 }
 
 /// Runs comment-service on `listener` until `shutdown` resolves. Starts even
@@ -65,8 +65,8 @@ pub async fn run(
     let messages = MessageClient::new(peer("message-service", &config.message_service_url)?);
 
     let mut service = Service::new("comment-service", vec![SERVICE_NAME])?;
-    let store = Store::connect_lazy(&config.redis_url, &config.redis_key_prefix, service.store_status())
-        .context("REDIS_URL")?;
+    let store = Store::connect_lazy(&config.redis(), &config.redis_key_prefix, service.store_status())
+        .context("REDIS_URL or REDIS_CLUSTER_URLS")?;
     service.relay(
         "analytics",
         store.outbox(),

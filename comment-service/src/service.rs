@@ -91,7 +91,7 @@ impl Comments {
     pub async fn add(&self, caller: Caller, message: MessageId, body: Body) -> Result<Comment> {
         let message_author_id = self.message_author(message).await?;
         let comment = Comment {
-            id: CommentId::new(),
+            id: crate::store::new_comment_id(message),
             message_id: message,
             author_id: caller.user_id.into(),
             message_author_id,
@@ -158,7 +158,7 @@ impl Comments {
                 message_author_id: comment.message_author_id.as_uuid(),
             },
         );
-        if self.store.delete(id, &deleted).await? {
+        if self.store.delete(&comment, &deleted).await? {
             Ok(())
         } else {
             Err(Error::not_found("no comment has that id"))

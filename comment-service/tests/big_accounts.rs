@@ -7,6 +7,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chirp_proto::comment::v1 as pb;
+use comment_service::{
+    domain::{Body, Comment, MessageId, UserId},
+    store::{
+        keys::{Group, Keys},
+        new_comment_id, value,
+    },
+};
 use common::{Backing, TestApp};
 use redis::AsyncCommands as _;
 use service_kit::{
@@ -19,30 +26,29 @@ const COMMENTS: usize = 50_000;
 /// `n` comments of `author` on `message`, written straight into Redis in
 /// the service's data model (as years of commenting would have).
 async fn seed(backing: &Backing, author: &str, message: &str, n: usize) {
-    let p = backing.prefix.prefix();
-    let mut redis = redis::Client::open(backing.prefix.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let keys = Keys::new(backing.prefix.prefix());
+    let message = MessageId::parse("message", message).unwrap();
+    let author = UserId::parse("author", author).unwrap();
+    let group = Group::of_message(message);
+    let mut redis = backing.connect();
     for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        // One message's keys share a slot: one pipeline, on a cluster too.
         let mut pipe = redis::pipe();
         for i in chunk {
-            let id = uuid::Uuid::now_v7().to_string();
-            pipe.hset_multiple(
-                format!("{p}c:{id}"),
-                &[
-                    ("message_id", message.to_owned()),
-                    ("author_id", author.to_owned()),
-                    ("message_author_id", author.to_owned()),
-                    ("body", format!("comment {i}")),
-                ],
-            )
-            .ignore()
-            .zadd(format!("{p}m:{message}"), &id, 0)
-            .ignore()
-            .sadd(format!("{p}u:{author}"), &id)
-            .ignore();
+            let comment = Comment {
+                id: new_comment_id(message),
+                message_id: message,
+                author_id: author,
+                message_author_id: author,
+                body: Body::parse(&format!("comment {i}")).unwrap(),
+            };
+            let id = comment.id.to_string();
+            pipe.set(keys.comment(comment.id), value::encode(&comment))
+                .ignore()
+                .zadd(keys.message(message), &id, 0)
+                .ignore()
+                .sadd(keys.user(group, author), &id)
+                .ignore();
         }
         pipe.query_async::<()>(&mut redis).await.unwrap();
     }
@@ -109,13 +115,14 @@ async fn banning_a_user_with_fifty_thousand_comments_purges_them_in_steps_withou
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let purged = started.elapsed();
-    let mut redis = redis::Client::open(backing.prefix.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
+    let mut redis = backing.connect();
+    // analytics-service is unreachable here: every deletion's event waits
+    // (in the message's group's outbox).
+    let group = Group::of_message(MessageId::parse("message", &message).unwrap());
+    let events: usize = redis
+        .xlen(Keys::new(backing.prefix.prefix()).outbox(group))
         .await
         .unwrap();
-    // analytics-service is unreachable here: every deletion's event waits.
-    let events: usize = redis.xlen(format!("{}outbox", backing.prefix.prefix())).await.unwrap();
     println!(
         "ban of {COMMENTS} comments: delivery answered in {} ms; all purged after {:.1} s; {events} events",
         answered.as_millis(),

@@ -5,6 +5,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chirp_proto::comment::v1 as pb;
+use comment_service::{
+    domain::{CommentId, MessageId, UserId},
+    store::keys::{Group, Keys},
+};
 use common::{add, authed, keys, violated_fields, Backing, Mode, TestApp, PEER_TIMEOUT};
 use service_kit::auth::Role;
 use tonic::Code;
@@ -102,13 +106,15 @@ async fn the_schema_version_is_written_at_start_up_and_every_key_is_under_the_pr
         .into_inner()
         .comment
         .unwrap();
-    let p = backing.prefix.prefix();
+    let layout = Keys::new(backing.prefix.prefix());
+    let message = MessageId::parse("message", &message).unwrap();
+    let group = Group::of_message(message);
     let mut expected = vec![
-        format!("{p}c:{}", comment.id),
-        format!("{p}m:{message}"),
-        format!("{p}outbox"),
-        format!("{p}schema_version"),
-        format!("{p}u:{author}"),
+        layout.comment(CommentId::parse("id", &comment.id).unwrap()),
+        layout.message(message),
+        layout.outbox(group),
+        layout.schema_version(),
+        layout.user(group, UserId::parse("author", &author).unwrap()),
     ];
     expected.sort();
     assert_eq!(keys(&backing).await, expected);

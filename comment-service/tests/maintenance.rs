@@ -114,7 +114,7 @@ async fn the_binary_backs_up_and_restores_its_store_with_the_services_own_config
     let binary = OneShot::new(
         env!("CARGO_BIN_EXE_comment-service"),
         &[
-            ("REDIS_URL", world.backing.prefix.url().to_owned()),
+            world.backing.redis_env(),
             ("REDIS_KEY_PREFIX", world.backing.prefix.prefix().to_owned()),
             ("BACKUP_DIR", world.backups.path().display().to_string()),
         ],
@@ -188,19 +188,57 @@ async fn a_value_of_the_wrong_type_is_refused_and_changes_nothing() {
     world.comment("one").await;
     world.operator.ok("POST", "/backups/b").await;
     world.crafted("b", |line| {
-        if line["key"].as_str().unwrap().starts_with("c:") {
-            line["type"] = "string".into();
-            line["value"] = "not a comment".into();
+        if line["key"].as_str().unwrap().contains("}c:") {
+            line["type"] = "hash".into();
+            line["value"] = serde_json::json!([["body", "not a comment"]]);
         }
     });
     let before = world.operator.ok("GET", "/store").await;
     let reason = world.operator.refused("POST", "/restore/crafted/load").await;
     println!("refused: {reason}");
     assert!(
-        reason.contains("is a string in the backup, a hash in the data model"),
+        reason.contains("is a hash in the backup, a string in the data model"),
         "{reason}"
     );
     assert_eq!(world.operator.ok("GET", "/store").await, before);
+}
+
+#[tokio::test]
+async fn a_comment_that_is_not_one_or_not_in_its_messages_group_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    world.comment("one").await;
+    world.operator.ok("POST", "/backups/b").await;
+    for (edit, expected) in [
+        (
+            (|line: &mut serde_json::Value| line["value"] = "not a comment".into()) as fn(&mut serde_json::Value),
+            "not a comment of the data model",
+        ),
+        (
+            |line: &mut serde_json::Value| {
+                let key = line["key"].as_str().unwrap();
+                let (_, rest) = key.split_once('}').unwrap();
+                let other = if key.starts_with("{g0.315}") {
+                    "{g1.1526}"
+                } else {
+                    "{g0.315}"
+                };
+                line["key"] = format!("{other}{rest}").into();
+            },
+            "not in its message's group",
+        ),
+    ] {
+        world.crafted("b", |line| {
+            if line["key"].as_str().unwrap().contains("}c:") {
+                edit(line);
+            }
+        });
+        let before = world.operator.ok("GET", "/store").await;
+        let reason = world.operator.refused("POST", "/restore/crafted/load").await;
+        println!("refused: {reason}");
+        assert!(reason.contains(expected), "{reason}");
+        assert_eq!(world.operator.ok("GET", "/store").await, before);
+        std::fs::remove_dir_all(world.backups.path().join("crafted")).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -209,7 +247,7 @@ async fn a_key_outside_the_data_model_is_refused_and_changes_nothing() {
     world.comment("one").await;
     world.operator.ok("POST", "/backups/b").await;
     world.crafted("b", |line| {
-        if line["key"] == "schema_version" {
+        if line["key"] == "{meta}schema_version" {
             line["key"] = "../../elsewhere".into();
         }
     });

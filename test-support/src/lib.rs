@@ -39,6 +39,8 @@ pub mod otlp;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_cluster;
 
 /// A TCP port that was free a moment ago, for servers that cannot be told to
 /// pick their own and report it.

@@ -192,8 +192,17 @@ fn sweep_private_dirs() {
 
 /// Which server, and how to start it.
 enum Kind {
-    Postgres { run_as: Option<RunAs> },
-    Redis { append_only: bool },
+    Postgres {
+        run_as: Option<RunAs>,
+    },
+    Redis {
+        append_only: bool,
+    },
+    /// A node of a Redis Cluster (see [`crate::redis_cluster`]); its bus
+    /// port is a free port too.
+    RedisClusterNode {
+        bus_port: u16,
+    },
     Secantus,
 }
 
@@ -245,6 +254,19 @@ impl StoreProcess {
     /// When redis-server cannot run.
     pub fn redis(append_only: bool) -> anyhow::Result<Self> {
         Self::start_new(Kind::Redis { append_only }, tempfile::tempdir()?)
+    }
+
+    /// A redis-server in cluster mode, append-only, not yet in a cluster.
+    ///
+    /// # Errors
+    /// When redis-server cannot run.
+    pub fn redis_cluster_node() -> anyhow::Result<Self> {
+        Self::start_new(
+            Kind::RedisClusterNode {
+                bus_port: crate::free_port(),
+            },
+            tempfile::tempdir()?,
+        )
     }
 
     /// The URL of the shared server of a kind: `env` when set; else the
@@ -326,7 +348,7 @@ impl StoreProcess {
     pub fn url(&self) -> String {
         match self.kind {
             Kind::Postgres { .. } => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
-            Kind::Redis { .. } => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Redis { .. } | Kind::RedisClusterNode { .. } => format!("redis://127.0.0.1:{}", self.port),
             Kind::Secantus => format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port),
         }
     }
@@ -361,6 +383,19 @@ impl StoreProcess {
                 let mut c = Command::new("redis-server");
                 c.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
                     .args(["--appendonly", if *append_only { "yes" } else { "no" }])
+                    .arg("--dir")
+                    .arg(dir);
+                (c, None)
+            }
+            Kind::RedisClusterNode { bus_port } => {
+                let mut c = Command::new("redis-server");
+                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+                    .args(["--cluster-enabled", "yes", "--cluster-port", &bus_port.to_string()])
+                    .args(["--cluster-config-file", "nodes.conf"])
+                    // A master that stops answering for a second is
+                    // replaced by its replica (Redis's default is 15 s).
+                    .args(["--cluster-node-timeout", "1000"])
+                    .args(["--appendonly", "yes", "--appendfsync", "always"])
                     .arg("--dir")
                     .arg(dir);
                 (c, None)
@@ -400,7 +435,7 @@ impl StoreProcess {
             let first = match self.kind {
                 // SIGINT is PostgreSQL's "fast" shutdown: clients are cut off at once.
                 Kind::Postgres { .. } => Signal::SIGINT,
-                Kind::Redis { .. } | Kind::Secantus => Signal::SIGTERM,
+                Kind::Redis { .. } | Kind::RedisClusterNode { .. } | Kind::Secantus => Signal::SIGTERM,
             };
             stop_child(child, first, Duration::from_secs(10));
         }
@@ -422,7 +457,7 @@ impl StoreProcess {
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Postgres { .. } => "postgres",
-            Kind::Redis { .. } => "redis-server",
+            Kind::Redis { .. } | Kind::RedisClusterNode { .. } => "redis-server",
             Kind::Secantus => "secantusd-rs",
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use chirp_mesh_tests::Mesh;
 use chirp_proto::{analytics::v1 as apb, comment::v1 as cpb, message::v1 as mpb, user::v1 as upb};
+use comment_service::store::keys::{Group, Keys};
 use mongodb::bson::{doc, DateTime as BsonDateTime, Document};
 use redis::AsyncCommands as _;
 use service_kit::{
@@ -119,7 +120,11 @@ async fn a_poison_event_in_any_outbox_is_set_aside_and_the_events_behind_it_are_
         .expect("Redis");
     for text in [rejected_event(), UNREADABLE.to_owned()] {
         let _: String = redis
-            .xadd(format!("{prefix}outbox"), "*", &[("event", text)])
+            .xadd(
+                Keys::new(prefix).outbox(Group::all().next().expect("a group")),
+                "*",
+                &[("event", text)],
+            )
             .await
             .expect("a poisoned stream entry");
     }
@@ -243,8 +248,12 @@ async fn a_poison_event_in_any_outbox_is_set_aside_and_the_events_behind_it_are_
     let messages = message_service::store::Store::connect_lazy(mongo_uri, mongo_db, StoreStatus::always_up())
         .await
         .expect("message-service's store");
-    let comments = comment_service::store::Store::connect_lazy(redis_url, prefix, StoreStatus::always_up())
-        .expect("comment-service's store");
+    let comments = comment_service::store::Store::connect_lazy(
+        &comment_service::store::Address::Node(redis_url.to_owned()),
+        prefix,
+        StoreStatus::always_up(),
+    )
+    .expect("comment-service's store");
     for destination in ["analytics", "comments", "messages"] {
         let name = format!("user-service → {destination}");
         assert_reasons(&name, &settled(&name, &users.outbox(destination)).await);

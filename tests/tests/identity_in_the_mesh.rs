@@ -384,24 +384,31 @@ async fn held(mesh: &Mesh, user_id: &str) -> Held {
         .expect("Redis");
     let mut keys: Vec<String> = Vec::new();
     {
-        let mut scan = redis
-            .scan_match::<_, String>(format!("{prefix}c:*"))
-            .await
-            .expect("SCAN");
+        let mut scan = redis.scan_match::<_, String>(format!("{prefix}*")).await.expect("SCAN");
         while let Some(key) = scan.next().await {
-            keys.push(key.expect("a key"));
+            let key = key.expect("a key");
+            // The comments, whichever group they are in.
+            if key.contains("}c:") {
+                keys.push(key);
+            }
         }
     }
     let (mut comments_written, mut comments_received) = (0, 0);
     for chunk in keys.chunks(500) {
         let mut pipe = redis::pipe();
         for key in chunk {
-            pipe.cmd("HMGET").arg(key).arg("author_id").arg("message_author_id");
+            pipe.cmd("GET").arg(key);
         }
-        let authors: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut redis).await.expect("HMGET");
-        for (author, message_author) in authors {
-            comments_written += u64::from(author.as_deref() == Some(user_id));
-            comments_received += u64::from(message_author.as_deref() == Some(user_id));
+        let stored: Vec<Option<String>> = pipe.query_async(&mut redis).await.expect("GET");
+        for (key, stored) in chunk.iter().zip(stored) {
+            let Some(stored) = stored else { continue };
+            let id = key
+                .rsplit_once("}c:")
+                .and_then(|(_, id)| uuid::Uuid::parse_str(id).ok())
+                .expect("a comment id");
+            let comment = comment_service::store::value::decode(id.into(), &stored).expect("a stored comment");
+            comments_written += u64::from(comment.author_id.to_string() == user_id);
+            comments_received += u64::from(comment.message_author_id.to_string() == user_id);
         }
     }
 

@@ -1,32 +1,46 @@
 //! comment-service's side of backup and restore (see
-//! `service_kit::maintenance`), on its keys in Redis.
+//! `service_kit::maintenance`), on its keys in Redis, on one server or a
+//! cluster alike.
 //!
 //! Only the service's own keys (its prefix): a Redis may be shared, and a
 //! restore must not touch another tenant's keys, so the server-wide forms
 //! (`BGSAVE` and its RDB file, the AOF) do not fit.
 //!
-//! - **backup**: one Lua script reads every key of the prefix, its type,
-//!   its TTL and its contents; Redis runs a script atomically, so it is one
-//!   moment's view (other clients wait for its length, a few milliseconds
-//!   per thousand keys). `keys.jsonl` holds one line per key: the key
-//!   relative to the prefix, `ttl_ms`, `type` and `value` (a string, a
+//! Everything is done per hash tag (each of the sixteen groups, and
+//! `meta`; see [`super::keys`]), because a script may only touch keys of
+//! one slot:
+//!
+//! - **backup**: the keys are found with `SCAN` on every master; then, per
+//!   tag, one script reads every key of the tag, its type, its TTL and its
+//!   contents, atomically. Every atomic step of the store writes within
+//!   one tag, so each is wholly in the backup or not at all; a tag read
+//!   while a comment was being added (a list naming a comment its read did
+//!   not include) is read again. `keys.jsonl` holds one line per key: the
+//!   key relative to the prefix, `ttl_ms`, `type` and `value` (a string, a
 //!   hash's field pairs, a set's members, a sorted set's member and score
 //!   pairs, a stream's entries with their ids).
 //! - **load**: every key is checked against the data model (only the kinds
 //!   of keys the store module's table lists, ids that parse, the type that
 //!   kind has) and written under the side prefix `restore/{prefix}` with
-//!   ordinary commands (`SET`, `HSET`, `SADD`, `ZADD`, `XADD`). A backup is
-//!   untrusted input: nothing from it reaches Redis as a serialized payload
+//!   ordinary commands (`SET`, `HSET`, `SADD`, `ZADD`, `XADD`); the tag
+//!   stays, so a side key is in its live key's slot. A backup is untrusted
+//!   input: nothing from it reaches Redis as a serialized payload
 //!   (`RESTORE` would parse one, and a crafted one can reach the server's
-//!   decoder), only as values of the service's own keys.
-//! - **switch**: one script renames the live keys to the kept prefix
-//!   `kept/{prefix}` and the side keys to the live prefix: atomic, whatever
-//!   else the server is doing. **undo** is the same script back.
+//!   decoder), only as values of the service's own keys. Each tag gets a
+//!   marker once loaded.
+//! - **switch**: per tag, one script renames the live keys to the kept
+//!   prefix `kept/{prefix}` and the side keys to the live prefix, and
+//!   trades the tag's side marker for a kept marker, so a switch that
+//!   stopped halfway runs again without touching the tags it did. **undo**
+//!   is the same the other way, driven by the kept markers.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use anyhow::{bail, Context as _};
-use redis::{aio::MultiplexedConnection, AsyncCommands as _, Value};
+use redis::{AsyncCommands as _, Value};
 use serde::{Deserialize, Serialize};
 use service_kit::{
     files::new_private_file,
@@ -34,27 +48,27 @@ use service_kit::{
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
+use super::{
+    keys::{kind, type_of, Group, META, TAGS},
+    value, Address, Redis,
+};
+use crate::domain::{CommentId, MessageId};
+
 const FILE: &str = "keys.jsonl";
 /// Keys restored (or deleted) per round trip.
 const BATCH: usize = 500;
-/// Keys of the data model that are not per id (see the store module).
-const SINGLE_KEYS: [&str; 8] = [
-    "schema_version",
-    "outbox",
-    "outbox:dead",
-    "revocations",
-    "purge:users",
-    "purge:messages",
-    "purge:traces",
-    "hidden",
-];
+/// Reads of one tag before a backup gives up on writes racing it.
+const ATTEMPTS: usize = 5;
+/// The markers of a loaded and of a kept tag (`{side}{tag}~loaded`): no
+/// key of the data model ends so.
+const LOADED: &str = "~loaded";
+const KEPT: &str = "~kept";
 
-/// ARGV[1] the `prefix*` pattern. Every key of the prefix with its TTL,
-/// type and contents, in one atomic step.
+/// KEYS: the keys of one tag. Each with its TTL, type and contents, in one
+/// atomic step.
 const SNAPSHOT: &str = r"
-local keys = redis.call('KEYS', ARGV[1])
 local out = {}
-for _, key in ipairs(keys) do
+for _, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key)['ok']
   local value = {}
   if kind == 'string' then value = redis.call('GET', key)
@@ -68,29 +82,26 @@ end
 return out
 ";
 
-/// KEYS: the keys to drop, then the keys to rename; ARGV[1] how many to
-/// drop, ARGV[2] the prefix being renamed from, ARGV[3] the one renamed
-/// to, ARGV[4] (or empty) the prefix the dropped keys are renamed to
-/// instead. One atomic step. A script that fails halfway is not rolled
+/// One tag's switch or undo. KEYS[1] the marker that lets it run (deleted
+/// here, so a second run does nothing), KEYS[2] the marker it leaves (or
+/// KEYS[1] again: none), then pairs of a key and where it goes; ARGV, per
+/// pair, `rename` or `unlink`. A script that fails halfway is not rolled
 /// back, so nothing here can fail on a key: one that went in the meantime
 /// (a revocation pruned to nothing) is skipped.
 const MOVE: &str = r"
-local drop = tonumber(ARGV[1])
-for i = 1, drop do
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 3, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    if ARGV[4] ~= '' then
-      redis.call('RENAME', KEYS[i], ARGV[4] .. string.sub(KEYS[i], #ARGV[3] + 1))
-    else
+    if ARGV[(i - 1) / 2] == 'unlink' then
       redis.call('UNLINK', KEYS[i])
+    else
+      redis.call('RENAME', KEYS[i], KEYS[i + 1])
     end
   end
 end
-for i = drop + 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('RENAME', KEYS[i], ARGV[3] .. string.sub(KEYS[i], #ARGV[2] + 1))
-  end
-end
-return #KEYS
+if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1') end
+return 1
 ";
 
 /// One key of a backup.
@@ -254,35 +265,19 @@ fn pairs(value: &Value) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The Redis type each kind of key has (see the store module's table).
-fn type_of(kind: &str) -> &'static str {
-    match kind {
-        "comments" | "revocations" | "purge:traces" => "hash",
-        "message_comment_lists" => "zset",
-        "schema_version" => "string",
-        "outbox" | "outbox:dead" => "stream",
-        _ => "set",
-    }
-}
-
 pub struct Maintenance {
-    client: redis::Client,
+    redis: Redis,
     prefix: String,
 }
 
-/// What a key (relative to the prefix) holds, by the data model; `None`
-/// for a key the data model has no place for.
-fn kind(key: &str) -> Option<&str> {
-    let id = |rest: &str| uuid::Uuid::parse_str(rest).is_ok();
-    if let Some(rest) = key.strip_prefix("c:") {
-        id(rest).then_some("comments")
-    } else if let Some(rest) = key.strip_prefix("m:") {
-        id(rest).then_some("message_comment_lists")
-    } else if let Some(rest) = key.strip_prefix("u:") {
-        id(rest).then_some("user_comment_sets")
-    } else {
-        SINGLE_KEYS.iter().find(|k| **k == key).copied()
-    }
+/// Every tag of the data model.
+fn tags() -> impl Iterator<Item = &'static str> {
+    TAGS.iter().copied().chain([META])
+}
+
+/// The tag of `relative` (a key without its prefix), if it has one.
+fn tag_of(relative: &str) -> Option<&str> {
+    relative.strip_prefix('{')?.split_once('}').map(|(tag, _)| tag)
 }
 
 /// `prefix*` with the prefix's glob characters escaped.
@@ -298,14 +293,43 @@ fn pattern(prefix: &str) -> String {
     pattern
 }
 
+/// `keys` (all under `prefix`) by tag, markers left out.
+fn by_tag<'k>(prefix: &str, keys: &'k [String]) -> BTreeMap<&'k str, Vec<&'k str>> {
+    let mut tagged: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for key in keys {
+        let relative = &key[prefix.len().min(key.len())..];
+        if relative.ends_with(LOADED) || relative.ends_with(KEPT) {
+            continue;
+        }
+        if let Some(tag) = tag_of(relative) {
+            tagged.entry(tag).or_default().push(key);
+        }
+    }
+    tagged
+}
+
+/// Whether a tag's snapshot is whole: every comment id a list or a set
+/// names has its comment in the snapshot (a comment added after the keys
+/// were listed is missing from it, while its list was not).
+fn whole(lines: &[Line]) -> bool {
+    let comments: BTreeSet<&str> = lines.iter().filter_map(|l| Some(l.key.split_once("}c:")?.1)).collect();
+    lines.iter().all(|line| match (&line.data, kind(&line.key)) {
+        (Data::Zset(members), Some(("message_comment_lists", _))) => {
+            members.iter().all(|(id, _)| comments.contains(id.as_str()))
+        }
+        (Data::Set(members), Some(("user_comment_sets", _))) => members.iter().all(|id| comments.contains(id.as_str())),
+        _ => true,
+    })
+}
+
 impl Maintenance {
-    /// Maintenance of the keys under `prefix` in the Redis at `url`.
+    /// Maintenance of the keys under `prefix` in the Redis at `address`.
     ///
     /// # Errors
-    /// When the URL cannot be parsed.
-    pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
+    /// When an URL cannot be parsed.
+    pub fn new(address: &Address, prefix: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            redis: Redis::for_maintenance(address)?,
             prefix: prefix.to_owned(),
         })
     }
@@ -318,49 +342,81 @@ impl Maintenance {
         format!("kept/{}", self.prefix)
     }
 
-    /// A connection of its own, with no response timeout: a snapshot or a
-    /// switch of many keys is one long command.
-    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        Ok(self.client.get_multiplexed_async_connection().await?)
+    async fn keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self.redis.scan_all(&pattern(prefix)).await?)
     }
 
-    async fn unlink_all(&self, conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<()> {
-        for batch in keys(conn, prefix).await?.chunks(BATCH) {
-            let _: i64 = redis::cmd("UNLINK").arg(batch).query_async(conn).await?;
+    async fn unlink_all(&self, prefix: &str) -> anyhow::Result<()> {
+        // One key per UNLINK: keys of different slots cannot share one.
+        let keys = self.keys(prefix).await?;
+        for (_, tagged) in by_tag_all(prefix, &keys) {
+            for batch in tagged.chunks(BATCH) {
+                let mut conn = self.redis.clone();
+                let _: i64 = redis::cmd("UNLINK").arg(batch).query_async(&mut conn).await?;
+            }
         }
         Ok(())
     }
 
-    /// Drops (or renames to `set_aside`) the keys under `to`, and renames
-    /// the keys under `from` to `to`, in one script.
-    async fn move_keys(&self, from: &str, to: &str, set_aside: Option<&str>) -> anyhow::Result<()> {
-        let mut conn = self.connect().await?;
-        let dropped = keys(&mut conn, to).await?;
-        let moved = keys(&mut conn, from).await?;
+    /// Per tag: the keys under `to` go to `set_aside` (or are dropped), the
+    /// keys under `from` go to `to`, when the tag's marker `{from}{tag}~go`
+    /// is there; then the marker `{set_aside}{tag}~left` is left.
+    async fn move_keys(
+        &self,
+        from: &str,
+        to: &str,
+        set_aside: Option<&str>,
+        (go, left): (&str, Option<&str>),
+    ) -> anyhow::Result<()> {
+        let dropped = self.keys(to).await?;
+        let moved = self.keys(from).await?;
+        let (dropped, moved) = (by_tag(to, &dropped), by_tag(from, &moved));
         let moving = redis::Script::new(MOVE);
-        let mut script = moving.prepare_invoke();
-        for key in dropped.iter().chain(&moved) {
-            script.key(key.as_str());
+        for tag in tags() {
+            let mut script = moving.prepare_invoke();
+            let marker = format!("{from}{{{tag}}}{go}");
+            script.key(&marker);
+            match (set_aside, left) {
+                (Some(aside), Some(left)) => script.key(format!("{aside}{{{tag}}}{left}")),
+                _ => script.key(&marker),
+            };
+            for key in dropped.get(tag).into_iter().flatten() {
+                match set_aside {
+                    Some(aside) => script
+                        .key(*key)
+                        .key(format!("{aside}{}", &key[to.len()..]))
+                        .arg("rename"),
+                    None => script.key(*key).key(*key).arg("unlink"),
+                };
+            }
+            for key in moved.get(tag).into_iter().flatten() {
+                script
+                    .key(*key)
+                    .key(format!("{to}{}", &key[from.len()..]))
+                    .arg("rename");
+            }
+            let mut conn = self.redis.clone();
+            let _: i64 = script
+                .invoke_async(&mut conn)
+                .await
+                .with_context(|| format!("renaming the keys of {{{tag}}}"))?;
         }
-        script.arg(dropped.len()).arg(from).arg(to).arg(set_aside.unwrap_or(""));
-        let _: i64 = script.invoke_async(&mut conn).await.context("renaming the keys")?;
         Ok(())
     }
 
     /// What `keys` (every key under `prefix`) hold, by kind.
-    async fn contents(
-        &self,
-        conn: &mut MultiplexedConnection,
-        prefix: &str,
-        keys: &[String],
-    ) -> anyhow::Result<Contents> {
+    async fn contents(&self, prefix: &str, keys: &[String]) -> anyhow::Result<Contents> {
         let mut counts = BTreeMap::new();
         for key in keys {
             let relative = key.strip_prefix(prefix).unwrap_or(key);
-            let kind = kind(relative).unwrap_or(relative);
+            if relative.ends_with(LOADED) || relative.ends_with(KEPT) {
+                continue;
+            }
+            let kind = kind(relative).map_or(relative, |(kind, _)| kind);
             *counts.entry(kind.to_owned()).or_default() += 1;
         }
-        let version: Option<i64> = conn.get(format!("{prefix}schema_version")).await?;
+        let mut conn = self.redis.clone();
+        let version: Option<i64> = conn.get(format!("{prefix}{{{META}}}schema_version")).await?;
         Ok(Contents {
             schema_version: version.unwrap_or(0),
             counts,
@@ -369,37 +425,132 @@ impl Maintenance {
     }
 
     /// `keys` and their `DUMP`s, by key, as one digest.
-    async fn digest(&self, conn: &mut MultiplexedConnection, mut all: Vec<String>) -> anyhow::Result<String> {
-        all.sort();
+    async fn digest(&self, all: &[String]) -> anyhow::Result<String> {
+        let mut dumps: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+        for (_, tagged) in by_tag_all(&self.prefix, all) {
+            for batch in tagged.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for key in batch {
+                    pipe.cmd("DUMP").arg(*key);
+                }
+                let mut conn = self.redis.clone();
+                let answers: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                for (key, dump) in batch.iter().zip(answers) {
+                    dumps.insert(key, dump.unwrap_or_default());
+                }
+            }
+        }
         let mut digest = ContentDigest::default();
-        for batch in all.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for key in batch {
-                pipe.cmd("DUMP").arg(key);
-            }
-            let dumps: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
-            for (key, dump) in batch.iter().zip(dumps) {
-                digest.add(key.as_bytes());
-                digest.add(&dump.unwrap_or_default());
-            }
+        for (key, dump) in dumps {
+            digest.add(key.as_bytes());
+            digest.add(&dump);
         }
         Ok(digest.finish())
     }
+
+    /// One tag's keys as one moment's lines, read again while writes race.
+    async fn snapshot(&self, tag: &str, mut keys: Vec<String>) -> anyhow::Result<Vec<Line>> {
+        let snapshot = redis::Script::new(SNAPSHOT);
+        for _ in 0..ATTEMPTS {
+            let mut script = snapshot.prepare_invoke();
+            for key in &keys {
+                script.key(key.as_str());
+            }
+            let mut conn = self.redis.clone();
+            let reply: Vec<Value> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                script.invoke_async(&mut conn).await.context("the snapshot script")?
+            };
+            let lines = self.lines(&reply)?;
+            if whole(&lines) {
+                return Ok(lines);
+            }
+            let pattern = pattern(&format!("{}{{{tag}}}", self.prefix));
+            keys = self.redis.scan_all(&pattern).await?;
+        }
+        bail!("the keys of {{{tag}}} kept changing while they were read; try again")
+    }
+
+    /// The snapshot script's reply as lines of the backup.
+    fn lines(&self, reply: &[Value]) -> anyhow::Result<Vec<Line>> {
+        let mut lines = Vec::with_capacity(reply.len());
+        for key in reply {
+            let [Value::BulkString(key), Value::Int(ttl_ms), redis_type, value] = items(key)? else {
+                bail!("an unexpected reply from the snapshot script");
+            };
+            let redis_type = text(redis_type)?;
+            if *ttl_ms == -2 || redis_type == "none" {
+                continue; // gone since it was listed
+            }
+            let key = String::from_utf8_lossy(key);
+            let relative = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+            if kind(&relative).is_none() {
+                tracing::warn!(key = %key, "a key the data model does not know: left out of the backup");
+                continue;
+            }
+            let data = Data::read(&redis_type, value).with_context(|| format!("reading {key}"))?;
+            lines.push(Line {
+                key: relative,
+                ttl_ms: *ttl_ms,
+                data,
+            });
+        }
+        Ok(lines)
+    }
+
+    /// The tag markers of a loaded backup.
+    async fn mark_loaded(&self) -> anyhow::Result<()> {
+        for tag in tags() {
+            let mut conn = self.redis.clone();
+            let () = conn.set(format!("{}{{{tag}}}{LOADED}", self.side()), 1).await?;
+        }
+        Ok(())
+    }
 }
 
-async fn keys(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<Vec<String>> {
-    let mut all = Vec::new();
-    let mut iter: redis::AsyncIter<'_, String> = conn
-        .scan_options(
-            redis::ScanOptions::default()
-                .with_pattern(pattern(prefix))
-                .with_count(1000),
-        )
-        .await?;
-    while let Some(key) = iter.next_item().await {
-        all.push(key?);
+/// `keys` (all under `prefix`) by tag, markers included; a key without a
+/// tag is a group of its own (it shares a slot with no other).
+fn by_tag_all<'k>(prefix: &str, keys: &'k [String]) -> BTreeMap<&'k str, Vec<&'k str>> {
+    let mut tagged: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for key in keys {
+        let relative = &key[prefix.len().min(key.len())..];
+        let group = if tag_of(relative).is_some() {
+            &relative[..relative.find('}').map_or(0, |end| end + 1)]
+        } else {
+            key.as_str()
+        };
+        tagged.entry(group).or_default().push(key);
     }
-    Ok(all)
+    tagged
+}
+
+/// Checks what the layout says of a key beyond its kind and type: a
+/// comment is one the store can read, in its own group, which is its
+/// message's; a message's list is in the message's group.
+fn placed(line: &Line, kind: &str, tag: &str) -> anyhow::Result<()> {
+    let id = |prefix: &str| {
+        line.key
+            .split_once(prefix)
+            .and_then(|(_, raw)| uuid::Uuid::parse_str(raw).ok())
+            .context("an id")
+    };
+    let in_group = |group: Group| group.tag() == tag;
+    match (kind, &line.data) {
+        ("comments", Data::String(stored)) => {
+            let id = CommentId::from(id("}c:")?);
+            let comment = value::decode(id, stored)
+                .map_err(|_| anyhow::anyhow!("`{}` holds a value that is not a comment of the data model", line.key))?;
+            if !in_group(Group::of_comment(id)) || !in_group(Group::of_message(comment.message_id)) {
+                bail!("`{}` is not in its message's group", line.key);
+            }
+        }
+        ("message_comment_lists", _) if !in_group(Group::of_message(MessageId::from(id("}m:")?))) => {
+            bail!("`{}` is not in its message's group", line.key);
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 impl StoreMaintenance for Maintenance {
@@ -412,52 +563,37 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn inspect(&self) -> anyhow::Result<Contents> {
-        let mut conn = self.connect().await?;
-        let all = keys(&mut conn, &self.prefix).await?;
-        let mut contents = self.contents(&mut conn, &self.prefix, &all).await?;
-        contents.digest = Some(self.digest(&mut conn, all).await?);
+        let all = self.keys(&self.prefix).await?;
+        let mut contents = self.contents(&self.prefix, &all).await?;
+        contents.digest = Some(self.digest(&all).await?);
         Ok(contents)
     }
 
     async fn backup(&self, dir: &Path) -> anyhow::Result<Contents> {
-        let mut conn = self.connect().await?;
-        let reply: Vec<Value> = redis::Script::new(SNAPSHOT)
-            .arg(pattern(&self.prefix))
-            .invoke_async(&mut conn)
-            .await
-            .context("the snapshot script")?;
+        let all = self.keys(&self.prefix).await?;
+        let tagged = by_tag(&self.prefix, &all);
         let file = tokio::fs::File::from_std(new_private_file(&dir.join(FILE))?);
         let mut out = tokio::io::BufWriter::new(file);
         let mut counts = BTreeMap::new();
         let mut schema_version = 0;
-        for key in &reply {
-            let [Value::BulkString(key), Value::Int(ttl_ms), redis_type, value] = items(key)? else {
-                bail!("an unexpected reply from the snapshot script");
-            };
-            let redis_type = text(redis_type)?;
-            if *ttl_ms == -2 || redis_type == "none" {
-                continue; // expired while the script ran
-            }
-            let key = String::from_utf8_lossy(key);
-            let relative = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
-            let Some(kind_of_key) = kind(&relative) else {
-                tracing::warn!(key = %key, "a key the data model does not know: left out of the backup");
+        for (tag, keys) in tagged {
+            if !tags().any(|t| t == tag) {
                 continue;
-            };
-            let data = Data::read(&redis_type, value).with_context(|| format!("reading {key}"))?;
-            if let Data::String(version) = &data {
-                if kind_of_key == "schema_version" {
-                    schema_version = version.parse().context("the schema version")?;
-                }
             }
-            *counts.entry(kind_of_key.to_owned()).or_default() += 1;
-            let line = Line {
-                key: relative,
-                ttl_ms: *ttl_ms,
-                data,
-            };
-            out.write_all(serde_json::to_string(&line)?.as_bytes()).await?;
-            out.write_all(b"\n").await?;
+            let keys = keys.into_iter().map(str::to_owned).collect();
+            for line in self.snapshot(tag, keys).await? {
+                let Some((kind_of_key, _)) = kind(&line.key) else {
+                    continue;
+                };
+                if let Data::String(version) = &line.data {
+                    if kind_of_key == "schema_version" {
+                        schema_version = version.parse().context("the schema version")?;
+                    }
+                }
+                *counts.entry(kind_of_key.to_owned()).or_default() += 1;
+                out.write_all(serde_json::to_string(&line)?.as_bytes()).await?;
+                out.write_all(b"\n").await?;
+            }
         }
         out.flush().await?;
         out.get_ref().sync_all().await?;
@@ -469,17 +605,26 @@ impl StoreMaintenance for Maintenance {
     }
 
     async fn load(&self, dir: &Path, _manifest: &Manifest) -> anyhow::Result<Contents> {
-        let mut conn = self.connect().await?;
         let side = self.side();
-        self.unlink_all(&mut conn, &side).await?;
+        self.unlink_all(&side).await?;
         let mut lines = tokio::io::BufReader::new(tokio::fs::File::open(dir.join(FILE)).await?).lines();
+        // A pipeline stays within one tag (one slot on a cluster).
         let mut pipe = redis::pipe();
         let mut queued = 0;
+        let mut queued_tag = String::new();
         let mut number = 0;
+        let flush = |pipe: redis::Pipeline| {
+            let mut conn = self.redis.clone();
+            async move {
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .context("writing the loaded keys")
+            }
+        };
         while let Some(text) = lines.next_line().await? {
             number += 1;
             let line: Line = serde_json::from_str(&text).with_context(|| format!("{FILE} line {number}"))?;
-            let Some(kind) = kind(&line.key) else {
+            let Some((kind, tag)) = kind(&line.key) else {
                 bail!(
                     "{FILE} line {number}: `{}` is no key of comment-service's data model",
                     line.key
@@ -494,51 +639,51 @@ impl StoreMaintenance for Maintenance {
                 );
             }
             line.data.check().with_context(|| format!("{FILE} line {number}"))?;
+            placed(&line, kind, tag).with_context(|| format!("{FILE} line {number}"))?;
+            if queued > 0 && (queued == BATCH || tag != queued_tag) {
+                flush(std::mem::replace(&mut pipe, redis::pipe())).await?;
+                queued = 0;
+            }
+            tag.clone_into(&mut queued_tag);
             let key = format!("{side}{}", line.key);
             line.data.write(&mut pipe, &key);
             if line.ttl_ms > 0 {
                 pipe.cmd("PEXPIRE").arg(&key).arg(line.ttl_ms).ignore();
             }
             queued += 1;
-            if queued == BATCH {
-                pipe.query_async::<()>(&mut conn)
-                    .await
-                    .context("writing the loaded keys")?;
-                pipe = redis::pipe();
-                queued = 0;
-            }
         }
         if queued > 0 {
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .context("writing the loaded keys")?;
+            flush(pipe).await?;
         }
-        let loaded = keys(&mut conn, &side).await?;
-        self.contents(&mut conn, &side, &loaded).await
+        let loaded = self.keys(&side).await?;
+        let contents = self.contents(&side, &loaded).await?;
+        self.mark_loaded().await?;
+        Ok(contents)
     }
 
     async fn discard(&self) -> anyhow::Result<()> {
-        let mut conn = self.connect().await?;
-        self.unlink_all(&mut conn, &self.side()).await
+        self.unlink_all(&self.side()).await
     }
 
     async fn kept(&self) -> anyhow::Result<bool> {
-        let mut conn = self.connect().await?;
-        Ok(!keys(&mut conn, &self.kept_prefix()).await?.is_empty())
+        Ok(!self.keys(&self.kept_prefix()).await?.is_empty())
     }
 
     async fn switch(&self) -> anyhow::Result<()> {
-        self.move_keys(&self.side(), &self.prefix, Some(&self.kept_prefix()))
+        let kept = self.kept_prefix();
+        self.move_keys(&self.side(), &self.prefix, Some(&kept), (LOADED, Some(KEPT)))
             .await
     }
 
     async fn undo(&self) -> anyhow::Result<()> {
-        self.move_keys(&self.kept_prefix(), &self.prefix, None).await
+        self.move_keys(&self.kept_prefix(), &self.prefix, None, (KEPT, None))
+            .await?;
+        // What the undo leaves under the kept prefix: nothing of the data.
+        self.unlink_all(&self.kept_prefix()).await
     }
 
     async fn confirm(&self) -> anyhow::Result<()> {
-        let mut conn = self.connect().await?;
-        self.unlink_all(&mut conn, &self.kept_prefix()).await
+        self.unlink_all(&self.kept_prefix()).await
     }
 }
 
@@ -547,15 +692,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_data_models_keys_are_known_and_the_prefix_is_matched_literally() {
+    fn the_prefix_is_matched_literally_and_keys_go_by_tag() {
         assert_eq!(pattern("chirp:comments:"), "chirp:comments:*");
         assert_eq!(pattern("t[1]*"), "t\\[1\\]\\**");
-        let id = uuid::Uuid::now_v7();
-        assert_eq!(kind(&format!("c:{id}")), Some("comments"));
-        assert_eq!(kind(&format!("m:{id}")), Some("message_comment_lists"));
-        assert_eq!(kind("outbox:dead"), Some("outbox:dead"));
-        for unknown in ["c:../x", "c:", "other", "../outbox", "m:1"] {
-            assert_eq!(kind(unknown), None, "{unknown}");
-        }
+        let keys = [
+            "p:{g4.1}c:x",
+            "p:{g4.1}m:y",
+            "p:{meta}revocations",
+            "p:{g4.1}~loaded",
+            "p:stray",
+        ]
+        .map(String::from);
+        let tagged = by_tag("p:", &keys);
+        assert_eq!(tagged["g4.1"], ["p:{g4.1}c:x", "p:{g4.1}m:y"]);
+        assert_eq!(tagged["meta"], ["p:{meta}revocations"]);
+        assert_eq!(tagged.len(), 2);
     }
 }

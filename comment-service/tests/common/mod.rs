@@ -1,7 +1,8 @@
 //! spawn_app for comment-service: the real service on port 0 against Redis
 //! (a key prefix of the test's own on the shared server, or a private
-//! server), with a fake message-service that counts its calls and can be
-//! told to fail or hang.
+//! server; on a Redis Cluster instead with `CHIRP_TEST_REDIS=cluster`), with
+//! a fake message-service that counts its calls and can be told to fail or
+//! hang.
 
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
@@ -26,7 +27,8 @@ pub use test_support::grpc::{authed, violated_fields, with_deadline, Mode};
 use test_support::{
     grpc::{not_faked, serve_fake, Behaviour},
     process::StoreProcess,
-    redis::KeyPrefix,
+    redis::{KeyPrefix, Target},
+    redis_cluster::RedisCluster,
 };
 use tokio::net::TcpListener;
 use tonic::{transport::Channel, Request, Response, Status};
@@ -166,7 +168,7 @@ impl upb::user_service_server::UserService for FakeUsers {
 /// Where the service's Redis is, kept across restarts of the service.
 pub struct Backing {
     pub prefix: KeyPrefix,
-    pub server: Option<StoreProcess>,
+    pub server: Option<PrivateRedis>,
     pub messages: FakeMessages,
     pub message_addr: SocketAddr,
     pub users: FakeUsers,
@@ -181,13 +183,52 @@ impl Backing {
         Self::new(KeyPrefix::new(), None).await
     }
 
-    /// A private append-only Redis the test can stop and start.
+    /// A private append-only Redis the test can stop and start (a private
+    /// cluster of six with `CHIRP_TEST_REDIS=cluster`).
     pub async fn private() -> Self {
-        let server = StoreProcess::redis(true).expect("a private redis-server");
-        Self::new(KeyPrefix::on(&server.url()), Some(server)).await
+        if test_support::redis::on_cluster() {
+            let cluster = RedisCluster::start().expect("a private Redis Cluster");
+            Self::new(
+                KeyPrefix::on_cluster(cluster.urls()),
+                Some(PrivateRedis::Cluster(cluster)),
+            )
+            .await
+        } else {
+            let server = StoreProcess::redis(true).expect("a private redis-server");
+            Self::new(KeyPrefix::on(&server.url()), Some(PrivateRedis::Node(server))).await
+        }
     }
 
-    async fn new(prefix: KeyPrefix, server: Option<StoreProcess>) -> Self {
+    /// The store's address, as the service takes it.
+    pub fn address(&self) -> comment_service::store::Address {
+        match self.prefix.target() {
+            Target::Node(url) => comment_service::store::Address::Node(url.clone()),
+            Target::Cluster(urls) => comment_service::store::Address::Cluster(urls.clone()),
+        }
+    }
+
+    /// The store's address as a flag of comment-service.
+    pub fn redis_flag(&self) -> String {
+        match self.prefix.target() {
+            Target::Node(url) => format!("--redis-url={url}"),
+            Target::Cluster(urls) => format!("--redis-cluster-urls={}", urls.join(",")),
+        }
+    }
+
+    /// The store's address as comment-service's environment.
+    pub fn redis_env(&self) -> (&'static str, String) {
+        match self.prefix.target() {
+            Target::Node(url) => ("REDIS_URL", url.clone()),
+            Target::Cluster(urls) => ("REDIS_CLUSTER_URLS", urls.join(",")),
+        }
+    }
+
+    /// A connection to the store, as the service makes it.
+    pub fn connect(&self) -> comment_service::store::Redis {
+        comment_service::store::Redis::connect_lazy(&self.address()).expect("a Redis address")
+    }
+
+    async fn new(prefix: KeyPrefix, server: Option<PrivateRedis>) -> Self {
         let messages = FakeMessages::default();
         let message_addr = serve_fake(MessageServiceServer::new(messages.clone())).await;
         let users = FakeUsers::default();
@@ -207,7 +248,7 @@ impl Backing {
         }
     }
 
-    pub fn redis(&mut self) -> &mut StoreProcess {
+    pub fn redis(&mut self) -> &mut PrivateRedis {
         self.server.as_mut().expect("a private Redis")
     }
 
@@ -235,6 +276,36 @@ impl Backing {
     }
 }
 
+/// A private Redis of the test's own, one server or a whole cluster, that
+/// the test stops, kills and starts as one.
+pub enum PrivateRedis {
+    Node(StoreProcess),
+    Cluster(RedisCluster),
+}
+
+impl PrivateRedis {
+    pub fn stop(&mut self) {
+        match self {
+            Self::Node(node) => node.stop(),
+            Self::Cluster(cluster) => cluster.stop(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        match self {
+            Self::Node(node) => node.kill(),
+            Self::Cluster(cluster) => cluster.kill(),
+        }
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Node(node) => node.start(),
+            Self::Cluster(cluster) => cluster.restart(),
+        }
+    }
+}
+
 pub struct TestApp {
     pub channel: Channel,
     /// The metrics port, with the operator routes.
@@ -250,7 +321,7 @@ impl TestApp {
     pub async fn spawn_with(backing: &Backing, extra: &[&str]) -> Self {
         let mut args = vec![
             "comment-service".to_owned(),
-            format!("--redis-url={}", backing.prefix.url()),
+            backing.redis_flag(),
             format!("--redis-key-prefix={}", backing.prefix.prefix()),
             format!("--message-service-url=http://{}", backing.message_addr),
             format!("--user-service-url=http://{}", backing.user_addr),
@@ -331,38 +402,32 @@ pub async fn all_comments(app: &TestApp, message: &str, page_size: i32) -> Vec<p
 
 /// Every key under the prefix, read with the driver.
 pub async fn keys(backing: &Backing) -> Vec<String> {
-    let client = redis::Client::open(backing.prefix.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", backing.prefix.prefix()))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    keys.sort();
-    keys
+    let pattern = format!("{}*", backing.prefix.prefix());
+    backing.connect().scan_all(&pattern).await.unwrap()
 }
 
-/// Event types waiting in the outbox stream, oldest first.
+/// Event types waiting in the outbox streams, oldest first in each group,
+/// group after group.
 pub async fn outbox(backing: &Backing) -> Vec<String> {
-    let client = redis::Client::open(backing.prefix.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{}outbox", backing.prefix.prefix()))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|entry| {
+    let keys = comment_service::store::keys::Keys::new(backing.prefix.prefix());
+    let mut conn = backing.connect();
+    let mut types = Vec::new();
+    for group in comment_service::store::keys::Group::all() {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(keys.outbox(group))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        types.extend(reply.ids.iter().map(|entry| {
             let json: String = entry.get("event").unwrap();
             let event = service_kit::events::Event::from_json(&json).expect("an event the relay can read");
             serde_json::to_value(&event.payload).unwrap()["type"]
                 .as_str()
                 .unwrap()
                 .to_owned()
-        })
-        .collect()
+        }));
+    }
+    types
 }

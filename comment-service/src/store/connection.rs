@@ -1,0 +1,246 @@
+//! One handle on comment-service's Redis, a single server or a cluster.
+//!
+//! Both are made lazily (the service starts, NOT_SERVING, while Redis is
+//! down) and reconnect by themselves: the connection manager after a
+//! restart of the server; the cluster client after a failover, following
+//! `MOVED`/`ASK` and refreshing its slot map. The store's code is the same
+//! for both: every multi-key command, pipeline and script stays within one
+//! hash slot (see [`super::keys`]), which a single server satisfies
+//! trivially.
+
+use std::time::Duration;
+
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+    Cmd, Pipeline, RedisFuture, Value,
+};
+
+/// Where comment-service's Redis is: `REDIS_URL` or `REDIS_CLUSTER_URLS`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    /// One server (or a primary with replicas behind one address).
+    Node(String),
+    /// Seed nodes of a Redis Cluster; the client learns the rest.
+    Cluster(Vec<String>),
+}
+
+/// A command that waits longer than this for its answer fails (so a
+/// server that stops answering mid-connection cannot hold a request).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection to a single server or a cluster, cheap to clone.
+#[derive(Clone)]
+pub enum Redis {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Redis {
+    /// A lazy connection to `address`, with the store's timeouts.
+    ///
+    /// # Errors
+    /// When an URL cannot be parsed.
+    pub fn connect_lazy(address: &Address) -> anyhow::Result<Self> {
+        Self::lazy(address, Some(RESPONSE_TIMEOUT))
+    }
+
+    /// A lazy connection without a response timeout: a backup's snapshot
+    /// or a restore's switch is one long script.
+    ///
+    /// # Errors
+    /// When an URL cannot be parsed.
+    pub fn for_maintenance(address: &Address) -> anyhow::Result<Self> {
+        Self::lazy(address, None)
+    }
+
+    fn lazy(address: &Address, response_timeout: Option<Duration>) -> anyhow::Result<Self> {
+        Ok(match address {
+            Address::Node(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                    .set_response_timeout(response_timeout)
+                    .set_number_of_retries(1);
+                Self::Node(ConnectionManager::new_lazy_with_config(
+                    redis::Client::open(url.as_str())?,
+                    config,
+                )?)
+            }
+            Address::Cluster(seeds) => {
+                let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                    .connection_timeout(CONNECTION_TIMEOUT)
+                    // A command is retried (after MOVED, ASK, or a node
+                    // lost) a few times within about a second, which
+                    // covers a replica's promotion once it is announced;
+                    // the caller's deadline bounds the rest.
+                    .retries(3)
+                    .min_retry_wait(50)
+                    .max_retry_wait(400);
+                if let Some(timeout) = response_timeout {
+                    builder = builder.response_timeout(timeout);
+                }
+                Self::Cluster(
+                    builder
+                        .build()?
+                        .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+                )
+            }
+        })
+    }
+
+    /// Whether the store can serve: a single server answers `PING`; a
+    /// cluster says `cluster_state:ok` (every slot served), so a cluster
+    /// that lost a slot range counts as down.
+    ///
+    /// # Errors
+    /// When it cannot.
+    pub async fn probe(&self) -> redis::RedisResult<()> {
+        let mut conn = self.clone();
+        match self {
+            Self::Node(_) => {
+                let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            }
+            Self::Cluster(_) => {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await?;
+                if !info.lines().any(|line| line.trim() == "cluster_state:ok") {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the cluster does not serve every slot",
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Redis {
+    /// Every key matching `pattern`, from every master (SCAN, so the
+    /// server keeps serving meanwhile).
+    ///
+    /// # Errors
+    /// When a node cannot be read.
+    pub async fn scan_all(&self, pattern: &str) -> redis::RedisResult<Vec<String>> {
+        let mut keys = Vec::new();
+        match self {
+            Self::Node(conn) => {
+                let mut conn = conn.clone();
+                let mut cursor = 0u64;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = scan(cursor, pattern).query_async(&mut conn).await?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Self::Cluster(conn) => {
+                let mut conn = conn.clone();
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await?;
+                for (host, port) in masters(&nodes) {
+                    let mut cursor = 0u64;
+                    loop {
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port,
+                        });
+                        let reply = conn.route_command(scan(cursor, pattern), route).await?;
+                        let (next, batch): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+                        keys.extend(batch);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(keys)
+    }
+}
+
+fn scan(cursor: u64, pattern: &str) -> Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+    cmd
+}
+
+/// The masters that serve slots, from `CLUSTER NODES`: `<id> <ip:port@bus>
+/// <flags> <master> <ping> <pong> <epoch> <link> <slot>…`.
+fn masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let serving = flags.split(',').any(|f| f == "master")
+                && !flags.split(',').any(|f| f == "fail" || f == "fail?")
+                && fields.len() > 8;
+            if !serving {
+                return None;
+            }
+            let address = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_masters_serving_slots_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 master,fail - 0 1 3 disconnected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 1 1 connected
+e5 10.0.0.5:7005@17005,redis-5 master - 0 1 5 connected 10923-16383
+f6 127.0.0.1:7006@17006 master - 0 1 6 connected
+";
+        assert_eq!(
+            masters(nodes),
+            [
+                ("127.0.0.1".to_owned(), 7001),
+                ("127.0.0.1".to_owned(), 7002),
+                ("10.0.0.5".to_owned(), 7005)
+            ]
+        );
+    }
+}
