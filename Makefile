@@ -12,6 +12,8 @@ up: deps
 # outages with private store processes, the whole mesh through `chirp up`.
 test:
 	cargo test --workspace --all-features --locked
+	# comment-service's suite again, on a six-node Redis Cluster.
+	CHIRP_TEST_REDIS=cluster cargo test -p comment-service --all-features --locked
 
 build:
 	cargo build --workspace --release --locked
