@@ -45,11 +45,12 @@ pub mod keys;
 mod maintenance;
 mod outbox;
 mod purge;
+mod replication;
 mod revocations;
 mod scripts;
 pub mod value;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 pub use connection::{Address, Redis};
 pub use keys::new_comment_id;
@@ -58,6 +59,7 @@ pub use maintenance::Maintenance;
 pub use outbox::RedisOutbox;
 pub use purge::PurgeOf;
 use redis::{AsyncCommands as _, Script};
+use replication::{Replication, Slot};
 pub use revocations::RedisRevocations;
 use service_kit::{events::Event, store::StoreStatus};
 
@@ -74,6 +76,10 @@ pub struct Store {
     redis: Redis,
     keys: Keys,
     status: StoreStatus,
+    /// On a cluster: writes wait for the master's replica.
+    replication: Option<Arc<Replication>>,
+    insert: Script,
+    request_purge: Script,
     delete: Script,
     purge_user: Script,
     purge_message: Script,
@@ -92,6 +98,9 @@ impl Store {
             redis: Redis::connect_lazy(address)?,
             keys: Keys::new(prefix),
             status,
+            replication: matches!(address, Address::Cluster(_)).then(|| Arc::new(Replication::new())),
+            insert: Script::new(scripts::INSERT),
+            request_purge: Script::new(scripts::REQUEST_PURGE),
             delete: Script::new(scripts::DELETE),
             purge_user: Script::new(scripts::PURGE_USER),
             purge_message: Script::new(scripts::PURGE_MESSAGE),
@@ -132,27 +141,36 @@ impl Store {
         .await
     }
 
-    /// Stores a comment and its event in one `MULTI`/`EXEC`.
+    /// Stores a comment and its event in one atomic step.
     pub async fn insert(&self, comment: &Comment, event: &Event) -> Result<()> {
         service_kit::store::timed("redis", "insert", async move {
             let mut redis = self.ready()?;
             let group = Group::of_message(comment.message_id);
-            let id = comment.id.to_string();
-            redis::pipe()
-                .atomic()
-                .set(self.keys.comment(comment.id), value::encode(comment))
-                .ignore()
-                .xadd(self.keys.outbox(group), "*", &[("event", event.to_json()?)])
-                .ignore()
-                .zadd(self.keys.message(comment.message_id), &id, 0)
-                .ignore()
-                .sadd(self.keys.user(group, comment.author_id), &id)
-                .ignore()
-                .query_async::<()>(&mut redis)
-                .await
-                .map_err(classify)
+            let keys = [
+                self.keys.comment(comment.id),
+                self.keys.outbox(group),
+                self.keys.message(comment.message_id),
+                self.keys.user(group, comment.author_id),
+            ];
+            let args = [value::encode(comment), event.to_json()?, comment.id.to_string()];
+            let _: i64 = self.eval(&mut redis, group.index(), &self.insert, &keys, &args).await?;
+            Ok(())
         })
         .await
+    }
+
+    /// `script` as a write in `slot` (see [`replication`]).
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        redis: &mut Redis,
+        slot: Slot,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T> {
+        replication::eval(redis, self.replication.as_deref(), slot, script, keys, args)
+            .await
+            .map_err(classify)
     }
 
     pub async fn get(&self, id: CommentId) -> Result<Option<Comment>> {
@@ -169,13 +187,12 @@ impl Store {
     pub async fn set_message_hidden(&self, message: MessageId, hidden: bool) -> Result<()> {
         service_kit::store::timed("redis", "set_message_hidden", async move {
             let mut redis = self.ready()?;
-            let (key, member) = (self.keys.hidden(Group::of_message(message)), message.to_string());
-            let _: i64 = if hidden {
-                redis.sadd(key, member).await
-            } else {
-                redis.srem(key, member).await
-            }
-            .map_err(classify)?;
+            let group = Group::of_message(message);
+            let mut cmd = redis::cmd(if hidden { "SADD" } else { "SREM" });
+            cmd.arg(self.keys.hidden(group)).arg(message.to_string());
+            let _: i64 = replication::write(&mut redis, self.replication.as_deref(), group.index(), cmd)
+                .await
+                .map_err(classify)?;
             Ok(())
         })
         .await
@@ -271,17 +288,14 @@ impl Store {
         service_kit::store::timed("redis", "delete", async move {
             let mut redis = self.ready()?;
             let group = Group::of_message(comment.message_id);
-            let deleted: i64 = self
-                .delete
-                .key(self.keys.comment(comment.id))
-                .key(self.keys.message(comment.message_id))
-                .key(self.keys.user(group, comment.author_id))
-                .key(self.keys.outbox(group))
-                .arg(comment.id.to_string())
-                .arg(event.to_json()?)
-                .invoke_async(&mut redis)
-                .await
-                .map_err(classify)?;
+            let keys = [
+                self.keys.comment(comment.id),
+                self.keys.message(comment.message_id),
+                self.keys.user(group, comment.author_id),
+                self.keys.outbox(group),
+            ];
+            let args = [comment.id.to_string(), event.to_json()?];
+            let deleted: i64 = self.eval(&mut redis, group.index(), &self.delete, &keys, &args).await?;
             Ok(deleted == 1)
         })
         .await

@@ -11,7 +11,7 @@ use tracing::Instrument as _;
 use super::{
     classify, corrupt,
     keys::{Group, Keys},
-    value, Redis, Store,
+    replication, value, Redis, Store,
 };
 use crate::{
     domain::{Comment, CommentId, MessageId, UserId},
@@ -112,22 +112,26 @@ impl Store {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let mut invocation = self.purge_user.key(&set);
-        invocation.key(self.keys.outbox(group));
+        let (mut keys, mut args) = (vec![set.clone(), self.keys.outbox(group)], Vec::new());
         for (id, comment) in read(&mut redis, &self.keys, &ids).await? {
             let key = self.keys.comment(id);
+            args.push(id.to_string());
             match comment {
-                Some(comment) => invocation
-                    .key(&key)
-                    .key(self.keys.message(comment.message_id))
-                    .arg(id.to_string())
-                    .arg(deleted(&comment, producer)?),
+                Some(comment) => {
+                    keys.extend([key, self.keys.message(comment.message_id)]);
+                    args.push(deleted(&comment, producer)?);
+                }
                 // Gone already: it only leaves the set (the second key is
                 // not touched).
-                None => invocation.key(&key).key(&key).arg(id.to_string()).arg(""),
-            };
+                None => {
+                    keys.extend([key.clone(), key]);
+                    args.push(String::new());
+                }
+            }
         }
-        let deleted: u64 = invocation.invoke_async(&mut redis).await.map_err(classify)?;
+        let deleted: u64 = self
+            .eval(&mut redis, group.index(), &self.purge_user, &keys, &args)
+            .await?;
         Ok((ids.len(), deleted))
     }
 
@@ -141,20 +145,24 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.purge_message.key(&list);
-        invocation.key(self.keys.outbox(group));
+        let (mut keys, mut args) = (vec![list.clone(), self.keys.outbox(group)], Vec::new());
         for (id, comment) in read(&mut redis, &self.keys, &ids).await? {
             let key = self.keys.comment(id);
+            args.push(id.to_string());
             match comment {
-                Some(comment) => invocation
-                    .key(&key)
-                    .key(self.keys.user(group, comment.author_id))
-                    .arg(id.to_string())
-                    .arg(deleted(&comment, producer)?),
-                None => invocation.key(&key).key(&key).arg(id.to_string()).arg(""),
-            };
+                Some(comment) => {
+                    keys.extend([key, self.keys.user(group, comment.author_id)]);
+                    args.push(deleted(&comment, producer)?);
+                }
+                None => {
+                    keys.extend([key.clone(), key]);
+                    args.push(String::new());
+                }
+            }
         }
-        let _: u64 = invocation.invoke_async(&mut redis).await.map_err(classify)?;
+        let _: u64 = self
+            .eval(&mut redis, group.index(), &self.purge_message, &keys, &args)
+            .await?;
         Ok(ids.len())
     }
 
@@ -166,12 +174,11 @@ impl Store {
         service_kit::store::timed("redis", "request_purge", async move {
             let mut redis = self.ready()?;
             let (set, member) = self.purge_member(what);
-            let mut pipe = redis::pipe();
-            pipe.atomic().sadd(set, &member).ignore();
-            if let Some(trace) = trace {
-                pipe.hset(self.keys.purge_traces(), &member, trace).ignore();
-            }
-            let () = pipe.query_async(&mut redis).await.map_err(classify)?;
+            let keys = [set, self.keys.purge_traces()];
+            let args = [member, trace.unwrap_or_default().to_owned()];
+            let _: i64 = self
+                .eval(&mut redis, replication::META, &self.request_purge, &keys, &args)
+                .await?;
             Ok(())
         })
         .await

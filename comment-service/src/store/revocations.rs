@@ -9,7 +9,7 @@ use service_kit::{
     revocation::{Revocation, RevocationStore},
 };
 
-use super::{classify, Redis, Store};
+use super::{Redis, Store};
 use crate::error::Result;
 
 impl Store {
@@ -17,15 +17,15 @@ impl Store {
     pub async fn revoke(&self, revocation: &Revocation) -> Result<()> {
         service_kit::store::timed("redis", "revoke", async move {
             let mut redis = self.ready()?;
+            let keys = [self.keys.revocations()];
+            let args = [
+                revocation.user_id.to_string(),
+                revocation.issued_before.timestamp().to_string(),
+                revocation.reason.as_str().to_owned(),
+            ];
             let _: i64 = self
-                .revoke
-                .key(self.keys.revocations())
-                .arg(revocation.user_id.to_string())
-                .arg(revocation.issued_before.timestamp())
-                .arg(revocation.reason.as_str())
-                .invoke_async(&mut redis)
-                .await
-                .map_err(classify)?;
+                .eval(&mut redis, super::replication::META, &self.revoke, &keys, &args)
+                .await?;
             Ok(())
         })
         .await

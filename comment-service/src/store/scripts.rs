@@ -6,6 +6,25 @@
 //! the keys derived from it stay right, and each script checks that the
 //! comment still exists before it deletes anything.
 
+/// KEYS: the comment, the outbox, its message's list, its author's set.
+/// ARGV: the stored comment, its event, its id. A script rather than a
+/// `MULTI`, so that the replica's `WAIT` can follow it in one pipeline.
+pub const INSERT: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+";
+
+/// KEYS[1] a purge set, KEYS[2] the purge traces; ARGV: the member, and
+/// its `traceparent` or nothing. Records a purge to do.
+pub const REQUEST_PURGE: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+return 1
+";
+
 /// KEYS: the comment, its message's list, its author's set, the outbox.
 /// ARGV: the comment id, its event. 1 when deleted, 0 when already gone.
 pub const DELETE: &str = r"
