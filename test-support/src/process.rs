@@ -395,6 +395,13 @@ impl StoreProcess {
                     // A master that stops answering for a second is
                     // replaced by its replica (Redis's default is 15 s).
                     .args(["--cluster-node-timeout", "1000"])
+                    // A new replica syncs at once (the default waits 5 s for
+                    // more replicas to share one transfer), so it can take
+                    // over from the start.
+                    .args(["--repl-diskless-sync-delay", "0"])
+                    // A master lost stops only its own slots, not the
+                    // whole cluster (as comment-service's nodes are run).
+                    .args(["--cluster-require-full-coverage", "no"])
                     .args(["--appendonly", "yes", "--appendfsync", "always"])
                     .arg("--dir")
                     .arg(dir);

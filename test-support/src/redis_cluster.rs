@@ -16,7 +16,7 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// Starts six nodes and makes them one cluster; returns once every slot
-    /// is served.
+    /// is served and every master's replica has synced.
     ///
     /// # Errors
     /// When redis-server or redis-cli cannot run, or the cluster does not
@@ -41,6 +41,8 @@ impl RedisCluster {
         }
         let cluster = Self { nodes };
         cluster.wait_until_ok(Duration::from_secs(30))?;
+        // Until a replica has synced, it cannot take over.
+        cluster.wait_until_replicated(Duration::from_secs(30))?;
         Ok(cluster)
     }
 
@@ -134,6 +136,86 @@ impl RedisCluster {
             }
             if start.elapsed() > limit {
                 bail!("the cluster is not ok after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Waits until `masters` running nodes are masters and the cluster
+    /// serves every slot: after a master is killed, until its replica has
+    /// taken over.
+    ///
+    /// # Errors
+    /// When that takes longer than `limit`.
+    pub fn wait_until_promoted(&self, masters: usize, limit: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        while self.masters().map_or(true, |m| m.len() < masters) {
+            if start.elapsed() > limit {
+                bail!("no replica took over within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_until_ok(limit.saturating_sub(start.elapsed()))
+    }
+
+    /// The slot ranges node `i` serves as a master (none for a replica).
+    ///
+    /// # Errors
+    /// When the node does not answer.
+    pub fn slots_of(&self, i: usize) -> anyhow::Result<Vec<(u16, u16)>> {
+        let nodes = cli(self.nodes[i].port(), &["CLUSTER", "NODES"])?;
+        let mine = nodes
+            .lines()
+            .find(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("myself")))
+            .context("no `myself` in CLUSTER NODES")?;
+        Ok(mine
+            .split_whitespace()
+            .skip(8)
+            .filter_map(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                Some((from.parse().ok()?, to.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// The hash slot of `key`.
+    ///
+    /// # Errors
+    /// When no node answers.
+    pub fn slot_of(&self, key: &str) -> anyhow::Result<u16> {
+        let node = self.nodes.iter().find(|n| n.is_running()).context("no node runs")?;
+        Ok(cli(node.port(), &["CLUSTER", "KEYSLOT", key])?.trim().parse()?)
+    }
+
+    /// Waits until every running master has a replica whose link is up (a
+    /// node that came back rejoins as its old master's successor's replica).
+    ///
+    /// # Errors
+    /// When that takes longer than `limit`.
+    pub fn wait_until_replicated(&self, limit: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let replicated = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+                cli(n.port(), &["INFO", "replication"]).is_ok_and(|info| {
+                    let field = |name: &str| {
+                        info.lines()
+                            .find_map(|l| l.trim().strip_prefix(name))
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    match field("role:").as_str() {
+                        "master" => field("connected_slaves:").parse::<u32>().is_ok_and(|n| n >= 1),
+                        _ => field("master_link_status:") == "up",
+                    }
+                })
+            });
+            if replicated {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("the cluster's masters have no replica in sync after {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }

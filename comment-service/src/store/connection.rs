@@ -8,7 +8,13 @@
 //! hash slot (see [`super::keys`]), which a single server satisfies
 //! trivially.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
@@ -36,8 +42,16 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub enum Redis {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// With when (Unix ms, 0: never) the cluster was first seen not
+    /// serving every slot, in this episode.
+    Cluster(ClusterConnection, Arc<AtomicI64>),
 }
+
+/// How long a cluster may leave slots unserved before the store counts as
+/// down: long enough for a replica to take over from a lost master (about
+/// two node timeouts), so that during a failover the calls to the other
+/// masters go on and only those to the lost master's slots fail.
+const FAILOVER_GRACE: Duration = Duration::from_secs(5);
 
 impl Redis {
     /// A lazy connection to `address`, with the store's timeouts.
@@ -86,14 +100,18 @@ impl Redis {
                     builder
                         .build()?
                         .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+                    Arc::new(AtomicI64::new(0)),
                 )
             }
         })
     }
 
     /// Whether the store can serve: a single server answers `PING`; a
-    /// cluster says `cluster_state:ok` (every slot served), so a cluster
-    /// that lost a slot range counts as down.
+    /// cluster says every slot is served (`CLUSTER INFO`), so a cluster
+    /// that lost a slot range counts as down, once that has lasted longer
+    /// than a failover takes ([`FAILOVER_GRACE`]). The nodes are meant to
+    /// run with `cluster-require-full-coverage no`, so that meanwhile the
+    /// other masters keep answering for their slots.
     ///
     /// # Errors
     /// When it cannot.
@@ -103,13 +121,34 @@ impl Redis {
             Self::Node(_) => {
                 let _: String = redis::cmd("PING").query_async(&mut conn).await?;
             }
-            Self::Cluster(_) => {
-                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await?;
-                if !info.lines().any(|line| line.trim() == "cluster_state:ok") {
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "the cluster does not serve every slot",
-                    )));
+            Self::Cluster(_, failing_since) => {
+                // Asked of a node at random: one that is gone (a master
+                // being replaced) does not make the cluster down, so a
+                // few are asked before the probe fails.
+                let mut answer = redis::cmd("CLUSTER").arg("INFO").query_async::<String>(&mut conn).await;
+                for _ in 0..2 {
+                    match &answer {
+                        Err(err) if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() => {
+                            answer = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await;
+                        }
+                        _ => break,
+                    }
+                }
+                let info = answer?;
+                if serves_every_slot(&info) {
+                    failing_since.store(0, Ordering::Relaxed);
+                } else {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let since = match failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+                        Ok(_) => now,
+                        Err(since) => since,
+                    };
+                    if now - since > i64::try_from(FAILOVER_GRACE.as_millis()).unwrap_or(i64::MAX) {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "the cluster has not served every slot for longer than a failover takes",
+                        )));
+                    }
                 }
             }
         }
@@ -138,7 +177,7 @@ impl Redis {
                     cursor = next;
                 }
             }
-            Self::Cluster(conn) => {
+            Self::Cluster(conn, _) => {
                 let mut conn = conn.clone();
                 let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await?;
                 for (host, port) in masters(&nodes) {
@@ -163,6 +202,17 @@ impl Redis {
         keys.dedup();
         Ok(keys)
     }
+}
+
+/// Whether `CLUSTER INFO` says the cluster is up and every one of its
+/// 16384 slots is assigned to a master that is not failing.
+fn serves_every_slot(info: &str) -> bool {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_default()
+    };
+    field("cluster_state") == "ok" && field("cluster_slots_ok") == "16384"
 }
 
 fn scan(cursor: u64, pattern: &str) -> Cmd {
@@ -196,7 +246,7 @@ impl ConnectionLike for Redis {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Node(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn, _) => conn.req_packed_command(cmd),
         }
     }
 
@@ -208,14 +258,14 @@ impl ConnectionLike for Redis {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn, _) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Node(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+            Self::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
@@ -223,6 +273,16 @@ impl ConnectionLike for Redis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_serves_when_every_slot_is_ok() {
+        let ok = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:16384\r\n";
+        let lost = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:10923\r\ncluster_slots_pfail:5461\r\n";
+        let down = "cluster_state:fail\r\ncluster_slots_ok:16384\r\n";
+        assert!(serves_every_slot(ok));
+        assert!(!serves_every_slot(lost));
+        assert!(!serves_every_slot(down));
+    }
 
     #[test]
     fn the_masters_serving_slots_are_read_from_cluster_nodes() {

@@ -199,6 +199,24 @@ impl Backing {
         }
     }
 
+    /// A private six-node cluster, whatever `CHIRP_TEST_REDIS` says.
+    pub async fn private_cluster() -> Self {
+        let cluster = RedisCluster::start().expect("a private Redis Cluster");
+        Self::new(
+            KeyPrefix::on_cluster(cluster.urls()),
+            Some(PrivateRedis::Cluster(cluster)),
+        )
+        .await
+    }
+
+    /// The private cluster.
+    pub fn cluster(&mut self) -> &mut RedisCluster {
+        match self.server.as_mut() {
+            Some(PrivateRedis::Cluster(cluster)) => cluster,
+            _ => panic!("not on a private cluster"),
+        }
+    }
+
     /// The store's address, as the service takes it.
     pub fn address(&self) -> comment_service::store::Address {
         match self.prefix.target() {
