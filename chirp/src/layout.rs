@@ -104,6 +104,23 @@ pub struct Instance {
 /// block of ports, and a 2-CPU machine gains nothing from more.
 pub const MAX_REPLICAS: u8 = 4;
 
+/// The nodes of the Redis Cluster `chirp up --redis-cluster` runs in place
+/// of the single Redis: three masters, three replicas (`redis`,
+/// `redis-2` … `redis-6`).
+pub const REDIS_CLUSTER_NODES: u8 = 6;
+
+impl Part {
+    /// How many processes of this part a mesh can run.
+    #[must_use]
+    pub fn max_instances(self) -> u8 {
+        match self {
+            Self::Redis => REDIS_CLUSTER_NODES,
+            part if part.is_service() => MAX_REPLICAS,
+            _ => 1,
+        }
+    }
+}
+
 impl From<Part> for Instance {
     fn from(part: Part) -> Self {
         Self { part, replica: 1 }
@@ -127,8 +144,11 @@ impl Instance {
             return Some(part.into());
         }
         let (part, replica) = name.rsplit_once('-')?;
-        let part = Part::parse(part).filter(|p| p.is_service())?;
-        let replica: u8 = replica.parse().ok().filter(|n| (1..=MAX_REPLICAS).contains(n))?;
+        let part = Part::parse(part).filter(|p| p.max_instances() > 1)?;
+        let replica: u8 = replica
+            .parse()
+            .ok()
+            .filter(|n| (1..=part.max_instances()).contains(n))?;
         Some(Self { part, replica })
     }
 
@@ -160,6 +180,12 @@ impl Ports {
     #[must_use]
     pub fn proxy(self, at: impl Into<Instance>) -> u16 {
         self.of(at) + 4
+    }
+
+    /// A Redis Cluster node's bus port (the nodes' own traffic).
+    #[must_use]
+    pub fn cluster_bus(self, at: impl Into<Instance>) -> u16 {
+        self.of(at) + 50
     }
 
     #[must_use]
@@ -216,7 +242,16 @@ mod tests {
         assert_eq!(second.name(), "comment-service-2");
         assert_eq!(Instance::parse("comment-service"), Some(Part::CommentService.into()));
         assert_eq!(Instance::from(Part::CommentService).name(), "comment-service");
-        assert_eq!(Instance::parse("redis-2"), None, "stores have no replicas");
+        assert_eq!(Instance::parse("postgres-2"), None, "stores have no replicas");
+        assert_eq!(
+            Instance::parse("redis-6"),
+            Some(Instance {
+                part: Part::Redis,
+                replica: 6
+            }),
+            "but a Redis Cluster has nodes"
+        );
+        assert_eq!(Instance::parse("redis-7"), None);
         assert_eq!(Instance::parse("comment-service-9"), None);
         let ports = Ports { base: 50050 };
         assert_eq!(ports.of(Part::CommentService), 50053);
@@ -229,11 +264,14 @@ mod tests {
         let ports = Ports { base: 50050 };
         let mut taken = vec![ports.base]; // the page
         for part in Part::ALL {
-            for replica in 1..=if part.is_service() { MAX_REPLICAS } else { 1 } {
+            for replica in 1..=part.max_instances() {
                 let at = Instance { part, replica };
                 taken.extend([ports.of(at), ports.proxy(at)]);
                 if part.is_service() {
                     taken.push(ports.metrics(at));
+                }
+                if part == Part::Redis {
+                    taken.push(ports.cluster_bus(at));
                 }
             }
         }

@@ -13,6 +13,7 @@ mod faults;
 mod layout;
 mod live;
 mod outbox;
+mod redis_cluster;
 mod restart;
 mod seed;
 mod status;
@@ -81,6 +82,11 @@ enum Command {
         /// to every hop
         #[arg(long)]
         direct: bool,
+        /// comment-service's store as a six-node Redis Cluster (three
+        /// masters, three replicas: `redis`, `redis-2` … `redis-6`, each
+        /// stoppable with `chirp chaos stop redis-N`) instead of one Redis
+        #[arg(long)]
+        redis_cluster: bool,
     },
     /// Health of every service and store, circuit breakers, outbox depths,
     /// dead letters, erasures in progress
@@ -237,12 +243,17 @@ async fn run(cli: Cli) -> ExitCode {
             otlp_endpoint,
             page_addr,
             direct,
+            redis_cluster,
         } => {
             up::run(up::UpArgs {
                 data_dir,
                 ports,
                 seed: !no_seed,
-                replicas,
+                replicas: if redis_cluster {
+                    replicas.with_redis_cluster()
+                } else {
+                    replicas
+                },
                 restart,
                 otlp_endpoint: otlp_endpoint.filter(|e| !e.trim().is_empty()),
                 page: page_addr.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], ports.base))),

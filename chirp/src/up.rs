@@ -67,10 +67,29 @@ impl Replicas {
         self.0.iter().find(|(p, _)| *p == part).map_or(1, |(_, n)| *n)
     }
 
-    /// Every process of the mesh, in start order: stores, the first
-    /// replica of each service, then the others.
+    /// comment-service's store as a Redis Cluster (`--redis-cluster`).
+    #[must_use]
+    pub fn with_redis_cluster(mut self) -> Self {
+        self.0.retain(|(p, _)| *p != Part::Redis);
+        self.0.push((Part::Redis, layout::REDIS_CLUSTER_NODES));
+        self
+    }
+
+    /// Whether Redis runs as a cluster.
+    #[must_use]
+    pub fn redis_cluster(&self) -> bool {
+        self.of(Part::Redis) > 1
+    }
+
+    /// Every process of the mesh, in start order: the stores (every node of
+    /// a Redis Cluster), the first replica of each service, then the others.
     fn instances(&self) -> Vec<Instance> {
-        let mut all: Vec<Instance> = Part::ALL.into_iter().map(Instance::from).collect();
+        let mut all: Vec<Instance> = Part::ALL
+            .into_iter()
+            .filter(|p| !p.is_service())
+            .flat_map(|part| (1..=self.of(part)).map(move |replica| Instance { part, replica }))
+            .collect();
+        all.extend(Part::SERVICES.into_iter().map(Instance::from));
         for part in Part::SERVICES {
             all.extend((2..=self.of(part)).map(|replica| Instance { part, replica }));
         }
@@ -238,10 +257,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     // Keys, tokens, stores and backups: private from the start (0700).
-    for dir in ["run", "keys", "postgres", "redis", "mongodb", "backups"] {
+    for dir in [
+        "run",
+        "keys",
+        "postgres",
+        "redis",
+        "redis-cluster",
+        "mongodb",
+        "backups",
+    ] {
         private_dirs(&args.data_dir.join(dir))?;
     }
     let external = External::from_env();
+    if args.replicas.redis_cluster() && external.redis.is_some() {
+        bail!("--redis-cluster runs its own cluster: unset REDIS_URL");
+    }
     if external.postgres.is_none() && process::postgres_user()?.is_some() {
         // PostgreSQL runs as its own user and must pass through the data
         // directory to reach its own: traverse only, nothing listed.
@@ -279,15 +309,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         switches,
     }));
     let started = async {
-        // Further replicas start once the first is SERVING, so they find
+        // The stores first (a Redis Cluster joined once its nodes run);
+        // further replicas start once the first is SERVING, so they find
         // the schema migrated and the indexes built instead of racing to.
-        let (first, further): (Vec<Instance>, Vec<Instance>) =
-            args.replicas.instances().into_iter().partition(|i| i.replica == 1);
+        let (stores, services): (Vec<Instance>, Vec<Instance>) = args
+            .replicas
+            .instances()
+            .into_iter()
+            .partition(|i| !i.part.is_service());
+        let (first, further): (Vec<Instance>, Vec<Instance>) = services.into_iter().partition(|i| i.replica == 1);
+        for &instance in &stores {
+            supervisor.lock().await.start(instance).await?;
+        }
+        if args.replicas.redis_cluster() {
+            crate::redis_cluster::join(args.ports).await?;
+        }
         for batch in [first, further] {
             for &instance in &batch {
                 supervisor.lock().await.start(instance).await?;
             }
-            for &instance in batch.iter().filter(|i| i.part.is_service()) {
+            for &instance in &batch {
                 wait_serving(args.ports, instance, Duration::from_secs(90)).await?;
             }
         }
@@ -523,6 +564,11 @@ impl Supervisor {
                     .arg(format!("unix_socket_directories={}", dir.display()));
                 c
             }
+            Part::Redis if self.args.replicas.redis_cluster() => {
+                let dir = data.join("redis-cluster").join(instance.replica.to_string());
+                private_dirs(&dir)?;
+                crate::redis_cluster::node_command(ports, instance, &dir)
+            }
             Part::Redis => {
                 let mut c = Command::new("redis-server");
                 // AOF: an acknowledged comment survives a restart.
@@ -584,6 +630,7 @@ impl Supervisor {
                     // Each service is given only its own store's settings.
                     .env_remove("DATABASE_URL")
                     .env_remove("REDIS_URL")
+                    .env_remove("REDIS_CLUSTER_URLS")
                     .env_remove("MONGODB_URI");
                 match service {
                     Part::UserService => {
@@ -599,6 +646,9 @@ impl Supervisor {
                     }
                     Part::MessageService => {
                         c.env("MONGODB_URI", &mongodb_uri);
+                    }
+                    Part::CommentService if self.args.replicas.redis_cluster() => {
+                        c.env("REDIS_CLUSTER_URLS", crate::redis_cluster::urls(ports));
                     }
                     Part::CommentService => {
                         c.env("REDIS_URL", &redis_url);
@@ -623,7 +673,7 @@ impl Supervisor {
         let mut child = command.spawn().with_context(|| format!("starting {name}"))?;
         stream_logs(&name, &mut child);
         if !part.is_service() {
-            wait_listening(ports.of(part), &mut child, part).await?;
+            wait_listening(ports.of(instance), &mut child, part).await?;
         }
         if part == Part::Postgres {
             wait_postgres(ports.of(part)).await?;
@@ -942,7 +992,9 @@ async fn scrape(live: Arc<Live>, supervisor: Arc<Mutex<Supervisor>>) {
 async fn start_proxies(args: &UpArgs, external: &External) -> anyhow::Result<HashMap<Instance, faults::Switch>> {
     let mut switches = HashMap::new();
     for at in args.replicas.instances() {
-        if external.url(at.part).is_some() {
+        // A cluster's nodes tell clients where to go (MOVED): a proxy in
+        // front of one would be bypassed, so the nodes are reached directly.
+        if external.url(at.part).is_some() || (at.part == Part::Redis && args.replicas.redis_cluster()) {
             continue;
         }
         let port = args.ports.proxy(at);

@@ -483,7 +483,9 @@ async fn chirp_up_serves_the_scenario_holds_the_fault_isolation_matrix_and_stops
         .unwrap();
     let _: String = redis::AsyncCommands::xadd(
         &mut redis,
-        "chirp:comments:outbox",
+        // An outbox of comment-service's data model: one per hash-tag
+        // group (comment-service/src/store/keys.rs), here the first.
+        "chirp:comments:{g0.315}outbox",
         "*",
         &[("event", r#"{"written_by":"a newer version"}"#)],
     )
