@@ -559,3 +559,20 @@ async fn a_page_and_its_total_agree_while_a_purge_deletes_the_comments() {
         assert_eq!(purged.await.unwrap().unwrap().into_inner().deleted_count, 10);
     }
 }
+
+#[tokio::test]
+async fn a_redis_holding_the_data_model_before_hash_tags_is_refused_rather_than_hidden() {
+    let backing = Backing::shared().await;
+    let mut redis = backing.connect();
+    let () = redis::AsyncCommands::set(&mut redis, format!("{}schema_version", backing.prefix.prefix()), 1)
+        .await
+        .unwrap();
+    let store = comment_service::store::Store::connect_lazy(
+        &backing.address(),
+        backing.prefix.prefix(),
+        service_kit::store::StoreStatus::always_up(),
+    )
+    .unwrap();
+    let refused = store.prepare().await.unwrap_err();
+    assert!(format!("{refused:?}").contains("data model 1"), "{refused:?}");
+}

@@ -120,6 +120,18 @@ impl Store {
     /// data written by another version.
     pub async fn prepare(&self) -> Result<()> {
         let mut redis = self.redis.clone();
+        // Data model 1 kept its version outside any hash tag: its data is
+        // not this layout's, and would be invisible rather than read.
+        let before_tags: bool = redis
+            .exists(format!("{}schema_version", self.keys.prefix()))
+            .await
+            .map_err(classify)?;
+        if before_tags {
+            return Err(Error::internal(anyhow::anyhow!(
+                "Redis holds comment-service's data model 1 under this prefix; this build reads and writes {SCHEMA_VERSION}: \
+                 start from an empty prefix"
+            )));
+        }
         let key = self.keys.schema_version();
         let _: bool = redis.set_nx(&key, SCHEMA_VERSION).await.map_err(classify)?;
         let stored: u32 = redis.get(&key).await.map_err(classify)?;

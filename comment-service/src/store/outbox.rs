@@ -21,7 +21,7 @@ use service_kit::{
 };
 
 use super::{
-    keys::{Group, Keys, GROUPS},
+    keys::{Group, Keys},
     scripts, Redis,
 };
 
@@ -96,19 +96,32 @@ impl RedisOutbox {
 
 impl Outbox for RedisOutbox {
     async fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
-        let replies = self
+        // How much each group holds, then from each a share of `limit` by
+        // its length: a pass reads about `limit` entries however many
+        // groups are backed up, and a busy group is not starved.
+        let lengths = self
             .every_group(|group, mut redis| {
                 let key = self.keys.outbox(group);
-                async move {
-                    let reply: StreamRangeReply = redis.xrange_count(&key, "-", "+", limit).await?;
-                    Ok((group, reply))
-                }
+                async move { redis.xlen::<_, usize>(&key).await }
             })
             .await?;
-        let first = self.next.fetch_add(1, Ordering::Relaxed) % GROUPS;
+        let total: usize = lengths.iter().sum();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let shares = Group::all().zip(lengths).filter(|(_, n)| *n > 0).map(|(group, n)| {
+            let share = (limit * n).div_ceil(total).max(1);
+            let (key, mut redis) = (self.keys.outbox(group), self.redis.clone());
+            async move {
+                let reply: StreamRangeReply = redis.xrange_count(&key, "-", "+", share).await?;
+                Ok::<_, redis::RedisError>((group, reply))
+            }
+        });
+        let replies = futures::future::try_join_all(shares).await?;
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % replies.len().max(1);
         let mut pending = Vec::new();
-        for (group, reply) in replies.into_iter().cycle().skip(first).take(GROUPS) {
-            for entry in reply.ids {
+        for (group, reply) in replies.iter().cycle().skip(first).take(replies.len()) {
+            for entry in &reply.ids {
                 if pending.len() == limit {
                     return Ok(pending);
                 }
@@ -118,7 +131,7 @@ impl Outbox for RedisOutbox {
                     .and_then(|json| Event::from_json(&json).map_err(|e| e.to_string()));
                 pending.push(Pending {
                     event,
-                    position: position(group, &entry.id),
+                    position: position(*group, &entry.id),
                 });
             }
         }
