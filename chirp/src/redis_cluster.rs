@@ -51,11 +51,15 @@ pub fn node_command(ports: Ports, node: Instance, dir: &Path) -> Command {
 }
 
 async fn cli(ports: Ports, node: Instance, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("redis-cli")
+    let mut command = Command::new("redis-cli");
+    command
         .args(["-h", "127.0.0.1", "-p", &ports.of(node).to_string()])
         .args(args)
-        .output()
+        .kill_on_drop(true);
+    // A node that accepts and never answers must not hold the start.
+    let output = tokio::time::timeout(Duration::from_secs(5), command.output())
         .await
+        .context("redis-cli did not answer within 5 s")?
         .context("running redis-cli")?;
     if !output.status.success() {
         bail!("redis-cli: {}", String::from_utf8_lossy(&output.stderr).trim());

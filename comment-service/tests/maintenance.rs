@@ -120,26 +120,30 @@ async fn the_binary_backs_up_and_restores_its_store_with_the_services_own_config
         ],
     );
     let first = world.comment("before the backups").await;
-    binary.ok(&["backup", "comment-service-1"]).await;
-    let taken = binary.ok(&["backup", "--keep", "1", "comment-service-2"]).await;
+    let oldest = binary.ok(&["backup"]).await["backup"].as_str().unwrap().to_owned();
+    // Named by hand: never rotated.
+    binary.ok(&["backup", "comment-service-pre-upgrade"]).await;
+    let taken = binary.ok(&["backup", "--keep", "1"]).await;
     assert_eq!(taken["manifest"]["counts"]["comments"], 1, "{taken}");
-    assert_eq!(taken["removed"], serde_json::json!(["comment-service-1"]), "{taken}");
-    assert!(!world.backups.path().join("comment-service-1").exists());
+    assert_eq!(taken["removed"], serde_json::json!([oldest]), "{taken}");
+    assert!(!world.backups.path().join(&oldest).exists());
+    assert!(world.backups.path().join("comment-service-pre-upgrade").exists());
+    let name = taken["backup"].as_str().unwrap().to_owned();
     let later = world.comment("after the backups").await;
 
-    let (code, refused) = binary.run(&["restore", "comment-service-2"]).await;
+    let (code, refused) = binary.run(&["restore", &name]).await;
     assert_eq!(
         code, 2,
         "a restore without --replicas-stopped is a usage error: {refused}"
     );
     assert_eq!(world.comment_ids().await.len(), 2, "and changes nothing");
 
-    let restored = binary.ok(&["restore", "--replicas-stopped", "comment-service-2"]).await;
+    let restored = binary.ok(&["restore", "--replicas-stopped", &name]).await;
     assert_eq!(restored["after"]["counts"]["comments"], 1, "{restored}");
     assert_eq!(world.comment_ids().await, vec![first.clone()]);
     binary.ok(&["restore", "--undo", "--replicas-stopped"]).await;
     assert_eq!(world.comment_ids().await, vec![first.clone(), later], "undo");
-    binary.ok(&["restore", "--replicas-stopped", "comment-service-2"]).await;
+    binary.ok(&["restore", "--replicas-stopped", &name]).await;
     binary.ok(&["restore", "--confirm"]).await;
     let (code, report) = binary.run(&["restore", "--confirm"]).await;
     assert_ne!(code, 0, "nothing is kept after a confirm: {report}");
@@ -235,6 +239,38 @@ async fn a_comment_that_is_not_one_or_not_in_its_messages_group_is_refused_and_c
         let before = world.operator.ok("GET", "/store").await;
         let reason = world.operator.refused("POST", "/restore/crafted/load").await;
         println!("refused: {reason}");
+        assert!(reason.contains(expected), "{reason}");
+        assert_eq!(world.operator.ok("GET", "/store").await, before);
+        std::fs::remove_dir_all(world.backups.path().join("crafted")).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_list_naming_something_else_than_its_groups_comments_at_score_0_is_refused_and_changes_nothing() {
+    let world = World::new().await;
+    world.comment("one").await;
+    world.operator.ok("POST", "/backups/b").await;
+    for (edit, expected) in [
+        (
+            (|list: &mut serde_json::Value| list["value"][0][1] = "5".into()) as fn(&mut serde_json::Value),
+            "a score other than 0",
+        ),
+        (
+            |list: &mut serde_json::Value| list["value"][0][0] = "not-an-id".into(),
+            "not an id as the store writes one",
+        ),
+        (
+            |list: &mut serde_json::Value| list["value"][0][0] = uuid::Uuid::now_v7().simple().to_string().into(),
+            "not an id as the store writes one",
+        ),
+    ] {
+        world.crafted("b", |line| {
+            if line["key"].as_str().unwrap().contains("}m:") {
+                edit(line);
+            }
+        });
+        let before = world.operator.ok("GET", "/store").await;
+        let reason = world.operator.refused("POST", "/restore/crafted/load").await;
         assert!(reason.contains(expected), "{reason}");
         assert_eq!(world.operator.ok("GET", "/store").await, before);
         std::fs::remove_dir_all(world.backups.path().join("crafted")).unwrap();

@@ -37,6 +37,8 @@ pub enum Address {
 /// server that stops answering mid-connection cannot hold a request).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same for maintenance's long scripts.
+const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection to a single server or a cluster, cheap to clone.
 #[derive(Clone)]
@@ -62,13 +64,14 @@ impl Redis {
         Self::lazy(address, Some(RESPONSE_TIMEOUT))
     }
 
-    /// A lazy connection without a response timeout: a backup's snapshot
-    /// or a restore's switch is one long script.
+    /// A lazy connection with a long response timeout: a backup's
+    /// snapshot or a restore's switch is one long script, but a node that
+    /// stops answering must not hold the maintenance lock for ever.
     ///
     /// # Errors
     /// When an URL cannot be parsed.
     pub fn for_maintenance(address: &Address) -> anyhow::Result<Self> {
-        Self::lazy(address, None)
+        Self::lazy(address, Some(MAINTENANCE_TIMEOUT))
     }
 
     fn lazy(address: &Address, response_timeout: Option<Duration>) -> anyhow::Result<Self> {
@@ -179,6 +182,15 @@ impl Redis {
             }
             Self::Cluster(conn, _) => {
                 let mut conn = conn.clone();
+                // A master being replaced would be skipped, and its keys
+                // missed (a backup without them would still verify).
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await?;
+                if !serves_every_slot(&info) {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                        "the cluster does not serve every slot now; try again once it does",
+                    )));
+                }
                 let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await?;
                 for (host, port) in masters(&nodes) {
                     let mut cursor = 0u64;

@@ -18,7 +18,8 @@
 //! The sixteen group tags are chosen so that their slots fall one in each
 //! sixteenth of the slot space: `redis-cli --cluster create` gives each
 //! master an equal contiguous range, so with 2, 4, 8 or 16 masters each
-//! holds the same number of groups. Sixteen groups is also the most
+//! holds the same number of groups, and with three (as `chirp up` and the
+//! Kubernetes component run) 5, 6 and 5. Sixteen groups is also the most
 //! masters the layout can spread over; more would cost the relay one more
 //! stream to read per group on every pass.
 
@@ -180,7 +181,9 @@ impl Keys {
 #[must_use]
 pub fn kind(relative: &str) -> Option<(&'static str, &str)> {
     let (tag, rest) = relative.strip_prefix('{')?.split_once('}')?;
-    let id = |raw: &str| uuid::Uuid::parse_str(raw).is_ok();
+    // Only the hyphenated form the store writes: a key it would never read
+    // is no key of the data model.
+    let id = |raw: &str| uuid::Uuid::try_parse(raw).is_ok_and(|id| id.hyphenated().to_string() == raw);
     let kind = if tag == META {
         match rest {
             "schema_version" => "schema_version",

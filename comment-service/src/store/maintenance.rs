@@ -83,14 +83,16 @@ return out
 ";
 
 /// One tag's switch or undo. KEYS[1] the marker that lets it run (deleted
-/// here, so a second run does nothing), KEYS[2] the marker it leaves (or
-/// KEYS[1] again: none), then pairs of a key and where it goes; ARGV, per
+/// at the end, so a second run does nothing), KEYS[2] the marker it leaves
+/// (or KEYS[1] again: none), then pairs of a key and where it goes; ARGV, per
 /// pair, `rename` or `unlink`. A script that fails halfway is not rolled
 /// back, so nothing here can fail on a key: one that went in the meantime
 /// (a revocation pruned to nothing) is skipped.
 const MOVE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[1])
+-- The marker for the next step first and this step's last: a run that
+-- stops halfway leaves both, so undo finds the tag and a rerun redoes it.
+if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1') end
 for i = 3, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     if ARGV[(i - 1) / 2] == 'unlink' then
@@ -100,7 +102,7 @@ for i = 3, #KEYS, 2 do
     end
   end
 end
-if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], '1') end
+redis.call('DEL', KEYS[1])
 return 1
 ";
 
@@ -545,10 +547,57 @@ fn placed(line: &Line, kind: &str, tag: &str) -> anyhow::Result<()> {
                 bail!("`{}` is not in its message's group", line.key);
             }
         }
-        ("message_comment_lists", _) if !in_group(Group::of_message(MessageId::from(id("}m:")?))) => {
-            bail!("`{}` is not in its message's group", line.key);
+        ("message_comment_lists", Data::Zset(members)) => {
+            if !in_group(Group::of_message(MessageId::from(id("}m:")?))) {
+                bail!("`{}` is not in its message's group", line.key);
+            }
+            // Paging reads the ids in order at one score.
+            for (member, score) in members {
+                comment_in(member, tag)?;
+                if score != "0" {
+                    bail!("`{}` holds a score other than 0", line.key);
+                }
+            }
+        }
+        ("user_comment_sets", Data::Set(members)) => {
+            for member in members {
+                comment_in(member, tag)?;
+            }
+        }
+        ("hidden" | "purge:users" | "purge:messages", Data::Set(members)) => {
+            for member in members {
+                canonical(member)?;
+            }
+        }
+        ("revocations", Data::Hash(fields)) => {
+            for (user, value) in fields {
+                canonical(user)?;
+                let well_formed = value.split_once(':').is_some_and(|(cutoff, reason)| {
+                    cutoff.parse::<i64>().is_ok() && service_kit::events::RevocationReason::parse(reason).is_some()
+                });
+                if !well_formed {
+                    bail!("a revocation of {user} that is not `<cutoff>:<reason>`");
+                }
+            }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// An id as the store writes it: a UUID in its hyphenated form.
+fn canonical(raw: &str) -> anyhow::Result<uuid::Uuid> {
+    uuid::Uuid::try_parse(raw)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == raw)
+        .with_context(|| format!("`{raw}` is not an id as the store writes one"))
+}
+
+/// A comment id of the group whose tag is `tag`.
+fn comment_in(raw: &str, tag: &str) -> anyhow::Result<()> {
+    let id = CommentId::from(canonical(raw)?);
+    if Group::of_comment(id).tag() != tag {
+        bail!("the comment id {raw} is not of this group");
     }
     Ok(())
 }
@@ -576,6 +625,11 @@ impl StoreMaintenance for Maintenance {
         let mut out = tokio::io::BufWriter::new(file);
         let mut counts = BTreeMap::new();
         let mut schema_version = 0;
+        // `meta` first: a purge that finishes while the groups are read is
+        // then still recorded in the backup, and a restore finishes it,
+        // rather than bringing back comments with no purge pending.
+        let mut tagged: Vec<(&str, Vec<&str>)> = tagged.into_iter().collect();
+        tagged.sort_by_key(|(tag, _)| *tag != META);
         for (tag, keys) in tagged {
             if !tags().any(|t| t == tag) {
                 continue;

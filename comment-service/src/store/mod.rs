@@ -29,9 +29,10 @@
 //! # Atomicity
 //!
 //! Every atomic step touches keys of one group, so one hash slot: adding a
-//! comment writes the comment, its message's list, its author's set and
-//! its outbox event in one `MULTI`/`EXEC`; deleting one, and each batch of
-//! a purge, is a script ([`scripts`]) given every key it touches. Listing a
+//! comment (the comment, its message's list, its author's set and its
+//! outbox event), deleting one, and each batch of a purge, is a script
+//! ([`scripts`]) given every key it touches; on a cluster the replica's
+//! `WAIT` follows it in the same pipeline ([`replication`]). Listing a
 //! page takes two round trips to the group's node (the ids with the hidden
 //! check and the total, then one `MGET` of the comments); a comment deleted
 //! between them is neither listed nor counted, so a page and its total
@@ -58,9 +59,10 @@ use keys::{Group, Keys};
 pub use maintenance::Maintenance;
 pub use outbox::RedisOutbox;
 pub use purge::PurgeOf;
-use redis::{AsyncCommands as _, Script};
+use redis::AsyncCommands as _;
 use replication::{Replication, Slot};
 pub use revocations::RedisRevocations;
+use scripts::Lua;
 use service_kit::{events::Event, store::StoreStatus};
 
 use crate::{
@@ -78,12 +80,12 @@ pub struct Store {
     status: StoreStatus,
     /// On a cluster: writes wait for the master's replica.
     replication: Option<Arc<Replication>>,
-    insert: Script,
-    request_purge: Script,
-    delete: Script,
-    purge_user: Script,
-    purge_message: Script,
-    revoke: Script,
+    insert: Lua,
+    request_purge: Lua,
+    delete: Lua,
+    purge_user: Lua,
+    purge_message: Lua,
+    revoke: Lua,
 }
 
 impl Store {
@@ -99,13 +101,19 @@ impl Store {
             keys: Keys::new(prefix),
             status,
             replication: matches!(address, Address::Cluster(_)).then(|| Arc::new(Replication::new())),
-            insert: Script::new(scripts::INSERT),
-            request_purge: Script::new(scripts::REQUEST_PURGE),
-            delete: Script::new(scripts::DELETE),
-            purge_user: Script::new(scripts::PURGE_USER),
-            purge_message: Script::new(scripts::PURGE_MESSAGE),
-            revoke: Script::new(scripts::REVOKE),
+            insert: Lua::new(scripts::INSERT),
+            request_purge: Lua::new(scripts::REQUEST_PURGE),
+            delete: Lua::new(scripts::DELETE),
+            purge_user: Lua::new(scripts::PURGE_USER),
+            purge_message: Lua::new(scripts::PURGE_MESSAGE),
+            revoke: Lua::new(scripts::REVOKE),
         })
+    }
+
+    /// Whether the store is a cluster (the only kind with replicas to wait
+    /// for).
+    fn on_cluster(&self) -> bool {
+        self.replication.is_some()
     }
 
     fn ready(&self) -> Result<Redis> {
@@ -176,7 +184,7 @@ impl Store {
         &self,
         redis: &mut Redis,
         slot: Slot,
-        script: &Script,
+        script: &Lua,
         keys: &[String],
         args: &[String],
     ) -> Result<T> {
@@ -263,11 +271,20 @@ impl Store {
         .await
     }
 
-    /// Comment counts of many messages: one pipeline per group, all sent
-    /// at once.
+    /// Comment counts of many messages: on one server one pipeline; on a
+    /// cluster one per group (a pipeline stays in one slot), all sent at
+    /// once.
     pub async fn counts(&self, messages: &[MessageId]) -> Result<Vec<(MessageId, i64)>> {
         service_kit::store::timed("redis", "counts", async move {
-            let redis = self.ready()?;
+            let mut redis = self.ready()?;
+            if !self.on_cluster() {
+                let mut pipe = redis::pipe();
+                for id in messages {
+                    pipe.zcard(self.keys.message(*id));
+                }
+                let counts: Vec<i64> = pipe.query_async(&mut redis).await.map_err(classify)?;
+                return Ok(messages.iter().copied().zip(counts).collect());
+            }
             let mut by_group: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
             for (at, id) in messages.iter().enumerate() {
                 by_group.entry(Group::of_message(*id)).or_default().push(at);

@@ -83,14 +83,30 @@ fn by_group<'a, T>(
 }
 
 impl RedisOutbox {
-    /// Runs `each` on every group at once; their answers in group order.
-    async fn every_group<T, F, Fut>(&self, each: F) -> anyhow::Result<Vec<T>>
+    /// Runs `each` on every group at once: the answers of the groups that
+    /// answered, so that a master being replaced holds back only its own
+    /// groups' events; an error only when none answered.
+    async fn every_group<T, F, Fut>(&self, each: F) -> anyhow::Result<Vec<(Group, T)>>
     where
         F: Fn(Group, Redis) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let asked = Group::all().map(|group| each(group, self.redis.clone()));
-        Ok(futures::future::try_join_all(asked).await?)
+        let asked = Group::all().map(|group| {
+            let answer = each(group, self.redis.clone());
+            async move { (group, answer.await) }
+        });
+        let mut answered = Vec::new();
+        let mut failure = None;
+        for (group, answer) in futures::future::join_all(asked).await {
+            match answer {
+                Ok(value) => answered.push((group, value)),
+                Err(err) => failure = Some(err),
+            }
+        }
+        match failure {
+            Some(err) if answered.is_empty() => Err(err.into()),
+            _ => Ok(answered),
+        }
     }
 }
 
@@ -105,11 +121,11 @@ impl Outbox for RedisOutbox {
                 async move { redis.xlen::<_, usize>(&key).await }
             })
             .await?;
-        let total: usize = lengths.iter().sum();
+        let total: usize = lengths.iter().map(|(_, n)| n).sum();
         if total == 0 {
             return Ok(Vec::new());
         }
-        let shares = Group::all().zip(lengths).filter(|(_, n)| *n > 0).map(|(group, n)| {
+        let shares = lengths.into_iter().filter(|(_, n)| *n > 0).map(|(group, n)| {
             let share = (limit * n).div_ceil(total).max(1);
             let (key, mut redis) = (self.keys.outbox(group), self.redis.clone());
             async move {
@@ -171,8 +187,9 @@ impl Outbox for RedisOutbox {
             .every_group(|group, mut redis| {
                 let key = self.keys.dead_letters(group);
                 async move {
-                    let reply: StreamRangeReply = redis.xrange_count(&key, "-", "+", limit).await?;
-                    Ok((group, reply))
+                    redis
+                        .xrange_count::<_, _, _, _, StreamRangeReply>(&key, "-", "+", limit)
+                        .await
                 }
             })
             .await?;
@@ -234,7 +251,7 @@ impl Outbox for RedisOutbox {
             })
             .await?;
         let mut backlog = Backlog::default();
-        for (depth, first, dead_letters) in parts {
+        for (_, (depth, first, dead_letters)) in parts {
             backlog.depth += depth;
             backlog.dead_letters += dead_letters;
             let oldest = first.ids.first().and_then(|e| stream_id_time(&e.id));

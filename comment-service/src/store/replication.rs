@@ -16,9 +16,9 @@ use std::{
     time::Duration,
 };
 
-use redis::{Cmd, FromRedisValue, Script};
+use redis::{Cmd, FromRedisValue};
 
-use super::{keys::GROUPS, Redis};
+use super::{keys::GROUPS, scripts::Lua, Redis};
 
 /// How long a write waits for the replica. Replication on a healthy
 /// cluster takes well under a millisecond; this bounds the pause when the
@@ -89,8 +89,10 @@ pub async fn write<T: FromRedisValue>(
     }
 }
 
-/// `script` with `keys` and `args`, as [`write`]; loads the script where
-/// the server does not know it yet.
+/// `script` with `keys` and `args`, as [`write`]: by its hash, and on
+/// `NOSCRIPT` whole (`EVAL`, routed by its keys like the write), rather than
+/// loaded on every node first: after a failover a node may not have it,
+/// and loading it everywhere would fail while any node is gone.
 ///
 /// # Errors
 /// When the script fails.
@@ -98,19 +100,18 @@ pub async fn eval<T: FromRedisValue>(
     redis: &mut Redis,
     replication: Option<&Replication>,
     slot: Slot,
-    script: &Script,
+    script: &Lua,
     keys: &[String],
     args: &[String],
 ) -> redis::RedisResult<T> {
-    let cmd = || {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+    let cmd = |verb: &str, what: &str| {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(what).arg(keys.len()).arg(keys).arg(args);
         cmd
     };
-    match write(redis, replication, slot, cmd()).await {
+    match write(redis, replication, slot, cmd("EVALSHA", script.script.get_hash())).await {
         Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.load_async(redis).await?;
-            write(redis, replication, slot, cmd()).await
+            write(redis, replication, slot, cmd("EVAL", script.body)).await
         }
         answer => answer,
     }

@@ -6,6 +6,24 @@
 //! the keys derived from it stay right, and each script checks that the
 //! comment still exists before it deletes anything.
 
+/// A script: sent by its hash, and whole where a server does not know it
+/// (a replica promoted since the script was last sent has none cached).
+#[derive(Clone)]
+pub struct Lua {
+    pub body: &'static str,
+    pub script: redis::Script,
+}
+
+impl Lua {
+    #[must_use]
+    pub fn new(body: &'static str) -> Self {
+        Self {
+            body,
+            script: redis::Script::new(body),
+        }
+    }
+}
+
 /// KEYS: the comment, the outbox, its message's list, its author's set.
 /// ARGV: the stored comment, its event, its id. A script rather than a
 /// `MULTI`, so that the replica's `WAIT` can follow it in one pipeline.

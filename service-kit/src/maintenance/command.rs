@@ -118,8 +118,9 @@ fn explained(refusal: Refusal) -> anyhow::Error {
 }
 
 /// Removes all but the `keep` newest backups of `service` in `dir` (the
-/// directories named `<service>-…` that hold a manifest); returns their
-/// names. Anything else in the directory is left alone.
+/// directories named as [`backup_name`] names them, `<service>-<UTC
+/// time>`, that hold a manifest); returns their names. Anything else in the
+/// directory, a backup given another name included, is left alone.
 fn keep_newest(dir: &Path, service: &str, keep: usize) -> anyhow::Result<Vec<String>> {
     let prefix = format!("{service}-");
     let mut backups: Vec<String> = std::fs::read_dir(dir)
@@ -127,7 +128,10 @@ fn keep_newest(dir: &Path, service: &str, keep: usize) -> anyhow::Result<Vec<Str
         .filter_map(Result::ok)
         .filter(|e| e.path().join(MANIFEST).is_file())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| name.starts_with(&prefix))
+        .filter(|name| {
+            name.strip_prefix(&prefix)
+                .is_some_and(|stamp| chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ").is_ok())
+        })
         .collect();
     backups.sort_unstable();
     let old = backups.len().saturating_sub(keep);
@@ -156,6 +160,9 @@ mod tests {
         }
         // Not a backup: no manifest.
         std::fs::create_dir(root.path().join("svc-20261001T000000.000Z")).unwrap();
+        // A backup named by hand: not rotated.
+        std::fs::create_dir(root.path().join("svc-pre-upgrade")).unwrap();
+        std::fs::write(root.path().join("svc-pre-upgrade").join(MANIFEST), "{}").unwrap();
 
         let removed = keep_newest(root.path(), "svc", 2).unwrap();
 
@@ -171,7 +178,8 @@ mod tests {
                 "other-20261101T000000.000Z",
                 "svc-20261001T000000.000Z",
                 "svc-20261102T000000.000Z",
-                "svc-20261103T000000.000Z"
+                "svc-20261103T000000.000Z",
+                "svc-pre-upgrade"
             ]
         );
     }
