@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Start a mesh of its own in a temporary directory, and stop it after
     #[arg(long)]
     pub fresh: bool,
+    /// With --fresh: comment-service's store is a six-node Redis Cluster
+    /// (`chirp up --redis-cluster`); run the comment targets beside echo to
+    /// compare with a run on one Redis
+    #[arg(long, requires = "fresh")]
+    pub redis_cluster: bool,
     /// With --fresh: every service exports its traces (to a counting OTLP
     /// receiver in this process), sampling this share of requests (0 to 1);
     /// compare with a run without it for tracing's cost
@@ -205,13 +210,20 @@ async fn start_echo() -> anyhow::Result<EchoServer> {
     anyhow::bail!("the echo server did not start")
 }
 
-async fn start_fresh(otlp: Option<(&str, f64)>) -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
+async fn start_fresh(otlp: Option<(&str, f64)>, redis_cluster: bool) -> anyhow::Result<(FreshMesh, PathBuf, Ports)> {
     let dir = tempfile::Builder::new().prefix("chirp-bench").tempdir()?;
     // PostgreSQL may run as another user, who must reach the data directory.
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let base = loop {
         let candidate = 20_000 + rand::random::<u16>() % 30_000;
-        if (0..40).all(|i| std::net::TcpListener::bind(("127.0.0.1", candidate + i)).is_ok()) {
+        // A cluster's nodes are 100 apart, each with its bus port 50 above.
+        let nodes = if redis_cluster { 1..6 } else { 0..0 };
+        let ports = (0..40).chain(nodes.flat_map(|n| [22 + 100 * n, 72 + 100 * n]));
+        if candidate < 65_000 - 600
+            && ports
+                .into_iter()
+                .all(|i| std::net::TcpListener::bind(("127.0.0.1", candidate + i)).is_ok())
+        {
             break candidate;
         }
     };
@@ -220,6 +232,9 @@ async fn start_fresh(otlp: Option<(&str, f64)>) -> anyhow::Result<(FreshMesh, Pa
     // Direct: the fault proxies would add a copy to every hop measured.
     up.args(["up", "--no-seed", "--direct"])
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    if redis_cluster {
+        up.arg("--redis-cluster");
+    }
     if let Some((endpoint, ratio)) = otlp {
         up.args(["--otlp-endpoint", endpoint])
             .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
@@ -301,7 +316,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
     };
     let (_fresh, data_dir, ports) = if args.fresh {
         let otlp = sink.as_ref().zip(args.tracing).map(|(s, r)| (s.endpoint.as_str(), r));
-        let (mesh, dir, ports) = start_fresh(otlp).await?;
+        let (mesh, dir, ports) = start_fresh(otlp, args.redis_cluster).await?;
         (Some(mesh), dir, ports)
     } else {
         let reply = control::send(data_dir, "ps")
@@ -331,6 +346,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs, json: bool) -> anyhow::Result
             format!("postgres://postgres@127.0.0.1:{}/chirp_users", ports.of(Part::Postgres)),
         ),
         redis_url: env("REDIS_URL", format!("redis://127.0.0.1:{}", ports.of(Part::Redis))),
+        redis_cluster: args.redis_cluster,
         mongodb_uri: env(
             "MONGODB_URI",
             format!("mongodb://127.0.0.1:{}/?directConnection=true", ports.of(Part::Mongodb)),

@@ -128,7 +128,38 @@ pub struct Endpoints {
     pub echo_url: String,
     pub postgres_url: String,
     pub redis_url: String,
+    /// Whether `redis_url` is a node of a Redis Cluster (`--redis-cluster`).
+    pub redis_cluster: bool,
     pub mongodb_uri: String,
+}
+
+/// The URL of the master that serves `key`, asked of the cluster node at
+/// `node`.
+async fn master_of(node: &str, key: &str) -> anyhow::Result<String> {
+    let mut conn = redis::Client::open(node)?.get_multiplexed_async_connection().await?;
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut conn)
+        .await?;
+    // Each entry: start, end, then the master [host, port, …] and its replicas.
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await?;
+    for range in slots {
+        let redis::Value::Array(parts) = range else { continue };
+        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        if (*from..=*to).contains(&slot) {
+            if let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                (master.first(), master.get(1))
+            {
+                return Ok(format!("redis://{}:{port}", String::from_utf8_lossy(host)));
+            }
+        }
+    }
+    anyhow::bail!("no master serves the benchmark's slot {slot}")
 }
 
 /// Everything the calls need, built once.
@@ -221,7 +252,19 @@ impl Ctx {
         )
         .execute(&pg)
         .await?;
-        let redis = redis::aio::ConnectionManager::new(redis::Client::open(endpoints.redis_url.as_str())?)
+        // On a cluster the baseline's keys share one hash tag, and the
+        // baseline talks to the master of its slot, as one server.
+        let redis_prefix = if endpoints.redis_cluster {
+            format!("chirp:bench:{{{run}}}:")
+        } else {
+            format!("chirp:bench:{run}:")
+        };
+        let redis_url = if endpoints.redis_cluster {
+            master_of(&endpoints.redis_url, &format!("{redis_prefix}key")).await?
+        } else {
+            endpoints.redis_url.clone()
+        };
+        let redis = redis::aio::ConnectionManager::new(redis::Client::open(redis_url.as_str())?)
             .await
             .context("Redis")?;
         let mut options = mongodb::options::ClientOptions::parse(&endpoints.mongodb_uri).await?;
@@ -261,7 +304,7 @@ impl Ctx {
             pg_server,
             pg_database,
             redis,
-            redis_prefix: format!("chirp:bench:{run}:"),
+            redis_prefix,
             mongo,
             bench_db,
             sqlite,
