@@ -61,7 +61,7 @@ impl Redis {
     /// # Errors
     /// When an URL cannot be parsed.
     pub fn connect_lazy(address: &Address) -> anyhow::Result<Self> {
-        Self::lazy(address, Some(RESPONSE_TIMEOUT))
+        Self::lazy(address, RESPONSE_TIMEOUT)
     }
 
     /// A lazy connection with a long response timeout: a backup's
@@ -71,15 +71,15 @@ impl Redis {
     /// # Errors
     /// When an URL cannot be parsed.
     pub fn for_maintenance(address: &Address) -> anyhow::Result<Self> {
-        Self::lazy(address, Some(MAINTENANCE_TIMEOUT))
+        Self::lazy(address, MAINTENANCE_TIMEOUT)
     }
 
-    fn lazy(address: &Address, response_timeout: Option<Duration>) -> anyhow::Result<Self> {
+    fn lazy(address: &Address, response_timeout: Duration) -> anyhow::Result<Self> {
         Ok(match address {
             Address::Node(url) => {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-                    .set_response_timeout(response_timeout)
+                    .set_response_timeout(Some(response_timeout))
                     .set_number_of_retries(1);
                 Self::Node(ConnectionManager::new_lazy_with_config(
                     redis::Client::open(url.as_str())?,
@@ -87,8 +87,9 @@ impl Redis {
                 )?)
             }
             Address::Cluster(seeds) => {
-                let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                let builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
                     .connection_timeout(CONNECTION_TIMEOUT)
+                    .response_timeout(response_timeout)
                     // A command is retried (after MOVED, ASK, or a node
                     // lost) a few times within about a second, which
                     // covers a replica's promotion once it is announced;
@@ -96,9 +97,6 @@ impl Redis {
                     .retries(3)
                     .min_retry_wait(50)
                     .max_retry_wait(400);
-                if let Some(timeout) = response_timeout {
-                    builder = builder.response_timeout(timeout);
-                }
                 Self::Cluster(
                     builder
                         .build()?

@@ -83,8 +83,7 @@ pub struct Store {
     insert: Lua,
     request_purge: Lua,
     delete: Lua,
-    purge_user: Lua,
-    purge_message: Lua,
+    purge: Lua,
     revoke: Lua,
 }
 
@@ -104,8 +103,7 @@ impl Store {
             insert: Lua::new(scripts::INSERT),
             request_purge: Lua::new(scripts::REQUEST_PURGE),
             delete: Lua::new(scripts::DELETE),
-            purge_user: Lua::new(scripts::PURGE_USER),
-            purge_message: Lua::new(scripts::PURGE_MESSAGE),
+            purge: Lua::new(scripts::PURGE),
             revoke: Lua::new(scripts::REVOKE),
         })
     }

@@ -112,16 +112,44 @@ impl Store {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let (mut keys, mut args) = (vec![set.clone(), self.keys.outbox(group)], Vec::new());
-        for (id, comment) in read(&mut redis, &self.keys, &ids).await? {
+        let deleted = self
+            .purge_batch(
+                &mut redis,
+                group,
+                (&set, "SREM"),
+                (|c: &Comment| self.keys.message(c.message_id), "ZREM"),
+                &ids,
+                producer,
+            )
+            .await?;
+        Ok((ids.len(), deleted))
+    }
+
+    /// Deletes the comments `ids` of `group` that still exist, each with
+    /// its event, and takes every id out of `from` (the purge's container,
+    /// with the command that removes a member from it); `other` is the
+    /// other container a comment is in, with the command that removes it
+    /// from there. The number deleted.
+    async fn purge_batch(
+        &self,
+        redis: &mut Redis,
+        group: Group,
+        (from, remove): (&str, &str),
+        (other, other_remove): (impl Fn(&Comment) -> String, &str),
+        ids: &[String],
+        producer: &str,
+    ) -> Result<u64> {
+        let mut keys = vec![from.to_owned(), self.keys.outbox(group)];
+        let mut args = vec![remove.to_owned(), other_remove.to_owned()];
+        for (id, comment) in read(redis, &self.keys, ids).await? {
             let key = self.keys.comment(id);
             args.push(id.to_string());
             match comment {
                 Some(comment) => {
-                    keys.extend([key, self.keys.message(comment.message_id)]);
+                    keys.extend([key, other(&comment)]);
                     args.push(deleted(&comment, producer)?);
                 }
-                // Gone already: it only leaves the set (the second key is
+                // Gone already: it only leaves `from` (the second key is
                 // not touched).
                 None => {
                     keys.extend([key.clone(), key]);
@@ -129,10 +157,7 @@ impl Store {
                 }
             }
         }
-        let deleted: u64 = self
-            .eval(&mut redis, group.index(), &self.purge_user, &keys, &args)
-            .await?;
-        Ok((ids.len(), deleted))
+        self.eval(redis, group.index(), &self.purge, &keys, &args).await
     }
 
     /// One atomic batch of a deleted message's comments: how many ids it
@@ -145,24 +170,15 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let (mut keys, mut args) = (vec![list.clone(), self.keys.outbox(group)], Vec::new());
-        for (id, comment) in read(&mut redis, &self.keys, &ids).await? {
-            let key = self.keys.comment(id);
-            args.push(id.to_string());
-            match comment {
-                Some(comment) => {
-                    keys.extend([key, self.keys.user(group, comment.author_id)]);
-                    args.push(deleted(&comment, producer)?);
-                }
-                None => {
-                    keys.extend([key.clone(), key]);
-                    args.push(String::new());
-                }
-            }
-        }
-        let _: u64 = self
-            .eval(&mut redis, group.index(), &self.purge_message, &keys, &args)
-            .await?;
+        self.purge_batch(
+            &mut redis,
+            group,
+            (&list, "ZREM"),
+            (|c: &Comment| self.keys.user(group, c.author_id), "SREM"),
+            &ids,
+            producer,
+        )
+        .await?;
         Ok(ids.len())
     }
 

@@ -54,39 +54,25 @@ redis.call('XADD', KEYS[4], '*', 'event', ARGV[2])
 return 1
 ";
 
-/// One batch of one user's comments in one group. KEYS: the user's set,
-/// the outbox, then per comment its key and its message's list. ARGV: per
-/// comment its id and its event. A comment gone already only leaves the
-/// set. The number deleted.
-pub const PURGE_USER: &str = r"
+/// One batch of a purge in one group, from the user's side or the
+/// message's. KEYS: the purge's own container (the user's set or the
+/// message's list), the outbox, then per comment its key and the other
+/// container it is in (its message's list, or its author's set). ARGV[1]
+/// and ARGV[2] the commands that remove a member from the purge's
+/// container and from the other one (`SREM`, `ZREM`), then per comment its
+/// id and its event. A comment gone already only leaves the purge's
+/// container. The number deleted.
+pub const PURGE: &str = r"
 local deleted = 0
-for i = 1, #ARGV, 2 do
-  local comment, list = KEYS[2 + i], KEYS[3 + i]
+for i = 3, #ARGV, 2 do
+  local comment, other = KEYS[i], KEYS[i + 1]
   if redis.call('EXISTS', comment) == 1 then
     redis.call('DEL', comment)
-    redis.call('ZREM', list, ARGV[i])
+    redis.call(ARGV[2], other, ARGV[i])
     redis.call('XADD', KEYS[2], '*', 'event', ARGV[i + 1])
     deleted = deleted + 1
   end
-  redis.call('SREM', KEYS[1], ARGV[i])
-end
-return deleted
-";
-
-/// One batch of a deleted message's comments. KEYS: the message's list,
-/// the outbox, then per comment its key and its author's set. ARGV: per
-/// comment its id and its event. The number deleted.
-pub const PURGE_MESSAGE: &str = r"
-local deleted = 0
-for i = 1, #ARGV, 2 do
-  local comment, set = KEYS[2 + i], KEYS[3 + i]
-  if redis.call('EXISTS', comment) == 1 then
-    redis.call('DEL', comment)
-    redis.call('SREM', set, ARGV[i])
-    redis.call('XADD', KEYS[2], '*', 'event', ARGV[i + 1])
-    deleted = deleted + 1
-  end
-  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call(ARGV[1], KEYS[1], ARGV[i])
 end
 return deleted
 ";
