@@ -98,6 +98,9 @@ async fn comments_survive_a_restart_of_the_service_and_of_redis() {
     );
 
     backing.redis().stop();
+    // Seen down first: otherwise the service may still be SERVING from
+    // before the stop, and its first call meets the connection Redis cut.
+    app.wait_for(ServingStatus::NotServing).await;
     backing.redis().start().unwrap();
     app.wait_for(ServingStatus::Serving).await;
     assert_eq!(
